@@ -1,0 +1,30 @@
+"""leanlm: make a causal LM cheaper, faster and better at one job, and measure every step."""
+
+__version__ = "0.1.0"
+
+from leanlm.errors import LeanLMError  # noqa: E402
+
+__all__ = ["LeanLMError", "__version__", "load_model", "evaluate", "benchmark", "optimize", "load_recipe", "quantize_"]
+
+
+def __getattr__(name: str):
+    # Heavy imports (torch, transformers) wait until the API is used, so `leanlm --help` is instant.
+    if name == "load_model":
+        from leanlm.core.models import load_model
+        return load_model
+    if name == "evaluate":
+        from leanlm.core.evaluate import evaluate
+        return evaluate
+    if name == "benchmark":
+        from leanlm.core.bench import benchmark
+        return benchmark
+    if name == "optimize":
+        from leanlm.pipeline.optimize import optimize
+        return optimize
+    if name == "load_recipe":
+        from leanlm.pipeline.recipe import load_recipe
+        return load_recipe
+    if name == "quantize_":
+        from leanlm.quantize import quantize_
+        return quantize_
+    raise AttributeError(f"module 'leanlm' has no attribute {name!r}")

@@ -1,0 +1,3 @@
+from leanlm.cli import main
+
+raise SystemExit(main())

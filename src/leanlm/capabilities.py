@@ -1,0 +1,3 @@
+"""Importing this module registers every capability's step types and runtime modules."""
+
+from leanlm import cast, quantize  # noqa: F401

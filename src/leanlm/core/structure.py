@@ -1,0 +1,96 @@
+"""Find a causal LM's parts from its module graph, for any Llama/Qwen/Mistral/Gemma/Phi-style model.
+
+No per-architecture tables: the decoder blocks are the largest `nn.ModuleList` of identical
+modules that contain linear layers; embeddings and LM head come from the HF accessors; norms
+are recognised by their class name. Algorithm code asks this module, never `model.model.layers`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from leanlm.errors import UnsupportedModelError
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear and GPT-2 style Conv1D (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name.endswith("norm")
+
+
+@dataclass
+class ModelStructure:
+    blocks_name: str
+    blocks: nn.ModuleList
+    embeddings_name: str | None
+    lm_head_name: str | None
+    final_norm_name: str | None
+
+    def block_names(self) -> list[str]:
+        return [f"{self.blocks_name}.{i}" for i in range(len(self.blocks))]
+
+    def block_linears(self, index: int) -> dict[str, nn.Module]:
+        """Linear layers of one block, keyed by their name relative to the block."""
+        return {n: m for n, m in self.blocks[index].named_modules() if is_linear(m)}
+
+    def block_norms(self, index: int) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.blocks[index].named_modules() if n and is_norm(m)}
+
+
+def find_structure(model: nn.Module) -> ModelStructure:
+    blocks_name, blocks = _find_blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return ModelStructure(
+        blocks_name=blocks_name,
+        blocks=blocks,
+        embeddings_name=names.get(id(embed)) if embed is not None else None,
+        lm_head_name=names.get(id(head)) if head is not None else None,
+        final_norm_name=_find_final_norm(model, blocks_name),
+    )
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1 or not any(is_linear(m) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        raise UnsupportedModelError(
+            f"could not find the decoder blocks of {type(model).__name__}: looked for a torch.nn.ModuleList "
+            "of identical modules that each contain linear layers, and found none"
+        )
+    return best
+
+
+def _find_final_norm(model: nn.Module, blocks_name: str) -> str | None:
+    last = None
+    for name, module in model.named_modules():
+        if name.startswith(blocks_name + ".") or not is_norm(module):
+            continue
+        last = name
+    return last
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if is_linear(m)}
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """Glob match (`*.mlp.*`), also against the last name component (`lm_head`)."""
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)

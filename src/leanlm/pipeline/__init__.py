@@ -1,0 +1,1 @@
+"""Recipes (typed, strict step configs), the optimize pipeline and its report."""

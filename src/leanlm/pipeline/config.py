@@ -1,0 +1,96 @@
+"""Strict typed configs: dataclasses parsed from YAML/dicts, unknown keys and wrong types rejected.
+
+Each error names where it happened (`steps[1]`), the offending key, and the valid keys, so a
+typo in a recipe fails in a second instead of silently running with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union
+
+from leanlm.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def parse_config(cls: type[T], data: Any, where: str, ignore: tuple[str, ...] = ()) -> T:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of options, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields) - set(ignore))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {k: check_type(v, hints[k], f"{where}.{k}", cls) for k, v in data.items() if k in fields}
+    try:
+        obj = cls(**values)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{where}: {err}") from err
+    validate = getattr(obj, "validate", None)
+    if validate:
+        try:
+            validate()
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+    return obj
+
+
+def check_type(value: Any, hint: Any, where: str, owner: type | None = None) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return check_type(value, arg, where, owner)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} is not a valid {_describe(hint)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [check_type(v, args[0], f"{where}[{i}]", owner) for i, v in enumerate(value)] if args else value
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null")
+        return None
+    if dataclasses.is_dataclass(hint):
+        return parse_config(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any:
+        return value
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is list:
+        return f"list of {_describe(args[0])}" if args else "list"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def to_dict(obj: Any) -> Any:
+    """A config back to plain YAML-able data, with every default filled in."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj

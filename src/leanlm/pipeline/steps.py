@@ -1,0 +1,68 @@
+"""Step types: a typed config class registered to its handler.
+
+A capability adds a step by decorating its handler with `@register_step("name", ConfigClass)`;
+the pipeline looks handlers up here and never changes when a step type is added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from leanlm.errors import ConfigError
+from leanlm.pipeline.config import parse_config, to_dict
+
+
+class StepConfig:
+    """Base for step configs (subclasses are dataclasses)."""
+    type: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, **to_dict(self)}
+
+
+@dataclass
+class StepContext:
+    """What a handler may use besides the model: the tokenizer and lazily built calibration data."""
+    tokenizer: Any
+    calibration: Callable[[], torch.Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def calibration_data(self) -> torch.Tensor:
+        if self.calibration is None:
+            raise ConfigError("this step needs calibration data, but none was configured")
+        return self.calibration()
+
+
+Handler = Callable[[nn.Module, StepConfig, StepContext], dict]
+STEPS: dict[str, tuple[type[StepConfig], Handler]] = {}
+
+
+def register_step(name: str, config_cls: type[StepConfig]) -> Callable[[Handler], Handler]:
+    def wrap(handler: Handler) -> Handler:
+        if name in STEPS:
+            raise ValueError(f"step type {name!r} registered twice")
+        config_cls.type = name
+        STEPS[name] = (config_cls, handler)
+        return handler
+    return wrap
+
+
+def parse_step(data: Any, where: str) -> StepConfig:
+    import leanlm.capabilities  # noqa: F401  (fills STEPS)
+
+    if not isinstance(data, dict) or "type" not in data:
+        raise ConfigError(f"{where}: a step is a mapping with a 'type' key; step types: {', '.join(sorted(STEPS))}")
+    kind = data["type"]
+    if kind not in STEPS:
+        raise ConfigError(f"{where}: unknown step type {kind!r}; step types: {', '.join(sorted(STEPS))}")
+    return parse_config(STEPS[kind][0], data, f"{where} ({kind})", ignore=("type",))
+
+
+def apply_step(model: nn.Module, config: StepConfig, ctx: StepContext) -> dict:
+    _, handler = STEPS[config.type]
+    return handler(model, config, ctx) or {}

@@ -1,0 +1,60 @@
+"""`quantize_(model, config)`: the one verb of the quantization family, dispatched on config type."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from torch import nn
+
+from leanlm.core.structure import linear_layers, matches
+from leanlm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+QUANTIZERS: dict[type, Callable] = {}
+
+
+def register_quantizer(config_cls: type) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        QUANTIZERS[config_cls] = fn
+        return fn
+    return wrap
+
+
+def quantize_(model: nn.Module, config, **kwargs) -> dict:
+    """Quantize `model` in place as `config` says; returns per-layer statistics for the report."""
+    handler = QUANTIZERS.get(type(config))
+    if handler is None:
+        raise ConfigError(f"no quantizer for {type(config).__name__}; known: {', '.join(c.__name__ for c in QUANTIZERS)}")
+    return handler(model, config, **kwargs)
+
+
+def select_layers(model: nn.Module, targets: list[str], skip: list[str]) -> dict[str, nn.Module]:
+    """The linear layers to quantize; anything targeted that is not an nn.Linear is an error, not a skip."""
+    chosen = {n: m for n, m in linear_layers(model).items() if matches(n, targets) and not matches(n, skip)}
+    if not chosen:
+        raise ConfigError(f"no linear layer matches targets {targets} minus skip {skip}")
+    unsupported = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if type(m) is not nn.Linear]
+    if unsupported:
+        raise ConfigError(f"cannot quantize these layers: {', '.join(unsupported[:5])}; add them to 'skip' to leave them unquantized")
+    return chosen
+
+
+def valid_group_sizes(dim: int) -> list[int]:
+    return [g for g in (32, 64, 128, 256) if dim % g == 0]
+
+
+def check_group_size(layers: dict[str, nn.Module], group_size: int | None) -> None:
+    if group_size is None:
+        return
+    for name, layer in layers.items():
+        if layer.in_features % group_size:
+            sizes = valid_group_sizes(layer.in_features) or ["per-channel (null)"]
+            raise ConfigError(f"group size {group_size} does not divide the input dimension {layer.in_features} of "
+                              f"layer {name}; group sizes that would work: {', '.join(map(str, sizes))}")
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,78 @@
+"""Runtime module for weight-only int8: codes stay packed in memory and on disk.
+
+Decode (a handful of tokens) on CPU uses torch's int8 weight-packed matmul with bfloat16
+activations, which reads 1 byte per weight instead of 4; long prompts dequantize the weight
+once per call and use the float matmul, which is faster there on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.core.models import register_module
+from leanlm.quantize.rtn_ops import dequantize
+
+SMALL_BATCH = 16  # rows up to which the packed int8 kernel beats dequantize + float matmul on CPU
+
+
+@register_module("int8_weight_only")
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int | None,
+                 symmetric: bool, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric = group_size, symmetric
+        groups = 1 if group_size is None else in_features // group_size
+        code_dtype = torch.int8 if symmetric else torch.uint8
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=code_dtype, device=device))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zero", None if symmetric else torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, group_size: int | None = None,
+              symmetric: bool = True, dtype: str = "float32") -> "Int8Linear":
+        return cls(in_features, out_features, bias, group_size, symmetric, getattr(torch, dtype))
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes, scale, zero, group_size, symmetric) -> "Int8Linear":
+        dtype = linear.weight.dtype
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, symmetric,
+                  dtype, device=linear.weight.device)
+        mod.qweight.copy_(codes)
+        mod.scale.copy_(scale.to(dtype))
+        if zero is not None:
+            mod.zero.copy_(zero.to(dtype))
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.data)
+        return mod
+
+    def manifest(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "group_size": self.group_size, "symmetric": self.symmetric,
+                "dtype": str(self.scale.dtype).removeprefix("torch.")}
+
+    def packed_params(self) -> int:
+        return self.in_features * self.out_features
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = dequantize(self.qweight, self.scale.float(), None if self.zero is None else self.zero.float(), self.group_size)
+        return w.to(dtype or self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self._packed_kernel_ok(x) and rows <= SMALL_BATCH:
+            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight,
+                                            self.scale[:, 0].to(torch.bfloat16))
+            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and self.symmetric and self.group_size is None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=8, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}")

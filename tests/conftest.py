@@ -1,0 +1,60 @@
+"""Fixtures: tiny random models built in the test (no downloads) and an isolated leanlm cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanlm.core.data import default_corpus
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch, request):
+    # Real-model tests share the user's cache so the converted model is reused; the rest get a fresh one.
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("LEANLM_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def build_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([default_corpus().train[:60_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_llama(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A 2-layer Llama saved as a Hugging Face directory, with a BPE tokenizer trained on the corpus."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    from leanlm.core.models import load_model
+
+    return load_model(tiny_dir, device="cpu")

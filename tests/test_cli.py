@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leanlm.cli import COMMANDS, main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "leanlm", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_of_every_command(command):
+    proc = run(command, "--help")
+    assert proc.returncode == 0 and "usage: leanlm " + command in proc.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["eval", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "leanlm eval: error: model 'no-such-model' not found" in err and "Traceback" not in err
+    assert main(["optimize", "--recipe", "nope"]) == 2
+    assert "shipped:" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+
+
+def test_eval_and_bench_json(tiny_dir, tmp_path, capsys):
+    from leanlm.core.data import default_corpus
+
+    text = tmp_path / "t.txt"
+    text.write_text(default_corpus().eval[:3000])
+    assert main(["eval", str(tiny_dir), "--reference", str(tiny_dir), "--data", str(text), "--window", "64",
+                 "--no-generate", "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kld"] < 1e-5 and out["top1"] == 1.0 and out["tokens"] > 0
+    assert main(["bench", str(tiny_dir), "--json", "--prompt-tokens", "8", "--new-tokens", "2", "--batch", "2",
+                 "--repeats", "1", "--decode-prompt-tokens", "4"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) >= {"prefill_tps", "decode_tps", "decode_tps_batch", "ttft_s",
+                                                          "peak_mem_bytes", "disk_bytes", "params"}
+
+
+def test_report_command(tmp_path, tiny_dir, capsys):
+    from leanlm.pipeline.optimize import optimize
+    from tests.test_optimize import _recipe
+    from leanlm.core.data import default_corpus
+
+    text = tmp_path / "t.txt"
+    text.write_text(default_corpus().eval[:4000])
+    optimize(str(tiny_dir), _recipe({"type": "rtn"}), out=tmp_path / "o", device="cpu", eval_data=str(text), bench=False)
+    (tmp_path / "o" / "chart.png").unlink()
+    assert main(["report", str(tmp_path / "o"), "--render"]) == 0
+    assert "perplexity" in capsys.readouterr().out and (tmp_path / "o" / "chart.png").is_file()

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from leanlm.core.generate import generate
+from leanlm.core.models import load_model, save_model
+from leanlm.core.structure import find_structure
+from leanlm.errors import InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(ModelNotFoundError, match=r"(?s)'smolm2' not found.*Did you mean 'smollm2-135m'.*Built-in models: smollm2-135m"):
+        load_model("smolm2")
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_model(str(tmp_path / "missing-model"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="not a .gguf"):
+        load_model(tmp_path / "weights.bin")
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_model_too_large_for_memory_is_refused(tmp_path, tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=200, vocab_size=256000)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InsufficientMemoryError, match=r"needs about [\d.]+ GiB but only [\d.]+ GiB is available RAM"):
+        load_model(tmp_path)
+
+
+def test_gguf_of_unsupported_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="rwkv7")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModelError, match=r"(?s)architecture 'rwkv7'.*Architectures it supports: .*llama"):
+        load_model(path)
+
+
+def test_junk_gguf(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(UnsupportedModelError, match="not a readable GGUF"):
+        load_model(tmp_path / "junk.gguf")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "phi3"])
+def test_structure_found_from_module_graph(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(config)
+    s = find_structure(model)
+    assert len(s.blocks) == 3 and s.blocks_name.endswith("layers")
+    assert s.embeddings_name.endswith("embed_tokens") and s.lm_head_name == "lm_head"
+    assert s.final_norm_name.endswith("norm")
+    assert len(s.block_linears(0)) >= 4 and len(s.block_norms(0)) >= 2
+
+
+def test_structure_error_names_what_was_looked_for():
+    with pytest.raises(UnsupportedModelError, match="ModuleList of identical modules"):
+        find_structure(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_dtype_choice(tiny_dir):
+    assert next(load_model(tiny_dir, "cpu", "bfloat16").model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(UnsupportedModelError, match="unknown dtype 'int3'"):
+        load_model(tiny_dir, "cpu", "int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsupportedModelError, match="no CUDA GPU"):
+            load_model(tiny_dir, "cuda")
+
+
+def test_plain_save_loads_in_transformers(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(generate(plain, ids, 6), generate(tiny.model, ids, 6))

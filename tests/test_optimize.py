@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from leanlm.core.models import load_model
+from leanlm.errors import OutputExistsError
+from leanlm.pipeline import optimize as optimize_mod
+from leanlm.pipeline.recipe import parse_recipe
+
+FAST = {"eval": {"window": 64, "prompts": ["def f"], "max_new_tokens": 4},
+        "bench": {"prompt_tokens": 16, "decode_prompt_tokens": 4, "new_tokens": 3, "batch": 2, "repeats": 1, "warmup": 0}}
+
+
+def _recipe(*steps):
+    return parse_recipe({"name": "test", **FAST, "steps": list(steps)})
+
+
+@pytest.fixture
+def eval_text(tmp_path):
+    from leanlm.core.data import default_corpus
+
+    f = tmp_path / "heldout.txt"
+    f.write_text(default_corpus().eval[:6_000])
+    return f
+
+
+def test_optimize_writes_model_report_and_chart(tmp_path, tiny_dir, eval_text):
+    out = tmp_path / "out"
+    report = optimize_mod.optimize(str(tiny_dir), _recipe({"type": "rtn"}), out=out, device="cpu", eval_data=str(eval_text))
+    for name in ("model/leanlm.json", "recipe.yaml", "report.json", "report.md", "chart.png"):
+        assert (out / name).is_file(), name
+    base, res = report["baseline"], report["result"]
+    assert base["quality"]["kld"] == 0 and 0 <= res["quality"]["kld"] < 0.05 and res["quality"]["top1"] > 0.8
+    assert res["speed"]["disk_bytes"] < base["speed"]["disk_bytes"]
+    assert report["steps"][0]["stats"]["layers_quantized"] == 14
+    assert "| perplexity |" in (out / "report.md").read_text()
+    load_model(out / "model", device="cpu")  # the artifact loads back
+
+
+def test_cast_result_is_plain_hf(tmp_path, tiny_dir, eval_text):
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    out = tmp_path / "out"
+    optimize_mod.optimize(str(tiny_dir), _recipe({"type": "cast", "dtype": "bfloat16"}), out=out, device="cpu",
+                          eval_data=str(eval_text), bench=False)
+    assert AutoModelForCausalLM.from_pretrained(out / "model").dtype == torch.bfloat16
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, tiny_dir, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(optimize_mod, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        optimize_mod.optimize(str(tiny_dir), _recipe(), out=out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_optimize_leaves_nothing(tmp_path, tiny_dir, eval_text, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optimize_mod, "save_model", boom)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_mod.optimize(str(tiny_dir), _recipe({"type": "rtn"}), out=tmp_path / "out", device="cpu",
+                              eval_data=str(eval_text), bench=False)
+    assert list(tmp_path.iterdir()) == [eval_text]
+
+
+def test_overwrite_replaces(tmp_path, tiny_dir, eval_text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    optimize_mod.optimize(str(tiny_dir), _recipe(), out=out, overwrite=True, device="cpu", eval_data=str(eval_text),
+                          bench=False)
+    assert not (out / "old.txt").exists() and json.loads((out / "report.json").read_text())["recipe"] == "test"

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+
+from leanlm.core.generate import generate
+from leanlm.core.models import load_model, save_model
+from leanlm.errors import ConfigError
+from leanlm.quantize import RTNConfig, quantize_, rtn_ops
+from leanlm.quantize.int8_linear import Int8Linear
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_rtn_error_is_within_half_a_step(symmetric, group_size):
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    codes, scale, zero = rtn_ops.rtn(w, 8, group_size, symmetric)
+    back = rtn_ops.dequantize(codes, scale, zero, group_size)
+    step = scale.repeat_interleave(128 if group_size is None else group_size, dim=1)
+    assert (back - w).abs().le(step / 2 + 1e-6).all()
+    lo, hi = rtn_ops.quant_range(8, symmetric)
+    assert codes.min() >= lo and codes.max() <= hi
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        rtn_ops.rtn(torch.randn(4, 100), 8, 32, True)
+
+
+@pytest.mark.parametrize("symmetric,group_size", [(True, None), (False, None), (True, 16)])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_int8_linear_matches_dequantized_matmul(symmetric, group_size, rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=True)
+    codes, scale, zero = rtn_ops.rtn(lin.weight.data, 8, group_size, symmetric)
+    q = Int8Linear.from_codes(lin, codes, scale, zero, group_size, symmetric)
+    x = torch.randn(rows, 64)
+    want = torch.nn.functional.linear(x, rtn_ops.dequantize(codes, scale, zero, group_size), lin.bias)
+    # the packed kernel computes with bfloat16 activations
+    torch.testing.assert_close(q(x), want, atol=3e-2, rtol=2e-2)
+    assert q.qweight.dtype in (torch.int8, torch.uint8)
+
+
+def test_quantize_replaces_layers_and_shrinks(tiny):
+    stats = quantize_(tiny.model, RTNConfig())
+    kinds = {type(m).__name__ for n, m in tiny.model.named_modules() if n.endswith(("q_proj", "down_proj"))}
+    assert kinds == {"Int8Linear"} and type(tiny.model.lm_head) is nn.Linear
+    assert stats["layers_quantized"] == 14
+    assert stats["quantized_bytes_after"] < 0.3 * stats["quantized_bytes_before"]
+
+
+def test_bad_group_size_names_layer_and_valid_sizes(tiny):
+    with pytest.raises(ConfigError, match=r"group size 48 does not divide the input dimension 64 of layer model\.layers\.0\.self_attn\.q_proj; group sizes that would work: 32, 64"):
+        quantize_(tiny.model, RTNConfig(group_size=48))
+
+
+def test_no_matching_layer_and_unsupported_layer(tiny):
+    with pytest.raises(ConfigError, match="no linear layer matches"):
+        quantize_(tiny.model, RTNConfig(targets=["nothing*"]))
+    from transformers.pytorch_utils import Conv1D
+
+    tiny.model.model.layers[0].mlp.up_proj = Conv1D(128, 64)
+    with pytest.raises(ConfigError, match=r"cannot quantize these layers: model\.layers\.0\.mlp\.up_proj \(Conv1D\)"):
+        quantize_(tiny.model, RTNConfig())
+
+
+def test_int8_checkpoint_round_trip(tmp_path, tiny):
+    quantize_(tiny.model, RTNConfig())
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    before = generate(tiny.model, ids, 8)
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "q")
+    back = load_model(tmp_path / "q", device="cpu")
+    assert isinstance(back.model.model.layers[1].mlp.down_proj, Int8Linear)
+    assert back.model.lm_head.weight.data_ptr() == back.model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(generate(back.model, ids, 8), before)
+    assert back.disk_bytes < tiny.disk_bytes
+
+
+def test_plain_transformers_refuses_a_leanlm_checkpoint(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+
+    quantize_(tiny.model, RTNConfig())
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "q")
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")

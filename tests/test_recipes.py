@@ -1,0 +1,58 @@
+import pytest
+import yaml
+
+from leanlm.errors import ConfigError
+from leanlm.pipeline.recipe import dump_recipe, load_recipe, parse_recipe, shipped_recipes
+
+
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
+def test_every_shipped_recipe_loads(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name and recipe.steps and recipe.description
+
+
+def test_default_recipe_is_what_bare_optimize_runs():
+    assert load_recipe(None).name == "default"
+
+
+def test_unknown_step_type_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"steps\[0\]: unknown step type 'gptqq'; step types: .*cast.*rtn"):
+        parse_recipe({"steps": [{"type": "gptqq"}]})
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'group'; valid keys: bits, group_size, skip, symmetric, targets"):
+        parse_recipe({"steps": [{"type": "rtn", "group": 64}]})
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz'; valid keys: bench, calibration, description, eval, name, steps"):
+        parse_recipe({"stepz": []})
+
+
+def test_wrong_types_are_rejected():
+    with pytest.raises(ConfigError, match=r"bits: 4 is not one of 8"):
+        parse_recipe({"steps": [{"type": "rtn", "bits": 4}]})
+    with pytest.raises(ConfigError, match=r"calibration.samples: expected int, got 'many'"):
+        parse_recipe({"calibration": {"samples": "many"}})
+    with pytest.raises(ConfigError, match=r"symmetric: expected bool"):
+        parse_recipe({"steps": [{"type": "rtn", "symmetric": "yes"}]})
+    with pytest.raises(ConfigError, match=r"calibration needs samples >= 1"):
+        parse_recipe({"calibration": {"samples": 0}})
+
+
+def test_unknown_recipe_name_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"neither a file nor a shipped recipe; shipped: .*default.*int8-rtn"):
+        load_recipe("no-such-recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps:\n  - type: rtn\n   bits: 8\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:4: invalid YAML"):
+        load_recipe(bad)
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe("int8-rtn")
+    dump_recipe(recipe, tmp_path / "r.yaml")
+    data = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    assert data["versions"]["torch"] and data["steps"][0]["group_size"] is None
+    assert load_recipe(tmp_path / "r.yaml").to_dict() == recipe.to_dict()
