@@ -75,3 +75,28 @@ def test_overwrite_replaces(tmp_path, tiny_dir, eval_text):
     optimize_mod.optimize(str(tiny_dir), _recipe(), out=out, overwrite=True, device="cpu", eval_data=str(eval_text),
                           bench=False)
     assert not (out / "old.txt").exists() and json.loads((out / "report.json").read_text())["recipe"] == "test"
+
+
+def test_sigterm_mid_run_leaves_no_partial_output(tmp_path, tiny_dir, eval_text):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "r.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump({"name": "t", **FAST, "steps": [{"type": "rtn"}]}))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "leanlm", "optimize", str(tiny_dir), "--recipe", str(recipe),
+                             "--eval-data", str(eval_text), "--out", str(work / "out"), "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(work.glob(".out.partial-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "optimize finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "no partial output" in err
+    assert list(work.iterdir()) == []

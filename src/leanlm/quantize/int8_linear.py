@@ -14,6 +14,7 @@ from torch import nn
 from leanlm.core.models import register_module
 from leanlm.quantize.rtn_ops import dequantize
 
+HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 SMALL_BATCH = 16  # rows up to which the packed int8 kernel beats dequantize + float matmul on CPU
 
 
@@ -71,7 +72,7 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and self.symmetric and self.group_size is None
+        return x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=8, "
