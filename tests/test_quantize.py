@@ -64,13 +64,15 @@ def test_no_matching_layer_and_unsupported_layer(tiny):
         quantize_(tiny.model, RTNConfig())
 
 
-def test_int8_checkpoint_round_trip(tmp_path, tiny):
-    quantize_(tiny.model, RTNConfig())
+@pytest.mark.parametrize("config,module", [(RTNConfig(), "Int8Linear"),
+                                           (RTNConfig(bits=4, group_size=32, symmetric=False), "Int4Linear")])
+def test_quantized_checkpoint_round_trip(tmp_path, tiny, config, module):
+    quantize_(tiny.model, config)
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     before = generate(tiny.model, ids, 8)
     save_model(tiny.model, tiny.tokenizer, tmp_path / "q")
     back = load_model(tmp_path / "q", device="cpu")
-    assert isinstance(back.model.model.layers[1].mlp.down_proj, Int8Linear)
+    assert type(back.model.model.layers[1].mlp.down_proj).__name__ == module
     assert back.model.lm_head.weight.data_ptr() == back.model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(generate(back.model, ids, 8), before)
     assert back.disk_bytes < tiny.disk_bytes

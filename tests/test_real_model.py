@@ -54,8 +54,9 @@ def test_self_kld_is_zero_and_top1_is_one(smol, windows):
 
 def test_int8_rtn_keeps_perplexity_within_one_percent(smol, windows):
     ref = prepare_reference(smol, windows)
-    quantize_(smol.model, RTNConfig(bits=8))
-    out = score_windows(smol.model, windows, reference=ref)
+    copy = load_model("smollm2-135m", device="cpu")  # the shared fixture stays unquantized
+    quantize_(copy.model, RTNConfig(bits=8))
+    out = score_windows(copy.model, windows, reference=ref)
     assert out["perplexity"] <= ref.perplexity * 1.01
     assert out["kld"] < 0.01 and out["top1"] > 0.95
 
@@ -74,3 +75,14 @@ def test_readme_quick_start_runs(tmp_path):
     assert "perplexity" in proc.stdout
     again = subprocess.run(shlex.split(command), cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_gguf_file_loads_directly_and_matches_the_cached_conversion(smol):
+    from leanlm.core.builtin import BUILTIN_MODELS, _find_gguf
+
+    gguf = _find_gguf(BUILTIN_MODELS["smollm2-135m"])
+    direct = load_model(gguf, device="cpu")
+    ids = torch.tensor([[504, 3458, 314, 1552, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(direct.model(input_ids=ids).logits, smol.model(input_ids=ids).logits)
+    assert direct.tokenizer("def f(x):")["input_ids"] == smol.tokenizer("def f(x):")["input_ids"]

@@ -16,7 +16,7 @@ def test_default_recipe_is_what_bare_optimize_runs():
 
 
 def test_unknown_step_type_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"steps\[0\]: unknown step type 'gptqq'; step types: .*cast.*rtn"):
+    with pytest.raises(ConfigError, match=r"steps\[0\]: unknown step type 'gptqq'; step types: cast, gptq, rtn"):
         parse_recipe({"steps": [{"type": "gptqq"}]})
 
 
@@ -31,8 +31,8 @@ def test_unknown_top_level_key():
 
 
 def test_wrong_types_are_rejected():
-    with pytest.raises(ConfigError, match=r"bits: 4 is not one of 8"):
-        parse_recipe({"steps": [{"type": "rtn", "bits": 4}]})
+    with pytest.raises(ConfigError, match=r"bits: 3 is not one of 8, 4"):
+        parse_recipe({"steps": [{"type": "rtn", "bits": 3}]})
     with pytest.raises(ConfigError, match=r"calibration.samples: expected int, got 'many'"):
         parse_recipe({"calibration": {"samples": "many"}})
     with pytest.raises(ConfigError, match=r"symmetric: expected bool"):

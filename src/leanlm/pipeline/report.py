@@ -61,7 +61,8 @@ def render_markdown(report: dict) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in metric_rows(report)]
     lines += ["", "## Steps", "", "| step | seconds | details |", "|---|---:|---|"]
     for step in report["steps"]:
-        details = ", ".join(f"{k}={v}" for k, v in step["stats"].items() if not isinstance(v, (dict, list)))
+        details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in step["stats"].items() if not isinstance(v, (dict, list)))
         lines.append(f"| {step['type']} | {step['seconds']:.1f} | {details} |")
     gens_b = report["baseline"]["quality"].get("generations", {})
     gens_r = report["result"]["quality"].get("generations", {})

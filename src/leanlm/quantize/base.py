@@ -55,6 +55,22 @@ def check_group_size(layers: dict[str, nn.Module], group_size: int | None) -> No
                               f"layer {name}; group sizes that would work: {', '.join(map(str, sizes))}")
 
 
+def packed_module(linear: nn.Linear, codes, scale, zero, bits: int, group_size: int | None, symmetric: bool) -> nn.Module:
+    """The runtime module that stores `codes` packed for `bits`."""
+    from leanlm.quantize.int4_linear import Int4Linear
+    from leanlm.quantize.int8_linear import Int8Linear
+
+    if bits == 8:
+        return Int8Linear.from_codes(linear, codes, scale, zero, group_size, symmetric)
+    if bits == 4:
+        return Int4Linear.from_codes(linear, codes, scale, zero, group_size)
+    raise ConfigError(f"bits={bits} has no packed runtime module; use 4 or 8")
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None)
+
+
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

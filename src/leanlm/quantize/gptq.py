@@ -1,0 +1,141 @@
+"""GPTQ step: layer-by-layer over the decoder blocks with calibration data (see core.layerwise).
+
+For each block, the Hessians of its targeted linear layers are accumulated in one pass over the
+calibration inputs (layers fed the same tensor, like q/k/v, share one), every layer is quantized
+with gptq_ops, and the block's outputs are recomputed with the quantized weights for the next block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from leanlm.core.layerwise import process_layerwise
+from leanlm.core.structure import find_structure
+from leanlm.errors import ConfigError, LeanLMError
+from leanlm.pipeline.steps import StepConfig, StepContext, register_step
+from leanlm.quantize.base import (check_group_size, module_bytes, packed_module, quantize_, register_quantizer,
+                                  replace_module, select_layers)
+from leanlm.quantize.gptq_ops import gptq
+
+
+@dataclass
+class GPTQConfig(StepConfig):
+    needs_calibration = True
+    bits: Literal[8, 4] = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = True  # quantize columns with the largest activations first
+    static_groups: bool = True  # group scales fixed before reordering (required with act_order + groups)
+    block_size: int = 128
+    batch_size: int = 8  # calibration samples per forward
+    # dtype of the calibration forwards: bfloat16 is ~3x faster on CPUs with AMX/AVX512-BF16 and on GPUs
+    calibration_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+
+    def validate(self) -> None:
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
+        if self.act_order and self.group_size is not None and not self.static_groups:
+            raise ConfigError("act_order with a group size needs static_groups: true (groups fixed before reordering)")
+        if self.group_size is not None and self.group_size < 1:
+            raise ConfigError(f"group_size must be a positive integer or null, got {self.group_size}")
+
+
+class HessianCollector:
+    """Forward hooks that accumulate X^T X per distinct input tensor of a block's linear layers."""
+
+    def __init__(self, block: nn.Module, layers: dict[str, nn.Linear]):
+        self.block, self.layers = block, layers
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}  # layer -> layer whose Hessian it shares
+        self.tokens: dict[str, int] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = []
+
+    def __enter__(self):
+        self._handles.append(self.block.register_forward_pre_hook(lambda *args: self._seen.clear()))
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            # tensors are held in _seen until the next batch, so an id here cannot have been recycled
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:
+                self.owner[name] = seen[1]
+                return
+            self._seen[id(x)] = (x, name)
+            self.owner[name] = name
+            flat = x.reshape(-1, x.shape[-1]).float()
+            if name not in self.hessians:
+                self.hessians[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+                self.tokens[name] = 0
+            self.hessians[name].addmm_(flat.T, flat)
+            self.tokens[name] += flat.shape[0]
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self.owner.get(name)
+        if owner is None:
+            raise LeanLMError(f"layer {name} saw no calibration data; it is not on the block's forward path")
+        H = self.hessians[owner] / self.tokens[owner]
+        if not torch.isfinite(H).all():
+            raise LeanLMError(f"calibration statistics of layer {name} contain NaN/Inf; check the model and data")
+        return H
+
+
+@register_quantizer(GPTQConfig)
+def quantize_gptq(model: nn.Module, config: GPTQConfig, calibration: torch.Tensor, device=None) -> dict:
+    chosen = select_layers(model, config.targets, config.skip)
+    check_group_size(chosen, config.group_size)
+    structure = find_structure(model)
+    prefixes = [f"{n}." for n in structure.block_names()]
+    outside = [n for n in chosen if not any(n.startswith(p) for p in prefixes)]
+    if outside:
+        raise ConfigError(f"GPTQ quantizes layers inside decoder blocks only; {', '.join(outside[:3])} lie outside: "
+                          "add them to 'skip' or quantize them with an 'rtn' step")
+    totals = {"layers_quantized": 0, "quantized_bytes_before": 0, "quantized_bytes_bf16": 0,
+              "quantized_bytes_after": 0, "gptq_loss": 0.0}
+
+    def one_block(index: int, block: nn.Module, observe) -> dict:
+        prefix = prefixes[index]
+        layers = {n[len(prefix):]: m for n, m in chosen.items() if n.startswith(prefix)}
+        with HessianCollector(block, layers) as collector:
+            observe()
+        for name, layer in layers.items():
+            codes, scale, zero, loss = gptq(layer.weight.data.cpu(), collector.hessian(name).cpu(), config.bits,
+                                            config.group_size, config.symmetric, config.damp, config.act_order,
+                                            config.static_groups, config.block_size)
+            new = packed_module(layer, codes.to(layer.weight.device), scale, zero, config.bits, config.group_size,
+                                config.symmetric)
+            totals["quantized_bytes_before"] += module_bytes(layer)
+            totals["quantized_bytes_bf16"] += layer.weight.numel() * 2
+            totals["quantized_bytes_after"] += module_bytes(new)
+            totals["gptq_loss"] += loss
+            totals["layers_quantized"] += 1
+            replace_module(block, name, new)
+        return {}
+
+    autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
+    process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size, desc="GPTQ",
+                      autocast=autocast)
+    totals["fraction_of_bf16"] = totals["quantized_bytes_after"] / max(1, totals["quantized_bytes_bf16"])
+    return totals
+
+
+@register_step("gptq", GPTQConfig)
+def _gptq_step(model: nn.Module, config: GPTQConfig, ctx: StepContext) -> dict:
+    return quantize_(model, config, calibration=ctx.calibration_data(), device=ctx.device)

@@ -1,0 +1,107 @@
+"""Runtime module for weight-only int4: two codes per byte in memory and on disk.
+
+Codes are stored unsigned (0..15) with a float scale and zero point per output channel and
+group: w = (q - zero) * scale. On CPU the matmul goes through torch's packed int4 kernel
+(bfloat16 activations), whose tile layout is derived once from the portable codes at first use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.core.models import register_module
+from leanlm.quantize.rtn_ops import dequantize
+
+KERNEL_GROUPS = (32, 64, 128, 256)
+KERNEL_MAX_ROWS = 128  # above this, dequantize + float matmul is faster on CPU (measured on 576/1536-wide layers)
+HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes in 0..15 -> [out, in/2] bytes, even column in the low nibble."""
+    c = codes.to(torch.uint8)
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+@register_module("int4_weight_only")
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int | None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if in_features % 2:
+            raise ValueError(f"int4 packing needs an even input dimension, got {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = 1 if group_size is None else in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zero", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._kernel = None  # (packed tiles, scales_and_zeros) for the CPU kernel, built lazily
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, group_size: int | None = None,
+              dtype: str = "float32") -> "Int4Linear":
+        return cls(in_features, out_features, bias, group_size, getattr(torch, dtype))
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes, scale, zero, group_size) -> "Int4Linear":
+        """`codes` as produced by rtn/gptq; symmetric codes (-7..7, zero None) are shifted to 1..15."""
+        dtype = linear.weight.dtype
+        if zero is None:
+            codes, zero = codes + 8, torch.full_like(scale, 8.0)
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, dtype,
+                  device=linear.weight.device)
+        mod.qweight.copy_(pack_int4(codes))
+        mod.scale.copy_(scale.to(dtype))
+        mod.zero.copy_(zero.to(dtype))
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.data)
+        return mod
+
+    def manifest(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "group_size": self.group_size, "dtype": str(self.scale.dtype).removeprefix("torch.")}
+
+    def packed_params(self) -> int:
+        return self.in_features * self.out_features
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = dequantize(unpack_int4(self.qweight), self.scale.float(), self.zero.float(), self.group_size)
+        return w.to(dtype or self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_ok(x):
+            tiles, sz = self._kernel_weights()
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features).to(torch.bfloat16), tiles, self.group_size, sz)
+            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return out if self.bias is None else out + self.bias
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        rows = x.numel() // self.in_features
+        return HAS_INT4_KERNEL and x.device.type == "cpu" and self.group_size in KERNEL_GROUPS and rows <= KERNEL_MAX_ROWS
+
+    def _kernel_weights(self):
+        if self._kernel is None:
+            codes = unpack_int4(self.qweight).to(torch.int32)
+            tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            # the kernel computes (q - 8) * scale + z, so z = (8 - zero) * scale
+            z = (8 - self.zero.float()) * self.scale.float()
+            sz = torch.stack([self.scale.float(), z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._kernel = (tiles, sz)
+        return self._kernel
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel = None  # device/dtype moves invalidate the derived kernel layout
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}"
