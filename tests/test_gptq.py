@@ -65,7 +65,11 @@ def test_int4_linear_kernel_matches_dequantized(rows, symmetric):
     x = torch.randn(rows, 128)
     want = torch.nn.functional.linear(x, rtn_ops.dequantize(codes, scale, zero, 64), lin.bias)
     torch.testing.assert_close(q(x), want, atol=5e-2, rtol=3e-2)
-    torch.testing.assert_close(q.dequantized_weight(), rtn_ops.dequantize(codes, scale, zero, 64))
+    # scales are stored as float16, zero points as uint8
+    exact = rtn_ops.dequantize(codes if zero is not None else codes + 8, scale.half().float(),
+                               zero if zero is not None else torch.full_like(scale, 8.0), 64)
+    torch.testing.assert_close(q.dequantized_weight(), exact)
+    assert q.scale.dtype == torch.float16 and q.zero.dtype == torch.uint8
 
 
 def test_layerwise_pipeline_sees_every_block_in_order(tiny):

@@ -85,3 +85,9 @@ def test_plain_transformers_refuses_a_leanlm_checkpoint(tmp_path, tiny):
     save_model(tiny.model, tiny.tokenizer, tmp_path / "q")
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_w4_g64_layers_take_under_30_percent_of_bf16(tiny):
+    stats = quantize_(tiny.model, RTNConfig(bits=4, group_size=64, symmetric=False))
+    assert stats["fraction_of_bf16"] == pytest.approx((0.5 + 3 / 64) / 2)
+    assert stats["fraction_of_bf16"] <= 0.30

@@ -1,7 +1,7 @@
 """Runtime module for weight-only int4: two codes per byte in memory and on disk.
 
-Codes are stored unsigned (0..15) with a float scale and zero point per output channel and
-group: w = (q - zero) * scale. On CPU the matmul goes through torch's packed int4 kernel
+Codes are stored unsigned (0..15) with a float16 scale and a uint8 zero point per output channel
+and group: w = (q - zero) * scale; with groups of 64 that is 4.375 bits per weight. On CPU the matmul goes through torch's packed int4 kernel
 (bfloat16 activations), whose tile layout is derived once from the portable codes at first use.
 """
 
@@ -38,10 +38,11 @@ class Int4Linear(nn.Module):
         if in_features % 2:
             raise ValueError(f"int4 packing needs an even input dimension, got {in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.compute_dtype = dtype
         groups = 1 if group_size is None else in_features // group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.register_buffer("zero", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel = None  # (packed tiles, scales_and_zeros) for the CPU kernel, built lazily
 
@@ -59,22 +60,22 @@ class Int4Linear(nn.Module):
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, dtype,
                   device=linear.weight.device)
         mod.qweight.copy_(pack_int4(codes))
-        mod.scale.copy_(scale.to(dtype))
-        mod.zero.copy_(zero.to(dtype))
+        mod.scale.copy_(scale.to(torch.float16))
+        mod.zero.copy_(zero.round().to(torch.uint8))
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.data)
         return mod
 
     def manifest(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "group_size": self.group_size, "dtype": str(self.scale.dtype).removeprefix("torch.")}
+                "group_size": self.group_size, "dtype": str(self.compute_dtype).removeprefix("torch.")}
 
     def packed_params(self) -> int:
         return self.in_features * self.out_features
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = dequantize(unpack_int4(self.qweight), self.scale.float(), self.zero.float(), self.group_size)
-        return w.to(dtype or self.scale.dtype)
+        return w.to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_ok(x):
