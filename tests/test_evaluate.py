@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from leanlm.core.data import default_corpus, make_windows, tokenize
+from leanlm.core.data import default_corpus, tokenize
 from leanlm.core.evaluate import evaluate, eval_windows, load_tasks, prepare_reference, score_tasks, score_windows, Task
 from leanlm.errors import DataError
 from tests.conftest import tiny_llama
@@ -90,5 +90,5 @@ def test_task_file_errors(tmp_path):
 
 
 def test_evaluate_collects_everything(tiny):
-    out = evaluate(tiny, default_corpus().eval[:8_000], window=64, prompts=["def"])
+    out = evaluate(tiny, eval_windows(tiny.tokenizer, default_corpus().eval[:8_000], 64), prompts=["def"])
     assert out["windows"] >= 1 and out["perplexity"] > 1 and "def" in out["generations"]

@@ -138,8 +138,7 @@ def cmd_models(args) -> int:
 
 def cmd_eval(args) -> int:
     from leanlm.core.data import default_corpus, read_text
-    from leanlm.core.evaluate import DEFAULT_PROMPTS, eval_windows, load_tasks, prepare_reference, score_tasks, score_windows
-    from leanlm.core.generate import generate_text
+    from leanlm.core.evaluate import DEFAULT_PROMPTS, eval_windows, evaluate, load_tasks, prepare_reference
     from leanlm.core.models import load_model
 
     _set_threads(args)
@@ -154,12 +153,10 @@ def cmd_eval(args) -> int:
         ref_model = loaded if same else load_model(args.reference, args.device, args.dtype)
         reference = prepare_reference(ref_model, windows, prompts, args.max_new_tokens)
         del ref_model
-    result = score_windows(loaded.model, windows, reference=reference)
-    if tasks:
-        result.update(score_tasks(loaded.model, loaded.tokenizer, tasks))
-    gens = {p: generate_text(loaded.model, loaded.tokenizer, p, args.max_new_tokens) for p in prompts}
+    result = evaluate(loaded, windows, reference, tasks, prompts, args.max_new_tokens)
+    gens = result["generations"]
     if args.json:
-        print(json.dumps({**result, "generations": gens}))
+        print(json.dumps(result))
         return 0
     print(f"model: {args.model}   text: {args.data or 'pydoc_data.topics (eval split)'}   {result['windows']} windows x {args.window} tokens")
     print(f"perplexity       {result['perplexity']:.4f}   ({result['tokens']} predicted tokens)")

@@ -162,15 +162,13 @@ def _choice_loglik(model: nn.Module, tokenizer: Any, question: str, choice: str,
     return picked.sum().item(), len(continuation)
 
 
-def evaluate(loaded, text: str, window: int = 512, reference: Reference | None = None,
-             tasks: list[Task] | None = None, prompts: list[str] | None = None) -> dict:
-    """All quality metrics of one model on one held-out text, as a flat dict."""
+def evaluate(loaded, windows: torch.Tensor, reference: Reference | None = None, tasks: list[Task] | None = None,
+             prompts: list[str] | None = None, max_new_tokens: int = 32, desc: str = "evaluating") -> dict:
+    """All quality metrics of one model on the eval windows, as a flat dict (generations under 'generations')."""
     start = time.perf_counter()
-    windows = eval_windows(loaded.tokenizer, text, window)
-    result = score_windows(loaded.model, windows, reference=reference)
+    result = score_windows(loaded.model, windows, reference=reference, desc=desc)
     if tasks:
         result.update(score_tasks(loaded.model, loaded.tokenizer, tasks))
-    if prompts:
-        result["generations"] = {p: generate_text(loaded.model, loaded.tokenizer, p) for p in prompts}
+    result["generations"] = {p: generate_text(loaded.model, loaded.tokenizer, p, max_new_tokens) for p in prompts or []}
     result["eval_seconds"] = time.perf_counter() - start
     return result

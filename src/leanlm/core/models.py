@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from leanlm.core.builtin import BUILTIN_MODELS, ensure_builtin
+from leanlm.core.structure import replace_module
 from leanlm.errors import InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
         cls = QUANTIZED_MODULES.get(spec.pop("scheme"))
         if cls is None:
             raise UnsupportedModelError(f"{path}: module {name} uses an unknown scheme; known: {sorted(QUANTIZED_MODULES)}")
-        _set_module(model, name, cls.empty(**spec))
+        replace_module(model, name, cls.empty(**spec))
     state = load_file(path / LEANLM_WEIGHTS)
     for alias, key in manifest.get("aliases", {}).items():
         state[alias] = state[key]
@@ -268,11 +269,6 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # assign=True gave the aliases separate Parameter objects
     return model, _load_tokenizer(path)
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> nn.Module:

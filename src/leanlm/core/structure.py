@@ -86,6 +86,12 @@ def _find_final_norm(model: nn.Module, blocks_name: str) -> str | None:
     return last
 
 
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted path `name` under `root`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if is_linear(m)}
 

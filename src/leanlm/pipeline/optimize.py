@@ -20,8 +20,7 @@ import torch
 
 from leanlm.core.bench import BenchConfig
 from leanlm.core.data import calibration_samples, load_corpus, read_text
-from leanlm.core.evaluate import eval_windows, load_tasks, prepare_reference, score_tasks, score_windows
-from leanlm.core.generate import generate_text
+from leanlm.core.evaluate import eval_windows, evaluate, load_tasks, prepare_reference, score_tasks
 from leanlm.core.models import load_model, save_model
 from leanlm.core.paths import atomic_dir, check_output
 from leanlm.errors import LeanLMError
@@ -98,13 +97,8 @@ def apply_recipe(model, recipe: Recipe, ctx: StepContext) -> list[dict]:
 
 def measure_saved(path: Path, windows: torch.Tensor, reference, tasks, recipe: Recipe, device: str) -> dict:
     """Quality of the saved artifact: reload it (a round trip) and compare with the reference."""
-    loaded = load_model(path, device)
-    result = score_windows(loaded.model, windows, reference=reference, desc="evaluating result")
-    if tasks:
-        result.update(score_tasks(loaded.model, loaded.tokenizer, tasks))
-    result["generations"] = {p: generate_text(loaded.model, loaded.tokenizer, p, recipe.eval.max_new_tokens)
-                             for p in recipe.eval.prompts}
-    return result
+    return evaluate(load_model(path, device), windows, reference, tasks, recipe.eval.prompts,
+                    recipe.eval.max_new_tokens, desc="evaluating result")
 
 
 def run_bench(path: Path, cfg: BenchConfig, device: str, dtype: str) -> dict:

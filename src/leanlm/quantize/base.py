@@ -69,8 +69,3 @@ def packed_module(linear: nn.Linear, codes, scale, zero, bits: int, group_size: 
 
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None)
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

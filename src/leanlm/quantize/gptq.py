@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import process_layerwise
-from leanlm.core.structure import find_structure
+from leanlm.core.structure import find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize.base import (check_group_size, module_bytes, packed_module, quantize_, register_quantizer,
-                                  replace_module, select_layers)
+                                  select_layers)
 from leanlm.quantize.gptq_ops import gptq
 
 

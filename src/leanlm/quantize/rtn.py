@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanlm.core.structure import replace_module
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import rtn_ops
 from leanlm.quantize.base import (check_group_size, module_bytes, packed_module, quantize_, register_quantizer,
-                                  replace_module, select_layers)
+                                  select_layers)
 
 
 @dataclass
