@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT = ["w8-rtn", "w4-g64-rtn", "w4-g64-gptq"]
+DEFAULT = ["w8-rtn", "w4-g64-rtn", "w4-g64-gptq", "w4-g64-awq", "w8a8-smoothquant", "w4-mixed"]
 
 
 def run(recipe: str) -> dict:

@@ -86,3 +86,14 @@ def test_gguf_file_loads_directly_and_matches_the_cached_conversion(smol):
     with torch.no_grad():
         torch.testing.assert_close(direct.model(input_ids=ids).logits, smol.model(input_ids=ids).logits)
     assert direct.tokenizer("def f(x):")["input_ids"] == smol.tokenizer("def f(x):")["input_ids"]
+
+
+def test_gguf_q8_0_export_in_llama_cpp_stays_within_kld_target(smol, windows, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'leanlm[llamacpp]')")
+    from leanlm.export import export
+    from leanlm.export.llamacpp import LlamaCppLM
+
+    export("smollm2-135m", tmp_path / "q8.gguf", "gguf", weight_type="q8_0", embeddings="q8_0")
+    ref = prepare_reference(smol, windows)
+    got = score_windows(LlamaCppLM(tmp_path / "q8.gguf"), windows[:6], reference=ref)
+    assert got["kld"] <= 0.005

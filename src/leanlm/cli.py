@@ -1,4 +1,4 @@
-"""The `leanlm` command. Each subcommand mirrors a module: models, eval, bench, optimize, report, recipes."""
+"""The `leanlm` command. Each subcommand mirrors a module: models, eval, bench, optimize, report, export, recipes."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size of the batched decode figure (default: 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
+
+
+def _runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="leanlm", choices=["leanlm", "llama.cpp"],
+                   help="run the model in leanlm (PyTorch) or, for a .gguf file, in llama.cpp through "
+                        "llama-cpp-python (default: leanlm)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generation (default: 32)")
     p.add_argument("--no-generate", action="store_true", help="skip the generations")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
+    _runtime_option(p)
     _model_options(p)
 
     p = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token, peak memory, size",
                        description="Benchmark a model with leanlm's generation loop: warm-up, then the median of repeats.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to benchmark (default: {DEFAULT_MODEL})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    _runtime_option(p)
     _bench_options(p)
     _model_options(p)
 
@@ -86,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", help="output directories of `leanlm optimize`")
     p.add_argument("--render", action="store_true", help="re-render report.md and chart.png")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
+
+    p = sub.add_parser("export", help="write a model for transformers (hf), vLLM (compressed-tensors) or llama.cpp (gguf)",
+                       description="Export a model, float or quantized by leanlm, for another runtime. hf: plain "
+                                   "transformers weights (quantized layers dequantized). compressed-tensors: vLLM's "
+                                   "format, the quantized codes kept. gguf: one llama.cpp file; leanlm-quantized "
+                                   "layers are written from their codes without re-rounding (int8 -> Q8_0, "
+                                   "symmetric int4 -> Q4_0, asymmetric int4 -> Q4_1).")
+    p.add_argument("model", help="model to export: a leanlm optimize output's model/ directory, a HF directory, "
+                                 "a .gguf file or a built-in name")
+    p.add_argument("--format", required=True, choices=["hf", "compressed-tensors", "gguf"], help="target format")
+    p.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf)")
+    p.add_argument("--gguf-type", default="auto", choices=["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF type of linear layers; auto keeps leanlm-quantized layers as they are and writes "
+                        "float ones as f16 (default: auto)")
+    p.add_argument("--gguf-embeddings", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF type of the token embeddings (default: q8_0)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     sub.add_parser("recipes", help="list shipped recipes and step types",
                    description="List the recipes shipped with leanlm and every step type with its options.")
@@ -145,6 +170,8 @@ def cmd_eval(args) -> int:
     tasks = load_tasks(args.tasks) if args.tasks else None
     prompts = [] if args.no_generate else (args.prompt or DEFAULT_PROMPTS)
     loaded = load_model(args.model, args.device, args.dtype)
+    if args.runtime == "llama.cpp":
+        loaded, prompts = _in_llama_cpp(loaded, args.model), []  # generations are leanlm's loop only
     text = read_text(args.data, loaded.tokenizer) if args.data else default_corpus().eval
     windows = eval_windows(loaded.tokenizer, text, args.window)
     reference = None
@@ -172,6 +199,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _in_llama_cpp(loaded, source: str):
+    """The same model and tokenizer, its forward passes run by llama.cpp instead of PyTorch."""
+    from leanlm.export.llamacpp import LlamaCppLM
+
+    if not str(source).endswith(".gguf"):
+        raise LeanLMError(f"--runtime llama.cpp runs .gguf files; export first: leanlm export {source} --format gguf")
+    loaded.model = LlamaCppLM(source)
+    return loaded
+
+
 def cmd_bench(args) -> int:
     from leanlm.core.bench import BenchConfig, benchmark
     from leanlm.core.models import load_model
@@ -180,6 +217,18 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(args.prompt_tokens, args.decode_prompt_tokens, args.new_tokens, args.batch, args.repeats, args.warmup)
     if min(cfg.prompt_tokens, cfg.decode_prompt_tokens, cfg.new_tokens, cfg.batch, cfg.repeats) < 1 or cfg.warmup < 0:
         raise LeanLMError("benchmark sizes must be positive (warm-up may be 0)")
+    if args.runtime == "llama.cpp":
+        from leanlm.export.llamacpp import bench_llamacpp
+
+        result = bench_llamacpp(args.model, cfg.prompt_tokens, cfg.decode_prompt_tokens, cfg.new_tokens, cfg.repeats,
+                                cfg.warmup, args.threads)
+        print(json.dumps(result) if args.json else
+              f"model: {args.model}   runtime: llama.cpp   (median of {cfg.repeats} after {cfg.warmup} warm-up)\n"
+              f"prefill          {result['prefill_tps']:10.1f} tokens/s   ({cfg.prompt_tokens}-token prompt)\n"
+              f"time to 1st tok  {result['ttft_s']:10.3f} s\n"
+              f"decode batch 1   {result['decode_tps']:10.2f} tokens/s   ({cfg.new_tokens} tokens)\n"
+              f"size on disk     {result['disk_bytes'] / 2**20:10.1f} MiB")
+        return 0
     result = benchmark(load_model(args.model, args.device, args.dtype), cfg)
     if args.json:
         print(json.dumps(result))
@@ -229,6 +278,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from leanlm.export import export
+
+    info = export(args.model, args.out, args.format, args.overwrite, args.gguf_type, args.gguf_embeddings)
+    print(f"wrote {info['out']} ({info['format']}): {info['bytes'] / 2**20:.1f} MiB "
+          f"({info['bytes'] / max(1, info['source_bytes']):.2f}x the source) in {info['seconds']:.1f} s")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     import dataclasses
 
@@ -257,4 +315,4 @@ def _default(f) -> str:
 
 
 COMMANDS = {"models": cmd_models, "eval": cmd_eval, "bench": cmd_bench, "optimize": cmd_optimize,
-            "report": cmd_report, "recipes": cmd_recipes}
+            "report": cmd_report, "export": cmd_export, "recipes": cmd_recipes}

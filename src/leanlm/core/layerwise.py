@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.core.structure import ModelStructure, find_structure
+from leanlm.errors import LeanLMError
 
 
 class _Stop(Exception):
@@ -61,11 +62,13 @@ def capture_first_block_inputs(model: nn.Module, structure: ModelStructure, samp
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, autocast: torch.dtype | None = None) -> list[torch.Tensor]:
-    """The block on every calibration batch; `autocast` (e.g. bfloat16) trades precision for speed."""
+def run_block(block: nn.Module, inputs: BlockInputs, autocast: torch.dtype | None = None,
+              limit: int | None = None) -> list[torch.Tensor]:
+    """The block on the first `limit` calibration batches (all by default); `autocast` (e.g. bfloat16)
+    trades precision for speed."""
     outs = []
     device = inputs.hidden[0].device.type
-    for hidden, kw in zip(inputs.hidden, inputs.kwargs):
+    for hidden, kw in list(zip(inputs.hidden, inputs.kwargs))[:limit]:
         with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
             out = block(hidden, **kw)
         out = out[0] if isinstance(out, tuple) else out
@@ -73,12 +76,13 @@ def run_block(block: nn.Module, inputs: BlockInputs, autocast: torch.dtype | Non
     return outs
 
 
-BlockFn = Callable[[int, nn.Module, Callable[[], None]], dict]
+BlockFn = Callable[[int, nn.Module, Callable[..., list]], dict]
 
 
 def process_layerwise(model: nn.Module, samples: torch.Tensor, fn: BlockFn, device: torch.device | None = None,
                       batch_size: int = 8, desc: str = "calibrating", autocast: torch.dtype | None = None) -> list[dict]:
-    """Call `fn(index, block, observe)` for each block; `observe()` runs the block on its calibration inputs.
+    """Call `fn(index, block, observe)` for each block; `observe(limit=None)` runs the block on its
+    calibration inputs (the first `limit` batches), so hooks the callback installed see them.
 
     Returns what `fn` returned per block. The block is moved to `device` while it is processed.
     """
@@ -89,7 +93,55 @@ def process_layerwise(model: nn.Module, samples: torch.Tensor, fn: BlockFn, devi
     results = []
     for index, block in enumerate(tqdm(structure.blocks, desc=desc, unit="block")):
         block.to(device)
-        results.append(fn(index, block, lambda: run_block(block, inputs, autocast)))
+        results.append(fn(index, block, lambda limit=None: run_block(block, inputs, autocast, limit)))
         inputs.hidden = run_block(block, inputs, autocast)
         block.to(home)
     return results
+
+
+class InputRecorder:
+    """Forward pre-hooks that keep statistics of each module's input channels during `observe()`:
+    mean and max absolute value per channel, and up to `rows` sampled input rows (for search losses)."""
+
+    def __init__(self, modules: dict[str, nn.Module], rows: int = 0, seed: int = 0):
+        self.modules, self.rows = modules, rows
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self.abs_max: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+        self._gen = torch.Generator().manual_seed(seed)
+        self._handles = []
+
+    def __enter__(self) -> "InputRecorder":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(flat).all():
+                raise LeanLMError(f"the calibration inputs of layer {name} contain NaN/Inf; "
+                                  "check the model (try float32) and the calibration data")
+            absval = flat.abs()
+            self.abs_sum[name] = self.abs_sum.get(name, 0) + absval.sum(0)
+            top = absval.amax(0)
+            self.abs_max[name] = torch.maximum(self.abs_max[name], top) if name in self.abs_max else top
+            self.count[name] = self.count.get(name, 0) + flat.shape[0]
+            if self.rows:
+                pick = torch.randperm(flat.shape[0], generator=self._gen)[: self.rows]
+                self.samples.setdefault(name, []).append(flat[pick.to(flat.device)])
+        return hook
+
+    def mean_abs(self, name: str) -> torch.Tensor:
+        return self.abs_sum[name] / self.count[name]
+
+    def rows_of(self, name: str) -> torch.Tensor:
+        """At most `rows` input rows of the module, drawn evenly from the observed batches."""
+        rows = torch.cat(self.samples[name])
+        pick = torch.randperm(rows.shape[0], generator=self._gen)[: self.rows]
+        return rows[pick.to(rows.device)]

@@ -64,6 +64,9 @@ def render_markdown(report: dict) -> str:
         details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in step["stats"].items() if not isinstance(v, (dict, list)))
         lines.append(f"| {step['type']} | {step['seconds']:.1f} | {details} |")
+    for step in report["steps"]:
+        lines += _layer_plan(step["stats"].get("layers"))
+        lines += _scale_table(step["type"], step["stats"].get("scales"))
     gens_b = report["baseline"]["quality"].get("generations", {})
     gens_r = report["result"]["quality"].get("generations", {})
     if gens_b or gens_r:
@@ -73,6 +76,31 @@ def render_markdown(report: dict) -> str:
             lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _layer_plan(rows: list[dict] | None) -> list[str]:
+    """Mixed precision: each layer's format and the estimated KLD of every format it could have had."""
+    if not rows:
+        return []
+    formats = sorted({f for r in rows for f in r["estimated_kld"]})
+    lines = ["", "## Per-layer precision", "",
+             "Chosen to minimise the summed estimated KLD (Fisher-weighted rounding error) within the bit budget.", "",
+             "| layer | format | bits/weight | " + " | ".join(f"est. KLD {f}" for f in formats) + " |",
+             "|---|---|---:|" + "---:|" * len(formats)]
+    for r in rows:
+        cells = [f"{r['estimated_kld'][f]:.2e}" if f in r["estimated_kld"] else "-" for f in formats]
+        lines.append(f"| {r['layer']} | {r['format']} | {r['bits_per_weight']:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _scale_table(step: str, rows: list[dict] | None) -> list[str]:
+    """AWQ/SmoothQuant: the scale pairs found from the module graph and the exponent each search chose."""
+    if not rows:
+        return []
+    lines = ["", f"## {step}: scale pairs", "", "alpha -1 means no scaling beat every candidate.", "",
+             "| block | from | to | alpha | loss |", "|---:|---|---|---:|---:|"]
+    lines += [f"| {r['block']} | {r['prev']} | {', '.join(r['nexts'])} | {r['alpha']} | {r['loss']:.3g} |" for r in rows]
+    return lines
 
 
 def render_chart(report: dict, path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import nn
 
-from leanlm.core.structure import linear_layers, matches
+from leanlm.core.structure import find_structure, linear_layers, matches, replace_module
 from leanlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,3 +69,43 @@ def packed_module(linear: nn.Linear, codes, scale, zero, bits: int, group_size: 
 
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None)
+
+
+def new_totals() -> dict:
+    return {"layers_quantized": 0, "quantized_bytes_before": 0, "quantized_bytes_bf16": 0, "quantized_bytes_after": 0}
+
+
+def swap_in_packed(root: nn.Module, name: str, codes, scale, zero, bits: int, group_size: int | None,
+                   symmetric: bool, totals: dict) -> None:
+    """Replace the linear at `name` under `root` by its packed runtime module, counting the bytes."""
+    layer = root.get_submodule(name)
+    swap_in(root, name, packed_module(layer, codes.to(layer.weight.device), scale, zero, bits, group_size, symmetric),
+            totals)
+
+
+def swap_in(root: nn.Module, name: str, new: nn.Module, totals: dict) -> None:
+    layer = root.get_submodule(name)
+    totals["layers_quantized"] += 1
+    totals["quantized_bytes_before"] += module_bytes(layer)
+    totals["quantized_bytes_bf16"] += layer.weight.numel() * 2
+    totals["quantized_bytes_after"] += module_bytes(new)
+    replace_module(root, name, new)
+
+
+def finish_totals(totals: dict) -> dict:
+    """Add the size ratio; a "quantized" model that is not smaller is an error, never a silent result."""
+    if totals["quantized_bytes_after"] >= totals["quantized_bytes_before"]:
+        raise RuntimeError(f"quantized layers take {totals['quantized_bytes_after']} bytes, not fewer than the "
+                           f"original {totals['quantized_bytes_before']}")
+    totals["fraction_of_bf16"] = totals["quantized_bytes_after"] / max(1, totals["quantized_bytes_bf16"])
+    return totals
+
+
+def layers_by_block(model: nn.Module, chosen: dict[str, nn.Module], method: str) -> list[dict[str, nn.Module]]:
+    """The chosen layers of each decoder block, keyed by their name inside the block."""
+    prefixes = [f"{n}." for n in find_structure(model).block_names()]
+    outside = [n for n in chosen if not any(n.startswith(p) for p in prefixes)]
+    if outside:
+        raise ConfigError(f"{method} quantizes layers inside decoder blocks only; {', '.join(outside[:3])} lie "
+                          "outside: add them to 'skip' or quantize them with an 'rtn' step")
+    return [{n[len(p):]: m for n, m in chosen.items() if n.startswith(p)} for p in prefixes]

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import process_layerwise
-from leanlm.core.structure import find_structure, replace_module
+from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.quantize.base import (check_group_size, module_bytes, packed_module, quantize_, register_quantizer,
-                                  select_layers)
+from leanlm.quantize.base import (check_group_size, finish_totals, layers_by_block, new_totals, quantize_, register_quantizer,
+                                  select_layers, swap_in_packed)
 from leanlm.quantize.gptq_ops import gptq
 
 
@@ -98,42 +98,33 @@ class HessianCollector:
 
 
 @register_quantizer(GPTQConfig)
-def quantize_gptq(model: nn.Module, config: GPTQConfig, calibration: torch.Tensor, device=None) -> dict:
+def quantize_gptq(model: nn.Module, config: GPTQConfig, calibration: torch.Tensor, device=None,
+                  plan: dict[str, tuple[int, int | None, bool]] | None = None) -> dict:
+    """GPTQ as `config` says; `plan` maps layer names to their own (bits, group_size, symmetric)."""
     chosen = select_layers(model, config.targets, config.skip)
-    check_group_size(chosen, config.group_size)
-    structure = find_structure(model)
-    prefixes = [f"{n}." for n in structure.block_names()]
-    outside = [n for n in chosen if not any(n.startswith(p) for p in prefixes)]
-    if outside:
-        raise ConfigError(f"GPTQ quantizes layers inside decoder blocks only; {', '.join(outside[:3])} lie outside: "
-                          "add them to 'skip' or quantize them with an 'rtn' step")
-    totals = {"layers_quantized": 0, "quantized_bytes_before": 0, "quantized_bytes_bf16": 0,
-              "quantized_bytes_after": 0, "gptq_loss": 0.0}
+    plan = plan or {}
+    for name, layer in chosen.items():
+        check_group_size({name: layer}, plan.get(name, (None, config.group_size))[1])
+    per_block = layers_by_block(model, chosen, "GPTQ")
+    prefixes = {i: f"{n}." for i, n in enumerate(find_structure(model).block_names())}
+    totals = {**new_totals(), "gptq_loss": 0.0}
 
     def one_block(index: int, block: nn.Module, observe) -> dict:
-        prefix = prefixes[index]
-        layers = {n[len(prefix):]: m for n, m in chosen.items() if n.startswith(prefix)}
+        layers = per_block[index]
         with HessianCollector(block, layers) as collector:
             observe()
         for name, layer in layers.items():
-            codes, scale, zero, loss = gptq(layer.weight.data.cpu(), collector.hessian(name).cpu(), config.bits,
-                                            config.group_size, config.symmetric, config.damp, config.act_order,
-                                            config.static_groups, config.block_size)
-            new = packed_module(layer, codes.to(layer.weight.device), scale, zero, config.bits, config.group_size,
-                                config.symmetric)
-            totals["quantized_bytes_before"] += module_bytes(layer)
-            totals["quantized_bytes_bf16"] += layer.weight.numel() * 2
-            totals["quantized_bytes_after"] += module_bytes(new)
+            bits, group, sym = plan.get(prefixes[index] + name, (config.bits, config.group_size, config.symmetric))
+            codes, scale, zero, loss = gptq(layer.weight.data.cpu(), collector.hessian(name).cpu(), bits, group, sym,
+                                            config.damp, config.act_order, config.static_groups, config.block_size)
             totals["gptq_loss"] += loss
-            totals["layers_quantized"] += 1
-            replace_module(block, name, new)
+            swap_in_packed(block, name, codes, scale, zero, bits, group, sym, totals)
         return {}
 
     autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
     process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size, desc="GPTQ",
                       autocast=autocast)
-    totals["fraction_of_bf16"] = totals["quantized_bytes_after"] / max(1, totals["quantized_bytes_bf16"])
-    return totals
+    return finish_totals(totals)
 
 
 @register_step("gptq", GPTQConfig)

@@ -2,7 +2,8 @@
 
 Codes are stored unsigned (0..15) with a float16 scale and a uint8 zero point per output channel
 and group: w = (q - zero) * scale; with groups of 64 that is 4.375 bits per weight. On CPU the matmul goes through torch's packed int4 kernel
-(bfloat16 activations), whose tile layout is derived once from the portable codes at first use.
+(bfloat16 activations), on CUDA through tinygemm (`_weight_int4pack_mm`); each kernel's tile layout is
+derived once from the portable codes at first use.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from leanlm.quantize.rtn_ops import dequantize
 KERNEL_GROUPS = (32, 64, 128, 256)
 KERNEL_MAX_ROWS = 128  # above this, dequantize + float matmul is faster on CPU (measured on 576/1536-wide layers)
 HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+HAS_CUDA_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm")  # tinygemm, NVIDIA GPUs sm80+
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -78,6 +80,12 @@ class Int4Linear(nn.Module):
         return w.to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cuda_kernel_ok(x):
+            tiles, sz = self._kernel_weights(cuda=True)
+            out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), tiles,
+                                                     self.group_size, sz)
+            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return out if self.bias is None else out + self.bias
         if self._kernel_ok(x):
             tiles, sz = self._kernel_weights()
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -86,19 +94,44 @@ class Int4Linear(nn.Module):
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
+    def gguf_blocks(self):
+        """llama.cpp blocks from the codes: Q4_0 when every zero point is 8 (symmetric), else Q4_1."""
+        from leanlm.export import gguf_ops
+
+        if self.group_size is None or self.group_size % gguf_ops.BLOCK:
+            return None
+        codes = unpack_int4(self.qweight)
+        if bool((self.zero == 8).all()):
+            return gguf_ops.q4_0(codes.to(torch.int16) - 8, self.scale), "Q4_0"
+        return gguf_ops.q4_1(codes, self.scale, self.zero), "Q4_1"
+
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features
         return HAS_INT4_KERNEL and x.device.type == "cpu" and self.group_size in KERNEL_GROUPS and rows <= KERNEL_MAX_ROWS
 
-    def _kernel_weights(self):
+    def _cuda_kernel_ok(self, x: torch.Tensor) -> bool:
+        rows = x.numel() // self.in_features
+        return (x.device.type == "cuda" and HAS_CUDA_INT4_KERNEL and self.group_size in KERNEL_GROUPS
+                and rows <= KERNEL_MAX_ROWS and self.in_features % 32 == 0 and self.out_features % 8 == 0)
+
+    def _kernel_weights(self, cuda: bool = False):
+        if self._kernel is None and cuda:
+            codes = unpack_int4(self.qweight)
+            # tinygemm wants the even column in the high nibble, and K tiled by 16 * inner_k_tiles
+            high_first = (codes[:, 0::2] << 4) | codes[:, 1::2]
+            inner = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+            tiles = torch.ops.aten._convert_weight_to_int4pack(high_first.contiguous(), inner)
+            self._kernel = (tiles, self._scales_and_zeros())
         if self._kernel is None:
             codes = unpack_int4(self.qweight).to(torch.int32)
             tiles = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-            # the kernel computes (q - 8) * scale + z, so z = (8 - zero) * scale
-            z = (8 - self.zero.float()) * self.scale.float()
-            sz = torch.stack([self.scale.float(), z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            self._kernel = (tiles, sz)
+            self._kernel = (tiles, self._scales_and_zeros())
         return self._kernel
+
+    def _scales_and_zeros(self) -> torch.Tensor:
+        # both kernels compute (q - 8) * scale + z, so z = (8 - zero) * scale; layout [groups, out, 2]
+        z = (8 - self.zero.float()) * self.scale.float()
+        return torch.stack([self.scale.float(), z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
     def _apply(self, fn, *args, **kwargs):
         self._kernel = None  # device/dtype moves invalidate the derived kernel layout

@@ -71,6 +71,14 @@ class Int8Linear(nn.Module):
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
+    def gguf_blocks(self):
+        """Q8_0 blocks straight from symmetric codes (per-channel or groups of 32k)."""
+        from leanlm.export import gguf_ops
+
+        if not self.symmetric or (self.group_size is not None and self.group_size % gguf_ops.BLOCK):
+            return None
+        return gguf_ops.q8_0(self.qweight, self.scale.float()), "Q8_0"
+
     def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL
 

@@ -1,0 +1,72 @@
+"""GGUF exports in llama.cpp: KLD against leanlm's float32 model on the eval windows, size and speed.
+
+Needs llama-cpp-python (see the README for the build flags). Run alone on an idle machine:
+    python benchmarks/bench_gguf.py [--gptq-out DIR] [--out benchmarks/results/gguf.json]
+Rows: the float model written as Q8_0 and as Q4_0 by gguf's reference quantizers (llama.cpp's own
+round-to-nearest), and the `w4-g32-sym-gptq` recipe's output written as Q4_0 from its codes.
+`--gptq-out` reuses an existing `leanlm optimize --recipe w4-g32-sym-gptq` output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from leanlm.core.data import default_corpus
+from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
+from leanlm.core.models import load_model
+from leanlm.export import export
+from leanlm.export.llamacpp import LlamaCppLM, bench_llamacpp
+
+MODEL = "smollm2-135m"
+
+
+def gptq_model(tmp: Path, given: str | None) -> Path:
+    if given:
+        return Path(given) / "model"
+    out = tmp / "gptq"
+    subprocess.run(["leanlm", "optimize", MODEL, "--recipe", "w4-g32-sym-gptq", "--out", str(out), "--no-bench"],
+                   check=True)
+    return out / "model"
+
+
+def measure(name: str, gguf: Path, windows, reference) -> dict:
+    quality = score_windows(LlamaCppLM(gguf), windows, reference=reference, desc=name)
+    speed = bench_llamacpp(gguf)
+    return {"name": name, "kld": quality["kld"], "top1": quality["top1"], "perplexity": quality["perplexity"],
+            "bytes": gguf.stat().st_size, "prefill_tps": speed["prefill_tps"], "decode_tps": speed["decode_tps"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gptq-out", help="existing optimize output of the w4-g32-sym-gptq recipe")
+    parser.add_argument("--out", default="benchmarks/results/gguf.json")
+    args = parser.parse_args()
+    loaded = load_model(MODEL, device="cpu")
+    windows = eval_windows(loaded.tokenizer, default_corpus().eval)
+    reference = prepare_reference(loaded, windows)
+    del loaded
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        jobs = [("float -> Q8_0 (gguf-py)", MODEL, "q8_0"), ("float -> Q4_0 (gguf-py RTN)", MODEL, "q4_0"),
+                ("GPTQ g32 sym -> Q4_0 (leanlm codes)", str(gptq_model(tmp, args.gptq_out)), "auto")]
+        for i, (name, source, kind) in enumerate(jobs):
+            path = tmp / f"{i}.gguf"
+            export(source, path, "gguf", weight_type=kind, embeddings="q8_0")
+            rows.append(measure(name, path, windows, reference))
+    print(f"{'export':38s} {'KLD':>8s} {'top-1':>7s} {'ppl':>7s} {'MiB':>6s} {'prefill':>8s} {'decode':>7s}")
+    for r in rows:
+        print(f"{r['name']:38s} {r['kld']:8.4f} {r['top1']:7.2%} {r['perplexity']:7.3f} {r['bytes'] / 2**20:6.1f} "
+              f"{r['prefill_tps']:8.1f} {r['decode_tps']:7.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""`export(model, out, format)`: write a model (float or leanlm-quantized) for another runtime.
+
+Formats: `hf` (plain transformers weights, dequantized), `compressed-tensors` (vLLM),
+`gguf` (llama.cpp). The output is assembled in a temporary place and moved into position only
+when complete; an existing output is never replaced without `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from leanlm.core.models import load_model
+from leanlm.core.paths import atomic_dir, atomic_file, check_output, dir_size
+from leanlm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+FORMATS = ("hf", "compressed-tensors", "gguf")
+
+
+def export(model: str | Path, out: str | Path, format: str = "hf", overwrite: bool = False,
+           weight_type: str = "auto", embeddings: str = "q8_0") -> dict:
+    """Export `model` to `out`; for gguf, `weight_type` (auto, f16, q8_0, q4_0, q4_1) sets the float
+    linear layers' type and `embeddings` the token embeddings' (auto keeps quantized layers as they are)."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
+    out = check_output(out, overwrite)
+    if format == "gguf" and out.suffix != ".gguf":
+        raise ConfigError(f"a GGUF export is one file ending in .gguf, got {out}")
+    start = time.perf_counter()
+    loaded = load_model(model, device="cpu")
+    if format == "gguf":
+        from leanlm.export.gguf_export import export_gguf
+
+        with atomic_file(out) as tmp:
+            info = {"tensor_types": export_gguf(loaded.model, loaded.tokenizer, tmp, weight_type, embeddings)}
+    else:
+        with atomic_dir(out, overwrite) as tmp:
+            info = _export_dir(loaded, tmp, format)
+            (tmp / "leanlm-export.json").write_text(json.dumps({"source": str(model), "format": format, **info},
+                                                               indent=2))
+    info.update(format=format, out=str(out), bytes=dir_size(out), source_bytes=loaded.disk_bytes,
+                seconds=time.perf_counter() - start)
+    return info
+
+
+def _export_dir(loaded, tmp: Path, format: str) -> dict:
+    if format == "hf":
+        from leanlm.export.hf_export import export_hf
+
+        return export_hf(loaded.model, loaded.tokenizer, tmp)
+    from leanlm.export.compressed_tensors_export import export_compressed_tensors
+
+    return export_compressed_tensors(loaded.model, loaded.tokenizer, tmp)

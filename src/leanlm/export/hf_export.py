@@ -1,0 +1,43 @@
+"""Plain Hugging Face export: every packed layer dequantized back to an nn.Linear, for any runtime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.structure import replace_module
+
+log = logging.getLogger(__name__)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, warn_w8a8: bool = True) -> int:
+    """Replace each leanlm runtime module by an nn.Linear holding its dequantized weight; returns how many."""
+    packed = [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZED_MODULES.values()]
+    for name, module in packed:
+        weight = module.dequantized_weight(torch.float32)
+        bias = getattr(module, "bias", None)
+        out_dtype = dtype or (bias.dtype if bias is not None else torch.float32)
+        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=out_dtype,
+                           device=weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        replace_module(model, name, linear)
+    if warn_w8a8 and any(type(m).scheme == "w8a8_dynamic" for _, m in packed):
+        log.warning("W8A8 layers were written with float weights: activations are no longer quantized")
+    return len(packed)
+
+
+def export_hf(model: nn.Module, tokenizer: Any, out: Path, dtype: torch.dtype | None = None) -> dict:
+    count = dequantize_model(model, dtype)
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"dequantized_layers": count}

@@ -1,0 +1,158 @@
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+from leanlm.core.models import load_model, save_model
+from leanlm.errors import ConfigError, OutputExistsError, UnsupportedModelError
+from leanlm.export import export, gguf_ops
+from leanlm.quantize import RTNConfig, quantize_, rtn_ops
+
+IDS = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def quantized_checkpoint(tiny_dir, tmp_path, config) -> tuple[Path, torch.Tensor]:
+    m = load_model(tiny_dir, device="cpu")
+    quantize_(m.model, config)
+    save_model(m.model, m.tokenizer, tmp_path / "q")
+    return tmp_path / "q", logits(m.model)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_gguf_blocks_decode_to_our_weights(kind):
+    torch.manual_seed(0)
+    w = torch.randn(6, 128)
+    bits, group, sym = {"q8_0": (8, None, True), "q4_0": (4, 32, True), "q4_1": (4, 64, False)}[kind]
+    codes, scale, zero = rtn_ops.rtn(w, bits, group, sym)
+    scale = scale.half().float()
+    blocks = {"q8_0": lambda: gguf_ops.q8_0(codes, scale), "q4_0": lambda: gguf_ops.q4_0(codes, scale),
+              "q4_1": lambda: gguf_ops.q4_1(codes, scale, zero)}[kind]()
+    got = gguf_dequantize(blocks, gguf.GGMLQuantizationType[kind.upper()])
+    want = rtn_ops.dequantize(codes, scale, zero, group).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3 if kind == "q4_1" else 0)  # Q4_1 stores -scale*zero in fp16
+
+
+def test_rope_rows_are_a_permutation_per_head():
+    rows = np.arange(2 * 8)[:, None]
+    out = gguf_ops.interleave_rope_rows(rows, heads=2)[:, 0]
+    assert out.tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_gguf_float_round_trip(tiny_dir, tmp_path):
+    info = export(tiny_dir, tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    assert info["tensor_types"] == {"F32": 20}
+    back = load_model(tmp_path / "m.gguf", device="cpu")
+    torch.testing.assert_close(logits(back.model), logits(load_model(tiny_dir, device="cpu").model), atol=1e-4, rtol=1e-4)
+    text = back.tokenizer.decode(back.tokenizer("def main():").input_ids)
+    assert text == "def main():"
+
+
+@pytest.mark.parametrize("config,gguf_type", [(RTNConfig(bits=8), "Q8_0"),
+                                              (RTNConfig(bits=4, group_size=32, symmetric=True), "Q4_0"),
+                                              (RTNConfig(bits=4, group_size=64, symmetric=False), "Q4_1")])
+def test_gguf_keeps_our_codes(tiny_dir, tmp_path, config, gguf_type):
+    path, want = quantized_checkpoint(tiny_dir, tmp_path, config)
+    info = export(path, tmp_path / "m.gguf", "gguf", embeddings="f32")
+    assert info["tensor_types"][gguf_type] == 14
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.0.attn_q")} == {gguf_type}
+    back = load_model(tmp_path / "m.gguf", device="cpu")
+    # our int4 runtime multiplies in bfloat16 for short inputs; the GGUF loader dequantizes to float32
+    torch.testing.assert_close(logits(back.model), want, atol=2e-2, rtol=0)
+
+
+def test_gguf_bad_inputs(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="ending in .gguf"):
+        export(tiny_dir, tmp_path / "m.bin", "gguf")
+    with pytest.raises(ConfigError, match="unknown export format 'onnx'; formats: hf, compressed-tensors, gguf"):
+        export(tiny_dir, tmp_path / "x", "onnx")
+    (tmp_path / "m.gguf").write_bytes(b"keep me")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export(tiny_dir, tmp_path / "m.gguf", "gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == b"keep me"
+
+
+def test_gguf_refuses_other_architectures(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from leanlm.export.gguf_export import export_gguf
+
+    config = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(UnsupportedModelError, match="GGUF export supports .*llama.* not 'qwen2'"):
+        export_gguf(AutoModelForCausalLM.from_config(config), None, tmp_path / "x.gguf")
+
+
+def test_hf_export_of_a_quantized_model_loads_in_transformers(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, want = quantized_checkpoint(tiny_dir, tmp_path, RTNConfig(bits=8))
+    export(path, tmp_path / "hf", "hf")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(logits(plain), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("config", [RTNConfig(bits=4, group_size=32, symmetric=True), RTNConfig(bits=8)])
+def test_compressed_tensors_round_trip_in_transformers(tiny_dir, tmp_path, config):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors export needs pip install 'leanlm[export]'")
+    from transformers import AutoModelForCausalLM
+
+    path, want = quantized_checkpoint(tiny_dir, tmp_path, config)
+    export(path, tmp_path / "ct", "compressed-tensors")
+    qc = __import__("json").loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+    assert qc["format"] == "pack-quantized"  # weight-only int4 and int8 alike
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    torch.testing.assert_close(logits(loaded), want, atol=2e-2, rtol=0)
+    out = loaded.generate(IDS[:, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_compressed_tensors_refuses_a_float_model(tiny_dir, tmp_path):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors export needs pip install 'leanlm[export]'")
+    from leanlm.errors import LeanLMError
+
+    with pytest.raises(LeanLMError, match="no quantized layers"):
+        export(tiny_dir, tmp_path / "ct", "compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+def test_export_cli(tiny_dir, tmp_path, capsys):
+    from leanlm.cli import main
+
+    assert main(["export", str(tiny_dir), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
+                 "--gguf-type", "q8_0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["export", str(tiny_dir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["eval", str(tiny_dir), "--runtime", "llama.cpp"]) == 2
+    assert "runs .gguf files; export first" in capsys.readouterr().err
+
+
+def test_w8a8_exports_as_int_quantized_with_dynamic_activations(tiny_dir, tmp_path):
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors export needs pip install 'leanlm[export]'")
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from leanlm.quantize import SmoothQuantConfig
+
+    m = load_model(tiny_dir, device="cpu")
+    quantize_(m.model, SmoothQuantConfig(search_samples=2, batch_size=2, grid=3),
+              calibration=torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0)))
+    save_model(m.model, m.tokenizer, tmp_path / "sq")
+    info = export(tmp_path / "sq", tmp_path / "ct", "compressed-tensors")
+    assert info["storage"] == "int-quantized"
+    group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["input_activations"]["dynamic"] and group["input_activations"]["strategy"] == "token"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    torch.testing.assert_close(logits(loaded), logits(m.model), atol=3e-2, rtol=0)
