@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from leanlm.errors import LeanLMError  # noqa: E402
 
-__all__ = ["LeanLMError", "__version__", "load_model", "evaluate", "benchmark", "optimize", "load_recipe", "quantize_"]
+__all__ = ["LeanLMError", "__version__", "load_model", "evaluate", "benchmark", "optimize", "load_recipe", "quantize_",
+           "prune_"]
 
 
 def __getattr__(name: str):
@@ -27,4 +28,7 @@ def __getattr__(name: str):
     if name == "quantize_":
         from leanlm.quantize import quantize_
         return quantize_
+    if name == "prune_":
+        from leanlm.prune import prune_
+        return prune_
     raise AttributeError(f"module 'leanlm' has no attribute {name!r}")

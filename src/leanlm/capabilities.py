@@ -1,3 +1,3 @@
 """Importing this module registers every capability's step types and runtime modules."""
 
-from leanlm import cast, quantize  # noqa: F401
+from leanlm import cast, prune, quantize  # noqa: F401

@@ -101,12 +101,14 @@ def process_layerwise(model: nn.Module, samples: torch.Tensor, fn: BlockFn, devi
 
 class InputRecorder:
     """Forward pre-hooks that keep statistics of each module's input channels during `observe()`:
-    mean and max absolute value per channel, and up to `rows` sampled input rows (for search losses)."""
+    mean and max absolute value and L2 norm per channel, and up to `rows` sampled input rows (for search
+    losses)."""
 
     def __init__(self, modules: dict[str, nn.Module], rows: int = 0, seed: int = 0):
         self.modules, self.rows = modules, rows
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.abs_max: dict[str, torch.Tensor] = {}
+        self.sq_sum: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
         self.samples: dict[str, list[torch.Tensor]] = {}
         self._gen = torch.Generator().manual_seed(seed)
@@ -129,6 +131,7 @@ class InputRecorder:
                                   "check the model (try float32) and the calibration data")
             absval = flat.abs()
             self.abs_sum[name] = self.abs_sum.get(name, 0) + absval.sum(0)
+            self.sq_sum[name] = self.sq_sum.get(name, 0) + flat.pow(2).sum(0)
             top = absval.amax(0)
             self.abs_max[name] = torch.maximum(self.abs_max[name], top) if name in self.abs_max else top
             self.count[name] = self.count.get(name, 0) + flat.shape[0]
@@ -140,8 +143,61 @@ class InputRecorder:
     def mean_abs(self, name: str) -> torch.Tensor:
         return self.abs_sum[name] / self.count[name]
 
+    def l2_norm(self, name: str) -> torch.Tensor:
+        return self.sq_sum[name].sqrt()
+
     def rows_of(self, name: str) -> torch.Tensor:
         """At most `rows` input rows of the module, drawn evenly from the observed batches."""
         rows = torch.cat(self.samples[name])
         pick = torch.randperm(rows.shape[0], generator=self._gen)[: self.rows]
         return rows[pick.to(rows.device)]
+
+
+class HessianCollector:
+    """Forward hooks that accumulate X^T X per distinct input tensor of a block's linear layers."""
+
+    def __init__(self, block: nn.Module, layers: dict[str, nn.Linear]):
+        self.block, self.layers = block, layers
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.owner: dict[str, str] = {}  # layer -> layer whose Hessian it shares
+        self.tokens: dict[str, int] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = []
+
+    def __enter__(self):
+        self._handles.append(self.block.register_forward_pre_hook(lambda *args: self._seen.clear()))
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            # tensors are held in _seen until the next batch, so an id here cannot have been recycled
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[0] is x:
+                self.owner[name] = seen[1]
+                return
+            self._seen[id(x)] = (x, name)
+            self.owner[name] = name
+            flat = x.reshape(-1, x.shape[-1]).float()
+            if name not in self.hessians:
+                self.hessians[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+                self.tokens[name] = 0
+            self.hessians[name].addmm_(flat.T, flat)
+            self.tokens[name] += flat.shape[0]
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self.owner.get(name)
+        if owner is None:
+            raise LeanLMError(f"layer {name} saw no calibration data; it is not on the block's forward path")
+        H = self.hessians[owner] / self.tokens[owner]
+        if not torch.isfinite(H).all():
+            raise LeanLMError(f"calibration statistics of layer {name} contain NaN/Inf; check the model and data")
+        return H

@@ -30,14 +30,14 @@ def quantize_(model: nn.Module, config, **kwargs) -> dict:
     return handler(model, config, **kwargs)
 
 
-def select_layers(model: nn.Module, targets: list[str], skip: list[str]) -> dict[str, nn.Module]:
+def select_layers(model: nn.Module, targets: list[str], skip: list[str], verb: str = "quantize") -> dict[str, nn.Module]:
     """The linear layers to quantize; anything targeted that is not an nn.Linear is an error, not a skip."""
     chosen = {n: m for n, m in linear_layers(model).items() if matches(n, targets) and not matches(n, skip)}
     if not chosen:
         raise ConfigError(f"no linear layer matches targets {targets} minus skip {skip}")
     unsupported = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if type(m) is not nn.Linear]
     if unsupported:
-        raise ConfigError(f"cannot quantize these layers: {', '.join(unsupported[:5])}; add them to 'skip' to leave them unquantized")
+        raise ConfigError(f"cannot {verb} these layers: {', '.join(unsupported[:5])}; add them to 'skip' to leave them unquantized")
     return chosen
 
 

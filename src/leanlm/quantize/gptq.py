@@ -13,9 +13,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from leanlm.core.layerwise import process_layerwise
+from leanlm.core.layerwise import HessianCollector, process_layerwise
 from leanlm.core.structure import find_structure
-from leanlm.errors import ConfigError, LeanLMError
+from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize.base import (check_group_size, finish_totals, layers_by_block, new_totals, quantize_, register_quantizer,
                                   select_layers, swap_in_packed)
@@ -45,56 +45,6 @@ class GPTQConfig(StepConfig):
             raise ConfigError("act_order with a group size needs static_groups: true (groups fixed before reordering)")
         if self.group_size is not None and self.group_size < 1:
             raise ConfigError(f"group_size must be a positive integer or null, got {self.group_size}")
-
-
-class HessianCollector:
-    """Forward hooks that accumulate X^T X per distinct input tensor of a block's linear layers."""
-
-    def __init__(self, block: nn.Module, layers: dict[str, nn.Linear]):
-        self.block, self.layers = block, layers
-        self.hessians: dict[str, torch.Tensor] = {}
-        self.owner: dict[str, str] = {}  # layer -> layer whose Hessian it shares
-        self.tokens: dict[str, int] = {}
-        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
-        self._handles = []
-
-    def __enter__(self):
-        self._handles.append(self.block.register_forward_pre_hook(lambda *args: self._seen.clear()))
-        for name, layer in self.layers.items():
-            self._handles.append(layer.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._seen.clear()
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            x = args[0]
-            # tensors are held in _seen until the next batch, so an id here cannot have been recycled
-            seen = self._seen.get(id(x))
-            if seen is not None and seen[0] is x:
-                self.owner[name] = seen[1]
-                return
-            self._seen[id(x)] = (x, name)
-            self.owner[name] = name
-            flat = x.reshape(-1, x.shape[-1]).float()
-            if name not in self.hessians:
-                self.hessians[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
-                self.tokens[name] = 0
-            self.hessians[name].addmm_(flat.T, flat)
-            self.tokens[name] += flat.shape[0]
-        return hook
-
-    def hessian(self, name: str) -> torch.Tensor:
-        owner = self.owner.get(name)
-        if owner is None:
-            raise LeanLMError(f"layer {name} saw no calibration data; it is not on the block's forward path")
-        H = self.hessians[owner] / self.tokens[owner]
-        if not torch.isfinite(H).all():
-            raise LeanLMError(f"calibration statistics of layer {name} contain NaN/Inf; check the model and data")
-        return H
 
 
 @register_quantizer(GPTQConfig)

@@ -20,8 +20,23 @@ HAS_INT_MM = hasattr(torch, "_int_mm")
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of each row of `x` and the row scales ([rows, 1], float32)."""
-    scale = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127
-    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8).div_(127)
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+class _LastInput:
+    """q/k/v (and gate/up) read the same tensor: quantize it once, not once per layer."""
+    tensor: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    @classmethod
+    def quantize(cls, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if flat is not cls.tensor:
+            cls.codes, cls.scale = quantize_per_token(flat)
+            cls.tensor = flat
+        return cls.codes, cls.scale
 
 
 @register_module("w8a8_dynamic")
@@ -60,13 +75,13 @@ class W8A8Linear(nn.Module):
         return (self.qweight.float() * self.scale[:, None]).to(dtype or torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        codes, row_scale = quantize_per_token(flat)
-        if self._int_mm_ok(flat):
+        codes, row_scale = _LastInput.quantize(x)
+        codes, row_scale = codes.reshape(-1, self.in_features), row_scale.reshape(-1, 1)
+        if self._int_mm_ok(codes):
             acc = torch._int_mm(codes, self.qweight.t()).float()
         else:
             acc = F.linear(codes.float(), self.qweight.float())
-        out = (acc * row_scale * self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        out = acc.mul_(row_scale).mul_(self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
     def gguf_blocks(self):

@@ -1,0 +1,13 @@
+"""Pruning: `prune_(model, config)` with one config type per method.
+
+Methods: magnitude (`magnitude.py`), Wanda (`wanda.py`) and SparseGPT (`sparsegpt.py`), the last
+two layer by layer with calibration data through core.layerwise; their pure math is `prune_ops.py`.
+Each reaches a target sparsity or an N:M pattern and verifies what every layer achieved.
+"""
+
+from leanlm.prune.base import PRUNERS, prune_
+from leanlm.prune.magnitude import MagnitudeConfig
+from leanlm.prune.sparsegpt import SparseGPTConfig
+from leanlm.prune.wanda import WandaConfig
+
+__all__ = ["prune_", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "PRUNERS"]

@@ -1,0 +1,104 @@
+"""`prune_(model, config)`: the one verb of the pruning family, dispatched on config type.
+
+Every pruner applies masks through `apply_mask`, and `finish` measures the sparsity each layer
+actually reached: a layer left denser than asked is an error, never a silent result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from leanlm.core.layerwise import process_layerwise
+from leanlm.errors import ConfigError, LeanLMError
+from leanlm.pipeline.steps import StepConfig
+from leanlm.prune.prune_ops import parse_pattern
+from leanlm.quantize.base import layers_by_block, select_layers
+
+PRUNERS: dict[type, Callable] = {}
+
+
+def register_pruner(config_cls: type) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        PRUNERS[config_cls] = fn
+        return fn
+    return wrap
+
+
+def prune_(model: nn.Module, config, **kwargs) -> dict:
+    """Prune `model` in place as `config` says; returns the achieved sparsity per layer and overall."""
+    handler = PRUNERS.get(type(config))
+    if handler is None:
+        raise ConfigError(f"no pruner for {type(config).__name__}; known: {', '.join(c.__name__ for c in PRUNERS)}")
+    return handler(model, config, **kwargs)
+
+
+@dataclass
+class PruneConfig(StepConfig):
+    """Shared options: a target sparsity, or an N:M pattern ('2:4' keeps 2 of every 4 weights)."""
+    sparsity: float = 0.5
+    pattern: str | None = None
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+
+    def validate(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        try:
+            nm = parse_pattern(self.pattern)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if nm:
+            self.sparsity = 1 - nm[0] / nm[1]
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+
+def chosen_layers(model: nn.Module, config: PruneConfig) -> dict[str, nn.Module]:
+    layers = select_layers(model, config.targets, config.skip, verb="prune")
+    if config.nm:
+        bad = {n: m.in_features for n, m in layers.items() if m.in_features % config.nm[1]}
+        if bad:
+            name, dim = next(iter(bad.items()))
+            raise ConfigError(f"pattern {config.pattern} needs input dimensions divisible by {config.nm[1]}; "
+                              f"layer {name} has {dim} (add it to 'skip')")
+    return layers
+
+
+@torch.no_grad()
+def apply_mask(layer: nn.Module, mask: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    new = layer.weight.data if weight is None else weight.to(layer.weight.dtype)
+    layer.weight.data = new.masked_fill(mask.to(new.device), 0)
+
+
+def finish(layers: dict[str, nn.Module], config: PruneConfig, tolerance: float = 0.005) -> dict:
+    """Measure each layer's zeros; refuse a layer that is denser than the target."""
+    per_layer = {n: (m.weight == 0).float().mean().item() for n, m in layers.items()}
+    short = {n: s for n, s in per_layer.items() if s < config.sparsity - tolerance}
+    if short:
+        name, got = next(iter(short.items()))
+        raise LeanLMError(f"{len(short)} layers did not reach sparsity {config.sparsity:.3f}; e.g. {name} has {got:.3f}")
+    total = sum(m.weight.numel() for m in layers.values())
+    zeros = sum(per_layer[n] * m.weight.numel() for n, m in layers.items())
+    return {"layers_pruned": len(layers), "target_sparsity": config.sparsity, "achieved_sparsity": zeros / total,
+            "min_layer_sparsity": min(per_layer.values()), "pattern": config.pattern}
+
+
+def prune_layerwise(model: nn.Module, config, calibration: torch.Tensor, device, desc: str, prune_block) -> dict:
+    """Run `prune_block(block, layers, observe)` on each decoder block over the calibration data."""
+    layers = chosen_layers(model, config)
+    per_block = layers_by_block(model, layers, desc)
+
+    def one_block(index: int, block: nn.Module, observe) -> dict:
+        prune_block(block, per_block[index], observe)
+        return {}
+
+    autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
+    process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size, desc=desc,
+                      autocast=autocast)
+    return finish(layers, config)

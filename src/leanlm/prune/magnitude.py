@@ -1,0 +1,29 @@
+"""Magnitude pruning: remove the smallest weights of each layer; no calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from leanlm.pipeline.steps import StepContext, register_step
+from leanlm.prune.base import PruneConfig, apply_mask, chosen_layers, finish, prune_, register_pruner
+from leanlm.prune.prune_ops import magnitude_mask
+
+
+@dataclass
+class MagnitudeConfig(PruneConfig):
+    pass
+
+
+@register_pruner(MagnitudeConfig)
+def prune_magnitude(model: nn.Module, config: MagnitudeConfig) -> dict:
+    layers = chosen_layers(model, config)
+    for layer in layers.values():
+        apply_mask(layer, magnitude_mask(layer.weight.data, config.sparsity, config.nm))
+    return finish(layers, config)
+
+
+@register_step("magnitude", MagnitudeConfig)
+def _magnitude_step(model: nn.Module, config: MagnitudeConfig, ctx: StepContext) -> dict:
+    return prune_(model, config)

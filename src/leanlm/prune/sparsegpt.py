@@ -1,0 +1,48 @@
+"""SparseGPT: prune each layer with an OBS-style update of the remaining weights (prune_ops.sparsegpt)
+from the Hessian of its inputs, one decoder block at a time, as GPTQ does for quantization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from leanlm.core.layerwise import HessianCollector
+from leanlm.errors import ConfigError
+from leanlm.pipeline.steps import StepContext, register_step
+from leanlm.prune.base import PruneConfig, apply_mask, prune_, prune_layerwise, register_pruner
+from leanlm.prune.prune_ops import sparsegpt
+
+
+@dataclass
+class SparseGPTConfig(PruneConfig):
+    needs_calibration = True
+    damp: float = 0.01
+    block_size: int = 128
+    batch_size: int = 8
+    calibration_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
+
+
+@register_pruner(SparseGPTConfig)
+def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: torch.Tensor, device=None) -> dict:
+    def prune_block(block: nn.Module, layers: dict[str, nn.Module], observe) -> None:
+        with HessianCollector(block, layers) as collector:
+            observe()
+        for name, layer in layers.items():
+            weight, mask = sparsegpt(layer.weight.data, collector.hessian(name).to(layer.weight.device),
+                                     config.sparsity, config.nm, config.damp, config.block_size)
+            apply_mask(layer, mask, weight)
+
+    return prune_layerwise(model, config, calibration, device, "SparseGPT", prune_block)
+
+
+@register_step("sparsegpt", SparseGPTConfig)
+def _sparsegpt_step(model: nn.Module, config: SparseGPTConfig, ctx: StepContext) -> dict:
+    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from leanlm.errors import ConfigError, LeanLMError
+from leanlm.pipeline.recipe import parse_recipe
+from leanlm.prune import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune_
+from leanlm.prune import prune_ops
+from leanlm.prune.base import finish
+
+
+def correlated_inputs(n=1024, dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(dim, dim, generator=g) * torch.linspace(0.05, 3, dim)
+    return torch.randn(n, dim, generator=g) @ mix
+
+
+def output_error(w, pruned, x):
+    return ((x @ w.T - x @ pruned.T) ** 2).mean().item()
+
+
+def test_nm_mask_keeps_n_of_every_m():
+    scores = torch.rand(8, 16)
+    mask = prune_ops.nm_mask(scores, 2, 4)
+    assert (mask.reshape(8, 4, 4).sum(-1) == 2).all()
+    kept = scores.masked_fill(mask, -1).reshape(8, 4, 4).max(-1).values
+    dropped = scores.masked_fill(~mask, 2).reshape(8, 4, 4).min(-1).values
+    assert (kept >= dropped).all()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        prune_ops.nm_mask(torch.rand(2, 6), 2, 4)
+
+
+def test_row_and_matrix_masks_hit_the_sparsity():
+    s = torch.rand(10, 40)
+    assert (prune_ops.row_mask(s, 0.5).sum(1) == 20).all()
+    assert prune_ops.matrix_mask(s, 0.25).sum() == 100
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_beats_magnitude_and_wanda_on_the_layer_output(pattern):
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 64), correlated_inputs()
+    H = x.T @ x / len(x)
+    pruned, mask = prune_ops.sparsegpt(w, H, 0.5, pattern)
+    assert (pruned[mask] == 0).all() and mask.float().mean().item() == pytest.approx(0.5, abs=0.01)
+    if pattern:
+        assert (mask.reshape(48, 16, 4).sum(-1) == 2).all()
+    magnitude = w.masked_fill(prune_ops.magnitude_mask(w, 0.5, pattern), 0)
+    wanda = w.masked_fill(prune_ops.wanda_mask(w, x.norm(dim=0), 0.5, pattern), 0)
+    ours = output_error(w, pruned, x)
+    assert ours < output_error(w, wanda, x) and ours < output_error(w, magnitude, x)
+
+
+def test_pattern_and_sparsity_are_checked():
+    with pytest.raises(ConfigError, match=r"sparsity must be in \[0, 1\)"):
+        parse_recipe({"steps": [{"type": "magnitude", "sparsity": 1.0}]})
+    with pytest.raises(ConfigError, match="looks like '2:4'"):
+        parse_recipe({"steps": [{"type": "wanda", "pattern": "half"}]})
+    with pytest.raises(ConfigError, match="keep between 1 and 3"):
+        parse_recipe({"steps": [{"type": "sparsegpt", "pattern": "4:4"}]})
+    assert parse_recipe({"steps": [{"type": "sparsegpt", "pattern": "2:4"}]}).steps[0].sparsity == 0.5
+
+
+def test_pattern_that_does_not_divide_a_layer_is_refused(tiny):
+    with pytest.raises(ConfigError, match="divisible by 48; layer .* has 64"):
+        prune_(tiny.model, MagnitudeConfig(pattern="1:48"))
+
+
+def test_a_layer_left_too_dense_is_an_error(tiny):
+    layers = {"model.layers.0.mlp.up_proj": tiny.model.model.layers[0].mlp.up_proj}
+    with pytest.raises(LeanLMError, match="did not reach sparsity 0.500"):
+        finish(layers, MagnitudeConfig(sparsity=0.5))
+
+
+def test_pruning_the_tiny_model_orders_the_methods(tiny_dir, tokenizer):
+    from leanlm.core.data import calibration_samples, default_corpus
+    from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
+    from leanlm.core.models import load_model
+
+    text = default_corpus()
+    calib = calibration_samples(tokenizer, text.train[:100_000], 16, 128)
+    windows = eval_windows(tokenizer, text.eval[:20_000], 128)
+    kld = {}
+    for name, cfg in {"magnitude": MagnitudeConfig(sparsity=0.5), "wanda": WandaConfig(sparsity=0.5, batch_size=4),
+                      "sparsegpt": SparseGPTConfig(sparsity=0.5, batch_size=4)}.items():
+        m = load_model(tiny_dir, device="cpu")
+        ref = prepare_reference(m, windows)
+        stats = prune_(m.model, cfg) if name == "magnitude" else prune_(m.model, cfg, calibration=calib)
+        assert stats["layers_pruned"] == 14 and stats["achieved_sparsity"] >= 0.495
+        assert m.model.lm_head.weight.eq(0).float().mean() < 0.01  # skipped
+        kld[name] = score_windows(m.model, windows, reference=ref)["kld"]
+    assert kld["sparsegpt"] < kld["magnitude"] and kld["wanda"] < kld["magnitude"]
