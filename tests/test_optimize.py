@@ -100,3 +100,18 @@ def test_sigterm_mid_run_leaves_no_partial_output(tmp_path, tiny_dir, eval_text)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "no partial output" in err
     assert list(work.iterdir()) == []
+
+
+def test_calibrated_steps_chain_and_their_tables_reach_the_report(tmp_path, tiny_dir, eval_text):
+    """Prune with SparseGPT, then quantize with AWQ, in one recipe; both steps' details are reported."""
+    recipe = parse_recipe({"name": "chain", **FAST, "calibration": {"samples": 4, "length": 64},
+                           "steps": [{"type": "sparsegpt", "sparsity": 0.3, "batch_size": 2},
+                                     {"type": "awq", "group_size": 32, "search_samples": 2, "batch_size": 2,
+                                      "grid": 4}]})
+    out = tmp_path / "out"
+    report = optimize_mod.optimize(str(tiny_dir), recipe, out=out, device="cpu", eval_data=str(eval_text), bench=False)
+    prune, awq = report["steps"]
+    assert prune["stats"]["achieved_sparsity"] >= 0.295 and awq["stats"]["scale_pairs"] == 6
+    md = (out / "report.md").read_text()
+    assert "## awq: scale pairs" in md and "post_attention_layernorm" in md
+    assert "achieved_sparsity" in md

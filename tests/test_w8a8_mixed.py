@@ -117,3 +117,13 @@ def test_mixed_ties_layers_that_read_the_same_input(tiny_dir, setting):
         assert fmt[p + "self_attn.q_proj"] == fmt[p + "self_attn.k_proj"] == fmt[p + "self_attn.v_proj"]
         assert fmt[p + "mlp.gate_proj"] == fmt[p + "mlp.up_proj"]
     assert stats["bits_per_weight"] <= 5.5
+
+
+def test_report_shows_each_layers_format_and_why():
+    from leanlm.pipeline.report import _layer_plan
+
+    rows = [{"layer": "model.layers.0.mlp.down_proj", "format": "int8", "bits_per_weight": 8.02,
+             "estimated_kld": {"int4-g64": 3e-3, "int8": 1e-5}}]
+    text = "\n".join(_layer_plan(rows))
+    assert "## Per-layer precision" in text
+    assert "| model.layers.0.mlp.down_proj | int8 | 8.020 | 3.00e-03 | 1.00e-05 |" in text
