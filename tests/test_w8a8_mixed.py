@@ -127,3 +127,14 @@ def test_report_shows_each_layers_format_and_why():
     text = "\n".join(_layer_plan(rows))
     assert "## Per-layer precision" in text
     assert "| model.layers.0.mlp.down_proj | int8 | 8.020 | 3.00e-03 | 1.00e-05 |" in text
+
+
+def test_w8a8_requantizes_an_input_changed_in_place():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16, bias=False)
+    codes, scale, _ = rtn_ops.rtn(lin.weight.data, 8, None, True)
+    q = W8A8Linear.from_codes(lin, codes, scale)
+    x = torch.randn(4, 32)
+    first = q(x)
+    x.mul_(3)
+    torch.testing.assert_close(q(x), 3 * first, atol=1e-4, rtol=1e-4)

@@ -26,16 +26,22 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _LastInput:
-    """q/k/v (and gate/up) read the same tensor: quantize it once, not once per layer."""
+    """q/k/v (and gate/up) read the same tensor: quantize it once, not once per layer.
+
+    The cache holds the last input itself, so `is` cannot match a different tensor; an in-place change
+    in between is caught by the version counter (inference-mode tensors have none, and the model's
+    forward never modifies a layer input in place)."""
     tensor: torch.Tensor | None = None
+    version: int | None = None
     codes: torch.Tensor | None = None
     scale: torch.Tensor | None = None
 
     @classmethod
-    def quantize(cls, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if flat is not cls.tensor:
-            cls.codes, cls.scale = quantize_per_token(flat)
-            cls.tensor = flat
+    def quantize(cls, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        version = None if x.is_inference() else x._version
+        if x is not cls.tensor or version != cls.version:
+            cls.codes, cls.scale = quantize_per_token(x)
+            cls.tensor, cls.version = x, version
         return cls.codes, cls.scale
 
 
