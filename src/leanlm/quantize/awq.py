@@ -27,7 +27,6 @@ from leanlm.quantize.base import quantize_, register_quantizer, swap_in_packed
 from leanlm.quantize.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse, quantize_with_scale_pairs
 
 
-
 @dataclass
 class AWQConfig(StepConfig):
     needs_calibration = True

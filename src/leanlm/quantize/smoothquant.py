@@ -26,7 +26,6 @@ from leanlm.quantize.scale_pairs import ScalePair, apply_scale, capture_calls, o
 from leanlm.quantize.w8a8_linear import W8A8Linear, quantize_per_token
 
 
-
 @dataclass
 class SmoothQuantConfig(StepConfig):
     needs_calibration = True
