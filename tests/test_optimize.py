@@ -115,3 +115,42 @@ def test_calibrated_steps_chain_and_their_tables_reach_the_report(tmp_path, tiny
     md = (out / "report.md").read_text()
     assert "## awq: scale pairs" in md and "post_attention_layernorm" in md
     assert "achieved_sparsity" in md
+
+
+def test_finetune_prune_distill_quantize_chain(tmp_path, tiny_dir, eval_text):
+    """The issue's chain in one recipe: every stage's numbers land in the report."""
+    train = {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "seq_len": 64, "lr": 1e-3, "warmup_steps": 1,
+             "eval_every": 2, "patience": 0}
+    recipe = parse_recipe({"name": "chain", **FAST, "calibration": {"samples": 4, "length": 64}, "steps": [
+        {"type": "finetune", "method": "lora", "rank": 4, "train": train},
+        {"type": "depth", "blocks": 1, "keep_last": False, "tokens": 128},
+        {"type": "distill", "loss": "jsd", "train": train},
+        {"type": "rtn", "bits": 8}]})
+    out = tmp_path / "out"
+    report = optimize_mod.optimize(str(tiny_dir), recipe, out=out, device="cpu", eval_data=str(eval_text), bench=False)
+    stats = [s["stats"] for s in report["steps"]]
+    assert stats[0]["method"] == "lora" and stats[0]["steps"] == 4
+    assert stats[1]["blocks_after"] == 1 and stats[2]["teacher"] == str(tiny_dir)
+    assert stats[3]["layers_quantized"] == 7
+    assert load_model(out / "model", device="cpu").model.config.num_hidden_layers == 1
+    assert not (tmp_path / ".out.work").exists()  # checkpoints are cleared once the run completes
+
+
+def test_activation_sparsity_through_optimize(tmp_path, tiny_dir, eval_text):
+    recipe = parse_recipe({"name": "act", **FAST, "calibration": {"samples": 4, "length": 64},
+                           "steps": [{"type": "act_sparsity", "sparsity": 0.3, "rows": 128}]})
+    report = optimize_mod.optimize(str(tiny_dir), recipe, out=tmp_path / "out", device="cpu", eval_data=str(eval_text))
+    assert report["steps"][0]["stats"]["layers_sparsified"] == 14
+    assert 0 < report["result"]["quality"]["kld"] and "act_sparsity" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("step", [{"type": "width", "ffn_keep": 0.5, "multiple_of": 16},
+                                  {"type": "moefy", "experts": 4, "top_k": 2, "rows": 128},
+                                  {"type": "wanda", "sparsity": 0.5, "owl_lambda": 0.05}])
+def test_structured_and_conditional_steps_report(tmp_path, tiny_dir, eval_text, step):
+    recipe = parse_recipe({"name": "s", **FAST, "calibration": {"samples": 4, "length": 64}, "steps": [step]})
+    report = optimize_mod.optimize(str(tiny_dir), recipe, out=tmp_path / "out", device="cpu",
+                                   eval_data=str(eval_text), bench=False)
+    assert report["result"]["quality"]["kld"] > 0
+    assert f"| {step['type']} |" in (tmp_path / "out" / "report.md").read_text()
+    load_model(tmp_path / "out" / "model", device="cpu")

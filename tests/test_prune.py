@@ -67,7 +67,7 @@ def test_pattern_that_does_not_divide_a_layer_is_refused(tiny):
 
 def test_a_layer_left_too_dense_is_an_error(tiny):
     layers = {"model.layers.0.mlp.up_proj": tiny.model.model.layers[0].mlp.up_proj}
-    with pytest.raises(LeanLMError, match="did not reach sparsity 0.500"):
+    with pytest.raises(LeanLMError, match="did not reach their sparsity; e.g. model.layers.0.mlp.up_proj has 0.000, target 0.500"):
         finish(layers, MagnitudeConfig(sparsity=0.5))
 
 
@@ -89,3 +89,52 @@ def test_pruning_the_tiny_model_orders_the_methods(tiny_dir, tokenizer):
         assert m.model.lm_head.weight.eq(0).float().mean() < 0.01  # skipped
         kld[name] = score_windows(m.model, windows, reference=ref)["kld"]
     assert kld["sparsegpt"] < kld["magnitude"] and kld["wanda"] < kld["magnitude"]
+
+
+def test_bitmask_pack_round_trips():
+    from leanlm.core import sparse_storage
+
+    w = torch.randn(7, 13)
+    w[w.abs() < 0.6] = 0
+    bits, values = sparse_storage.pack(w)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-w.numel() // 8) and values.numel() == (w != 0).sum()
+    assert torch.equal(sparse_storage.unpack(bits, values, list(w.shape)), w)
+
+
+def test_pruned_checkpoint_is_smaller_and_loads_back_exactly(tiny_dir, tmp_path):
+    from leanlm.core.models import load_model, save_model
+    from leanlm.core.paths import dir_size
+    from leanlm.export import export
+
+    m = load_model(tiny_dir, device="cpu")
+    prune_(m.model, MagnitudeConfig(sparsity=0.5))
+    save_model(m.model, m.tokenizer, tmp_path / "sparse")
+    dense_bytes = sum(p.numel() * 4 for n, p in m.model.named_parameters())
+    weights = tmp_path / "sparse" / "leanlm-model.safetensors"
+    assert weights.stat().st_size < 0.85 * dense_bytes  # 14 of the model's 16 tensors are half zeros
+    back = load_model(tmp_path / "sparse", device="cpu")
+    for (n, p), (_, q) in zip(m.model.state_dict().items(), back.model.state_dict().items()):
+        assert torch.equal(p, q), n
+    export(tmp_path / "sparse", tmp_path / "dense", "hf")  # plain transformers gets dense weights
+    assert dir_size(tmp_path / "dense") > dir_size(tmp_path / "sparse")
+
+
+def test_owl_spreads_sparsity_by_outliers_around_the_target():
+    s = prune_ops.owl_sparsities([0.01, 0.03, 0.02, 0.05], target=0.5, lam=0.08)
+    assert sum(s) / 4 == pytest.approx(0.5) and max(s) - min(s) == pytest.approx(0.16)
+    assert s[3] == min(s) and s[0] == max(s)  # most outliers -> least pruned
+
+
+def test_wanda_with_owl_prunes_each_block_to_its_own_target(tiny_dir):
+    from leanlm.core.data import calibration_samples, default_corpus
+    from leanlm.core.models import load_model
+
+    m = load_model(tiny_dir, device="cpu")
+    calib = calibration_samples(m.tokenizer, default_corpus().train, 4, 64)
+    stats = prune_(m.model, WandaConfig(sparsity=0.5, owl_lambda=0.1), calibration=calib)
+    assert len(stats["block_sparsity"]) == 2 and abs(stats["block_sparsity"][0] - stats["block_sparsity"][1]) == pytest.approx(0.2)
+    assert stats["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ConfigError, match="OWL needs activation statistics"):
+        parse_recipe({"steps": [{"type": "magnitude", "owl_lambda": 0.1}]})
+    with pytest.raises(ConfigError, match="use one or the other"):
+        parse_recipe({"steps": [{"type": "wanda", "owl_lambda": 0.1, "pattern": "2:4"}]})

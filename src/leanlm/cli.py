@@ -1,4 +1,5 @@
-"""The `leanlm` command. Each subcommand mirrors a module: models, eval, bench, optimize, report, export, recipes."""
+"""The `leanlm` command. Each subcommand mirrors a module: models, eval, bench, optimize, report, export, scan,
+recipes; finetune and distill live in cli_train."""
 
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="leanlm-out", help="output directory (default: leanlm-out)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-bench", action="store_true", help="skip the speed benchmarks")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the recipe's training steps from the checkpoints an interrupted run left beside OUT")
     _model_options(p)
 
     p = sub.add_parser("report", help="show (and re-render) reports written by optimize",
@@ -111,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-embeddings", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
                    help="GGUF type of the token embeddings (default: q8_0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    p = sub.add_parser("scan", help="prune one block or layer at a time and chart what each costs",
+                       description="Sensitivity scan: skip one decoder block (--unit block, what depth pruning does) or "
+                                   "magnitude-prune one linear layer (--unit layer) at a time, and measure the mean KLD, "
+                                   "top-1 and perplexity against the intact model. Writes OUT/scan.json, OUT/scan.md "
+                                   "(most sensitive first) and OUT/scan.png.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to scan (default: {DEFAULT_MODEL})")
+    p.add_argument("--unit", default="block", choices=["block", "layer"], help="what to prune at a time (default: block)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="sparsity of a pruned layer, --unit layer (default: 0.5)")
+    p.add_argument("--data", help="held-out text (default: the eval split of the built-in corpus)")
+    p.add_argument("--windows", type=int, default=4, help="512-token windows per measurement (default: 4)")
+    p.add_argument("--out", default="leanlm-scan", help="output directory (default: leanlm-scan)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _model_options(p)
+
+    from leanlm import cli_train
+
+    cli_train.add_parsers(sub)
 
     sub.add_parser("recipes", help="list shipped recipes and step types",
                    description="List the recipes shipped with leanlm and every step type with its options.")
@@ -249,8 +270,34 @@ def cmd_optimize(args) -> int:
 
     _set_threads(args)
     report = optimize(args.model, args.recipe, args.data, args.out, args.overwrite, args.device, args.dtype,
-                      args.eval_data, args.tasks, bench=not args.no_bench)
+                      args.eval_data, args.tasks, bench=not args.no_bench, resume=args.resume)
     _print_report(report, args.out)
+    return 0
+
+
+def cmd_scan(args) -> int:
+    from leanlm.core.data import default_corpus, read_text
+    from leanlm.core.evaluate import eval_windows, prepare_reference
+    from leanlm.core.models import load_model
+    from leanlm.core.paths import atomic_dir, check_output
+    from leanlm.prune.scan import ScanConfig, render_scan, scan
+
+    _set_threads(args)
+    config = ScanConfig(unit=args.unit, sparsity=args.sparsity)
+    config.validate()
+    if args.windows < 1:
+        raise LeanLMError(f"--windows must be at least 1, got {args.windows}")
+    check_output(args.out, args.overwrite)
+    loaded = load_model(args.model, args.device, args.dtype)
+    text = read_text(args.data, loaded.tokenizer) if args.data else default_corpus().eval
+    windows = eval_windows(loaded.tokenizer, text, 512)[: args.windows]
+    reference = prepare_reference(loaded, windows)
+    rows = scan(loaded.model, windows, reference, config)
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        render_scan(rows, config, reference.perplexity, tmp)
+    print(f"baseline perplexity {reference.perplexity:.3f}; most sensitive {config.unit}s first ({args.out}/scan.md):")
+    for r in sorted(rows, key=lambda r: -r["kld"])[:10]:
+        print(f"  {r['name']:40s} KLD {r['kld']:.5f}   top-1 {r['top1']:.2%}   perplexity {r['perplexity']:.3f}")
     return 0
 
 
@@ -315,4 +362,15 @@ def _default(f) -> str:
 
 
 COMMANDS = {"models": cmd_models, "eval": cmd_eval, "bench": cmd_bench, "optimize": cmd_optimize,
-            "report": cmd_report, "export": cmd_export, "recipes": cmd_recipes}
+            "report": cmd_report, "export": cmd_export, "scan": cmd_scan, "recipes": cmd_recipes}
+
+
+def _train_command(name: str):
+    def run(args) -> int:
+        from leanlm import cli_train
+
+        return cli_train.COMMANDS[name](args)
+    return run
+
+
+COMMANDS.update({name: _train_command(name) for name in ("finetune", "distill")})

@@ -180,11 +180,15 @@ def gguf_architecture(path: Path) -> str:
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:
-    """Save as plain HF when nothing custom is inside, else as a leanlm checkpoint."""
+    """Save as plain HF when nothing custom is inside, else as a leanlm checkpoint (runtime modules, or
+    pruned weights stored as bitmask + values so the checkpoint is smaller)."""
+    from leanlm.core.sparse_storage import pack_state, sparse_weights
+
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     custom = {n: m for n, m in model.named_modules() if type(m) in QUANTIZED_MODULES.values()}
-    if not custom:
+    sparse = sparse_weights(model)
+    if not custom and not sparse:
         model.save_pretrained(out)
         return
     from safetensors.torch import save_file
@@ -193,16 +197,19 @@ def save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     state, aliases = _dedupe_state(model.state_dict())
+    state, sparse_shapes = pack_state(state, sparse)
     save_file(state, out / LEANLM_WEIGHTS, metadata={"format": "pt"})
     manifest = {
         "format": "leanlm",
         "version": 1,
         "modules": {n: {"scheme": m.scheme, **m.manifest()} for n, m in custom.items()},
         "aliases": aliases,
+        "sparse": sparse_shapes,
     }
     (out / LEANLM_MANIFEST).write_text(json.dumps(manifest, indent=2))
     (out / "README.md").write_text(
-        "# leanlm checkpoint\n\nQuantized layers are stored packed in `leanlm-model.safetensors`.\n"
+        "# leanlm checkpoint\n\nQuantized layers are stored packed, and pruned weights as bitmask + values, in "
+        "`leanlm-model.safetensors`.\n"
         "Load with `leanlm.load_model(path)` or any `leanlm` command; plain transformers cannot read it.\n"
     )
 
@@ -249,6 +256,7 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import leanlm.capabilities  # noqa: F401  (registers the runtime modules)
+    from leanlm.core.sparse_storage import unpack_state
 
     manifest = json.loads((path / LEANLM_MANIFEST).read_text())
     config = AutoConfig.from_pretrained(path)
@@ -260,7 +268,7 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
         if cls is None:
             raise UnsupportedModelError(f"{path}: module {name} uses an unknown scheme; known: {sorted(QUANTIZED_MODULES)}")
         replace_module(model, name, cls.empty(**spec))
-    state = load_file(path / LEANLM_WEIGHTS)
+    state = unpack_state(load_file(path / LEANLM_WEIGHTS), manifest.get("sparse", {}))
     for alias, key in manifest.get("aliases", {}).items():
         state[alias] = state[key]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from leanlm.core.models import load_model
 from leanlm.core.paths import atomic_dir, atomic_file, check_output, dir_size
-from leanlm.errors import ConfigError
+from leanlm.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 FORMATS = ("hf", "compressed-tensors", "gguf")
@@ -31,6 +31,7 @@ def export(model: str | Path, out: str | Path, format: str = "hf", overwrite: bo
         raise ConfigError(f"a GGUF export is one file ending in .gguf, got {out}")
     start = time.perf_counter()
     loaded = load_model(model, device="cpu")
+    check_exportable(loaded.model)
     if format == "gguf":
         from leanlm.export.gguf_export import export_gguf
 
@@ -44,6 +45,21 @@ def export(model: str | Path, out: str | Path, format: str = "hf", overwrite: bo
     info.update(format=format, out=str(out), bytes=dir_size(out), source_bytes=loaded.disk_bytes,
                 seconds=time.perf_counter() - start)
     return info
+
+
+def check_exportable(model) -> None:
+    """Refuse modules no other runtime has an equivalent of (e.g. MoE-fied FFNs), naming them."""
+    from leanlm.core.models import QUANTIZED_MODULES
+
+    odd = [n for n, m in model.named_modules()
+           if type(m) in QUANTIZED_MODULES.values() and not hasattr(m, "dequantized_weight")]
+    if odd:
+        raise UnsupportedModelError(f"{len(odd)} modules (e.g. {odd[0]}, {type(model.get_submodule(odd[0])).__name__}) "
+                                    "have no dense equivalent in other runtimes: a MoE-fied model runs in leanlm only")
+    sparse = [n for n, m in model.named_modules() if getattr(type(m), "scheme", None) == "act_sparse"]
+    if sparse:
+        log.warning("%d layers lose their activation sparsity in the export (the thresholds are leanlm's runtime)",
+                    len(sparse))
 
 
 def _export_dir(loaded, tmp: Path, format: str) -> dict:

@@ -7,8 +7,10 @@ saved artifact (reloaded, and benchmarked in a fresh process), i.e. what the use
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
+import shutil
 import logging
 import subprocess
 import sys
@@ -34,8 +36,11 @@ DEFAULT_OUT = "leanlm-out"
 
 def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | None = None, data: str | None = None,
              out: str | Path = DEFAULT_OUT, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
-             eval_data: str | None = None, tasks: str | None = None, bench: bool = True) -> dict:
-    """Run a recipe on a model and write model/, recipe.yaml, report.json, report.md and chart.png to `out`."""
+             eval_data: str | None = None, tasks: str | None = None, bench: bool = True, resume: bool = False) -> dict:
+    """Run a recipe on a model and write model/, recipe.yaml, report.json, report.md and chart.png to `out`.
+
+    Training steps checkpoint into a work directory beside `out` (kept if the run fails, removed when it
+    completes); `resume` continues them from there."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = check_output(out, overwrite)
     loaded = load_model(model, device, dtype)
@@ -53,7 +58,9 @@ def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | None = N
     baseline_speed = run_bench(loaded.path, recipe.bench, device, dtype) if bench else {}
 
     with atomic_dir(out, overwrite) as tmp:
-        ctx = StepContext(loaded.tokenizer, _calibration(recipe, corpus.train, loaded.tokenizer), loaded.device)
+        work = out.parent / f".{out.name}.work"
+        ctx = StepContext(loaded.tokenizer, _calibration(recipe, corpus.train, loaded.tokenizer), loaded.device,
+                          train_text=corpus.train, source=str(loaded.path), work_dir=work, resume=resume)
         steps = apply_recipe(loaded.model, recipe, ctx)
         save_model(loaded.model, loaded.tokenizer, tmp / "model")
         del loaded
@@ -69,6 +76,7 @@ def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | None = N
             "result": {"quality": result, "speed": result_speed},
         }
         write_report(report, tmp)
+    shutil.rmtree(work, ignore_errors=True)
     return json.loads((out / "report.json").read_text())
 
 
@@ -90,7 +98,8 @@ def apply_recipe(model, recipe: Recipe, ctx: StepContext) -> list[dict]:
     for i, step in enumerate(recipe.steps):
         log.info("step %d/%d: %s", i + 1, len(recipe.steps), step.type)
         start = time.perf_counter()
-        stats = apply_step(model, step, ctx)
+        step_ctx = dataclasses.replace(ctx, work_dir=ctx.work_dir / f"step-{i + 1}") if ctx.work_dir else ctx
+        stats = apply_step(model, step, step_ctx)
         done.append({"type": step.type, "config": step.to_dict(), "seconds": time.perf_counter() - start, "stats": stats})
     return done
 

@@ -53,6 +53,23 @@ def metric_rows(report: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _inline(value) -> bool:
+    """Scalars, and short lists of ints (e.g. the removed blocks), go in the steps table."""
+    if isinstance(value, list):
+        return len(value) <= 12 and all(isinstance(v, int) for v in value)
+    return not isinstance(value, dict)
+
+
+def _training_table(kind: str, history: list[dict] | None) -> list[str]:
+    if not history:
+        return []
+    lines = ["", f"## Training ({kind}): held-out loss", "", "| step | train loss | held-out loss |", "|---:|---:|---:|"]
+    for h in history:
+        train = f"{h['train_loss']:.4f}" if "train_loss" in h else "-"
+        lines.append(f"| {h['step']} | {train} | {h['validation_loss']:.4f} |")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     lines = [f"# leanlm report: {report['recipe']} on {report['model']}", "",
              f"Created {report['created']} on {report['machine']['cpu']} ({report['machine']['torch_threads']} threads). "
@@ -62,11 +79,12 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Steps", "", "| step | seconds | details |", "|---|---:|---|"]
     for step in report["steps"]:
         details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in step["stats"].items() if not isinstance(v, (dict, list)))
+                            for k, v in step["stats"].items() if _inline(v))
         lines.append(f"| {step['type']} | {step['seconds']:.1f} | {details} |")
     for step in report["steps"]:
         lines += _layer_plan(step["stats"].get("layers"))
         lines += _scale_table(step["type"], step["stats"].get("scales"))
+        lines += _training_table(step["type"], step["stats"].get("history"))
     gens_b = report["baseline"]["quality"].get("generations", {})
     gens_r = report["result"]["quality"].get("generations", {})
     if gens_b or gens_r:
@@ -80,7 +98,7 @@ def render_markdown(report: dict) -> str:
 
 def _layer_plan(rows: list[dict] | None) -> list[str]:
     """Mixed precision: each layer's format and the estimated KLD of every format it could have had."""
-    if not rows:
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "estimated_kld" in r for r in rows):
         return []
     formats = sorted({f for r in rows for f in r["estimated_kld"]})
     lines = ["", "## Per-layer precision", "",

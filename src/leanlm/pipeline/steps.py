@@ -7,6 +7,7 @@ the pipeline looks handlers up here and never changes when a step type is added.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -31,6 +32,15 @@ class StepContext:
     tokenizer: Any
     calibration: Callable[[], torch.Tensor] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    train_text: str | None = None  # the training split, for steps that train
+    source: str | None = None  # the model the recipe started from (a distillation step's default teacher)
+    work_dir: Path | None = None  # survives an interrupted run: training checkpoints live here
+    resume: bool = False  # training steps continue from their checkpoints in work_dir
+
+    def training_text(self) -> str:
+        if self.train_text is None:
+            raise ConfigError("this step trains on text, but no training data was given")
+        return self.train_text
 
     def calibration_data(self) -> torch.Tensor:
         if self.calibration is None:

@@ -12,10 +12,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from leanlm.core.layerwise import process_layerwise
+from leanlm.core.layerwise import InputRecorder, process_layerwise
+from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.steps import StepConfig
-from leanlm.prune.prune_ops import parse_pattern
+from leanlm.prune.prune_ops import outlier_ratio, owl_sparsities, parse_pattern
 from leanlm.quantize.base import layers_by_block, select_layers
 
 PRUNERS: dict[type, Callable] = {}
@@ -43,10 +44,16 @@ class PruneConfig(StepConfig):
     pattern: str | None = None
     targets: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    owl_lambda: float = 0.0  # > 0: non-uniform sparsity per block by outlier ratio (OWL), spread 2 x lambda
+    owl_m: float = 5.0
 
     def validate(self) -> None:
         if not 0 <= self.sparsity < 1:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0 <= self.owl_lambda < 0.5 or self.owl_m <= 0:
+            raise ConfigError(f"owl_lambda must be in [0, 0.5) and owl_m > 0, got {self.owl_lambda}, {self.owl_m}")
+        if self.owl_lambda and self.pattern:
+            raise ConfigError("OWL sets a sparsity per block, which an N:M pattern fixes; use one or the other")
         try:
             nm = parse_pattern(self.pattern)
         except ValueError as err:
@@ -76,13 +83,17 @@ def apply_mask(layer: nn.Module, mask: torch.Tensor, weight: torch.Tensor | None
     layer.weight.data = new.masked_fill(mask.to(new.device), 0)
 
 
-def finish(layers: dict[str, nn.Module], config: PruneConfig, tolerance: float = 0.005) -> dict:
-    """Measure each layer's zeros; refuse a layer that is denser than the target."""
+def finish(layers: dict[str, nn.Module], config: PruneConfig, tolerance: float = 0.005,
+           targets: dict[str, float] | None = None) -> dict:
+    """Measure each layer's zeros; refuse a layer that is denser than its target."""
     per_layer = {n: (m.weight == 0).float().mean().item() for n, m in layers.items()}
-    short = {n: s for n, s in per_layer.items() if s < config.sparsity - tolerance}
+    wanted = targets or {n: config.sparsity for n in layers}
+    # a row keeps whole weights, so a layer may fall short of its target by one weight per row
+    short = {n: s for n, s in per_layer.items() if s < wanted[n] - max(tolerance, 1 / layers[n].weight.shape[1])}
     if short:
         name, got = next(iter(short.items()))
-        raise LeanLMError(f"{len(short)} layers did not reach sparsity {config.sparsity:.3f}; e.g. {name} has {got:.3f}")
+        raise LeanLMError(f"{len(short)} layers did not reach their sparsity; e.g. {name} has {got:.3f}, "
+                          f"target {wanted[name]:.3f}")
     total = sum(m.weight.numel() for m in layers.values())
     zeros = sum(per_layer[n] * m.weight.numel() for n, m in layers.items())
     return {"layers_pruned": len(layers), "target_sparsity": config.sparsity, "achieved_sparsity": zeros / total,
@@ -90,15 +101,42 @@ def finish(layers: dict[str, nn.Module], config: PruneConfig, tolerance: float =
 
 
 def prune_layerwise(model: nn.Module, config, calibration: torch.Tensor, device, desc: str, prune_block) -> dict:
-    """Run `prune_block(block, layers, observe)` on each decoder block over the calibration data."""
+    """Run `prune_block(block, layers, observe, sparsity)` on each decoder block over the calibration data;
+    the sparsity is the config's, or per block by outlier ratio when `owl_lambda` > 0."""
     layers = chosen_layers(model, config)
     per_block = layers_by_block(model, layers, desc)
+    autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
+    sparsities = [config.sparsity] * len(per_block)
+    if config.owl_lambda:
+        ratios = block_outlier_ratios(model, per_block, calibration, config, device, autocast)
+        sparsities = owl_sparsities(ratios, config.sparsity, config.owl_lambda)
 
     def one_block(index: int, block: nn.Module, observe) -> dict:
-        prune_block(block, per_block[index], observe)
+        prune_block(block, per_block[index], observe, sparsities[index])
         return {}
 
-    autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
     process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size, desc=desc,
                       autocast=autocast)
-    return finish(layers, config)
+    prefixes = find_structure(model).block_names()
+    targets = {f"{prefixes[i]}.{n}": sparsities[i] for i, block in enumerate(per_block) for n in block}
+    stats = finish(layers, config, targets=targets)
+    if config.owl_lambda:
+        stats["block_sparsity"] = [round(s, 4) for s in sparsities]
+    return stats
+
+
+def block_outlier_ratios(model: nn.Module, per_block: list[dict[str, nn.Module]], calibration: torch.Tensor,
+                         config, device, autocast) -> list[float]:
+    """OWL's layerwise outlier distribution: the share of outlier Wanda scores in each (dense) block."""
+    ratios = []
+
+    def one_block(index: int, block: nn.Module, observe) -> dict:
+        with InputRecorder(per_block[index]) as rec:
+            observe()
+        counts = [outlier_ratio(m.weight.data, rec.l2_norm(n), config.owl_m) for n, m in per_block[index].items()]
+        ratios.append(sum(c for c, _ in counts) / max(1, sum(t for _, t in counts)))
+        return {}
+
+    process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
+                      desc="OWL outlier ratios", autocast=autocast)
+    return ratios

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from leanlm.errors import ConfigError
+
 from leanlm.pipeline.steps import StepContext, register_step
 from leanlm.prune.base import PruneConfig, apply_mask, chosen_layers, finish, prune_, register_pruner
 from leanlm.prune.prune_ops import magnitude_mask
@@ -13,7 +15,10 @@ from leanlm.prune.prune_ops import magnitude_mask
 
 @dataclass
 class MagnitudeConfig(PruneConfig):
-    pass
+    def validate(self) -> None:
+        super().validate()
+        if self.owl_lambda:
+            raise ConfigError("OWL needs activation statistics; use it with wanda or sparsegpt, not magnitude")
 
 
 @register_pruner(MagnitudeConfig)

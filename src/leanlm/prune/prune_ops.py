@@ -101,3 +101,19 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, patt
         W[:, start:end] = W1
         W[:, end:] -= err @ Hinv[start:end, end:]
     return W.to(weight.dtype), mask
+
+
+def outlier_ratio(weight: torch.Tensor, input_norm: torch.Tensor, m: float = 5.0) -> tuple[int, int]:
+    """OWL's outliers: Wanda scores above m times their layer mean; returns (outliers, weights)."""
+    scores = weight.float().abs() * input_norm.float()[None, :]
+    return int((scores > m * scores.mean()).sum()), scores.numel()
+
+
+def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float]:
+    """Per-block sparsity from outlier ratios (OWL, Yin et al.): blocks with more outliers keep more
+    weights; the spread is 2 * lam and the mean stays at `target`."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    density = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
+    density = density - density.mean() + (1 - target)
+    return (1 - density).clamp(0.0, 0.99).tolist()

@@ -32,12 +32,12 @@ class SparseGPTConfig(PruneConfig):
 
 @register_pruner(SparseGPTConfig)
 def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: torch.Tensor, device=None) -> dict:
-    def prune_block(block: nn.Module, layers: dict[str, nn.Module], observe) -> None:
+    def prune_block(block: nn.Module, layers: dict[str, nn.Module], observe, sparsity: float) -> None:
         with HessianCollector(block, layers) as collector:
             observe()
         for name, layer in layers.items():
             weight, mask = sparsegpt(layer.weight.data, collector.hessian(name).to(layer.weight.device),
-                                     config.sparsity, config.nm, config.damp, config.block_size)
+                                     sparsity, config.nm, config.damp, config.block_size)
             apply_mask(layer, mask, weight)
 
     return prune_layerwise(model, config, calibration, device, "SparseGPT", prune_block)

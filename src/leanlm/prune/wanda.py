@@ -24,11 +24,11 @@ class WandaConfig(PruneConfig):
 
 @register_pruner(WandaConfig)
 def prune_wanda(model: nn.Module, config: WandaConfig, calibration: torch.Tensor, device=None) -> dict:
-    def prune_block(block: nn.Module, layers: dict[str, nn.Module], observe) -> None:
+    def prune_block(block: nn.Module, layers: dict[str, nn.Module], observe, sparsity: float) -> None:
         with InputRecorder(layers) as rec:
             observe()
         for name, layer in layers.items():
-            apply_mask(layer, wanda_mask(layer.weight.data, rec.l2_norm(name), config.sparsity, config.nm))
+            apply_mask(layer, wanda_mask(layer.weight.data, rec.l2_norm(name), sparsity, config.nm))
 
     return prune_layerwise(model, config, calibration, device, "Wanda", prune_block)
 

@@ -1,0 +1,109 @@
+"""Fine-tuning on the team's data: full or LoRA (PEFT), on plain domain text (loss on every token) or
+chat JSONL (loss on the assistant's tokens), with held-out early stopping and resumable checkpoints
+(core.trainer). In a recipe the LoRA is merged into the weights, so later steps (quantization,
+export) see an ordinary model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.core.data import read_text
+from leanlm.core.train_data import IGNORE, Examples, chat_examples, is_chat_file, text_examples
+from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
+from leanlm.errors import ConfigError
+from leanlm.finetune.lora import add_lora, lora_targets, trainable_counts
+from leanlm.pipeline.config import to_dict
+from leanlm.pipeline.steps import StepConfig, StepContext, register_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig(StepConfig):
+    """`data`: a text/JSONL file or directory (a JSONL of `messages` trains on assistant turns);
+    default: the run's training split."""
+    method: Literal["lora", "full"] = "lora"
+    data: str | None = None
+    too_long: Literal["truncate", "refuse"] = "truncate"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    merge: bool = True
+    resume: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4))
+
+    def validate(self) -> None:
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1)")
+        self.train.validate()
+
+
+def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def training_examples(tokenizer: Any, config: FinetuneConfig, default_text: str | None) -> Examples:
+    seq = config.train.seq_len
+    if config.data and is_chat_file(config.data):
+        return chat_examples(tokenizer, config.data, seq, config.too_long)
+    text = read_text(config.data, tokenizer) if config.data else default_text
+    if text is None:
+        raise ConfigError("fine-tuning needs data: set 'data' or run it inside `leanlm optimize`")
+    return text_examples(tokenizer, text, seq)
+
+
+def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: str | None = None,
+              work_dir: Path | None = None, accelerator=None, source: str = "",
+              resume: bool = False) -> tuple[nn.Module, dict]:
+    """Train `model` as `config` says; returns the model to use next (merged, or the PEFT wrapper when
+    merge is off) and the training stats."""
+    train, validation = training_examples(tokenizer, config, text).split(config.train.validation_fraction)
+    run_id = fingerprint(to_dict(config), source, len(train), train.input_ids[:2].tolist())
+    if config.method == "lora":
+        targets = lora_targets(model, config.targets)
+        model = add_lora(model, targets, config.rank, config.alpha, config.dropout, config.train.seed)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    counts = trainable_counts(model)
+    trainer = Trainer(model, causal_lm_loss, train, validation, config.train, work_dir, run_id,
+                      desc=f"fine-tuning ({config.method})", accelerator=accelerator)
+    stats = trainer.run(resume or config.resume)
+    model = trainer.acc.unwrap_model(trainer.model)
+    if config.method == "lora" and config.merge:
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    stats.update(counts, method=config.method, examples=len(train), validation_examples=len(validation),
+                 validation_perplexity_before=_ppl(stats["history"][0]["validation_loss"]),
+                 validation_perplexity_after=_ppl(stats["best_validation_loss"]))
+    return model, stats
+
+
+def _ppl(loss: float) -> float:
+    return float(torch.tensor(loss).exp())
+
+
+@register_step("finetune", FinetuneConfig)
+def _finetune_step(model: nn.Module, config: FinetuneConfig, ctx: StepContext) -> dict:
+    if not config.merge:
+        raise ConfigError("in a recipe the LoRA must be merged (merge: true) so later steps see plain weights; "
+                          "`leanlm finetune --no-merge` saves an unmerged adapter")
+    tuned, stats = finetune_(model, ctx.tokenizer, config, ctx.train_text, ctx.work_dir, source=str(ctx.source),
+                             resume=ctx.resume)
+    if tuned is not model:
+        raise ConfigError("internal: the merged model is not the one the recipe holds")
+    return stats

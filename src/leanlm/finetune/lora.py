@@ -1,0 +1,45 @@
+"""LoRA through PEFT, with its target modules found from the module graph (the linear layers inside
+the decoder blocks that match the user's patterns), never from a per-architecture name list."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.structure import find_structure, matches
+from leanlm.errors import ConfigError
+
+
+def lora_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the nn.Linear layers inside decoder blocks that match `patterns` (globs)."""
+    prefixes = tuple(f"{n}." for n in find_structure(model).block_names())
+    inside = {n: m for n, m in model.named_modules() if n.startswith(prefixes)}
+    quantized = [n for n, m in inside.items() if type(m) in QUANTIZED_MODULES.values() and matches(n, patterns)]
+    if quantized:
+        raise ConfigError(f"LoRA targets {quantized[0]} (and {len(quantized) - 1} more) are leanlm-quantized layers; "
+                          "LoRA here trains on a float base: fine-tune first, then quantize (recipe lora-merge-w4)")
+    names = [n for n, m in inside.items() if isinstance(m, nn.Linear) and matches(n, patterns)]
+    if not names:
+        example = next((n for n, m in inside.items() if isinstance(m, nn.Linear)), "none")
+        raise ConfigError(f"LoRA target patterns {patterns} match no linear layer inside the decoder blocks "
+                          f"(e.g. {example}); use globs like '*.self_attn.*' or '*proj'")
+    return names
+
+
+def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int = 0):
+    """Wrap `model` with PEFT LoRA adapters on `targets`; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # adapter init must match across processes and runs
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$")
+    return get_peft_model(model, config)
+
+
+def trainable_counts(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": total}

@@ -1,0 +1,140 @@
+"""Width pruning: remove FFN intermediate channels, ranked by how much each contributes to the block
+output on calibration data (activation norm x down-projection column norm, Minitron-style), and refit
+the down projection by least squares so the kept channels stand in for the removed ones.
+
+The FFN is found from the module graph: the linears of a block that expand the hidden size to the
+config's `intermediate_size`, and the one that reads it back. Every block keeps the same number of
+channels, so the result is a standard HF model with a smaller `intermediate_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.structure import find_structure, is_linear, replace_module
+from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
+from leanlm.pipeline.steps import StepConfig, StepContext, register_step
+from leanlm.prune.base import prune_, register_pruner
+from leanlm.prune.structured_ops import channel_importance, kept_channels, refit_down
+
+
+@dataclass
+class WidthConfig(StepConfig):
+    """Keep `ffn_keep` of each block's FFN channels (rounded to a multiple of `multiple_of`)."""
+    needs_calibration = True
+    ffn_keep: float = 0.75
+    multiple_of: int = 64
+    refit: bool = True
+    damp: float = 0.01
+    batch_size: int = 8
+    calibration_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> None:
+        if not 0 < self.ffn_keep < 1:
+            raise ConfigError(f"ffn_keep must be in (0, 1), got {self.ffn_keep}")
+        if self.multiple_of < 1:
+            raise ConfigError(f"multiple_of must be at least 1, got {self.multiple_of}")
+
+
+@dataclass
+class FFN:
+    expanders: dict[str, nn.Linear]  # hidden -> intermediate (gate and up)
+    reducer: tuple[str, nn.Linear]  # intermediate -> hidden (down)
+
+
+def find_ffn(block: nn.Module, hidden: int, intermediate: int) -> FFN:
+    linears = {n: m for n, m in block.named_modules() if is_linear(m)}
+    expanders = {n: m for n, m in linears.items() if isinstance(m, nn.Linear)
+                 and m.in_features == hidden and m.out_features == intermediate}
+    reducers = [(n, m) for n, m in linears.items() if isinstance(m, nn.Linear)
+                and m.in_features == intermediate and m.out_features == hidden]
+    if not expanders or len(reducers) != 1:
+        raise UnsupportedModelError(
+            f"could not find the FFN of {type(block).__name__}: looked for nn.Linear layers {hidden} -> {intermediate} "
+            f"(found {sorted(expanders) or 'none'}) and exactly one {intermediate} -> {hidden} (found "
+            f"{[n for n, _ in reducers] or 'none'}); fused or expert FFNs are not supported")
+    return FFN(expanders, reducers[0])
+
+
+def keep_count(intermediate: int, config: WidthConfig) -> int:
+    keep = max(config.multiple_of, round(intermediate * config.ffn_keep / config.multiple_of) * config.multiple_of)
+    if keep >= intermediate:
+        raise ConfigError(f"keeping {config.ffn_keep} of {intermediate} channels in multiples of {config.multiple_of} "
+                          "removes nothing; lower ffn_keep or multiple_of")
+    return keep
+
+
+def sliced(linear: nn.Linear, kept: torch.Tensor, dim: int, weight: torch.Tensor | None = None) -> nn.Linear:
+    """A copy of `linear` with only the `kept` outputs (dim 0) or inputs (dim 1)."""
+    w = (linear.weight.data if weight is None else weight).index_select(dim, kept.to(linear.weight.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if linear.bias is not None:
+        new.bias.data.copy_(linear.bias.data[kept] if dim == 0 else linear.bias.data)
+    return new
+
+
+@torch.no_grad()
+def shrink_ffn(block: nn.Module, ffn: FFN, kept: torch.Tensor, down_weight: torch.Tensor, observe) -> float:
+    """Slice the FFN to the kept channels and check, on one calibration batch, that the block computes
+    what the full-width block with the removed channels zeroed computes; returns that max difference."""
+    name, down = ffn.reducer
+    masked = torch.zeros_like(down.weight)
+    masked[:, kept] = down_weight
+    original = down.weight.data
+    down.weight.data = masked
+    expected = observe(limit=1)[0]
+    down.weight.data = original
+    for n, m in ffn.expanders.items():
+        replace_module(block, n, sliced(m, kept, 0))
+    replace_module(block, name, sliced(down, kept, 1, masked))
+    diff = (observe(limit=1)[0] - expected).abs().max().item()
+    if diff > 1e-3 * max(expected.abs().max().item(), 1.0):
+        raise LeanLMError(f"slicing the FFN of {type(block).__name__} changed its output by {diff:.3g}; its channels "
+                          "are not elementwise between the expanding and reducing linears")
+    return diff
+
+
+@register_pruner(WidthConfig)
+def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor, device=None) -> dict:
+    hidden, intermediate = _dims(model)
+    keep = keep_count(intermediate, config)
+    params_before = sum(p.numel() for p in model.parameters())
+
+    def one_block(index: int, block: nn.Module, observe) -> dict:
+        ffn = find_ffn(block, hidden, intermediate)
+        name, down = ffn.reducer
+        with HessianCollector(block, {name: down}) as collector:
+            observe()
+        H = collector.hessian(name).to(down.weight.device)
+        kept = kept_channels(channel_importance(torch.diag(H), down.weight.data), keep)
+        weight = refit_down(down.weight.data, H, kept, config.damp) if config.refit else down.weight.data[:, kept]
+        return {"max_slice_diff": shrink_ffn(block, ffn, kept, weight, observe)}
+
+    autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
+    checks = process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
+                               desc="width pruning", autocast=autocast)
+    model.config.intermediate_size = keep
+    return {"intermediate_before": intermediate, "intermediate_after": keep, "refit": config.refit,
+            "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
+            "max_slice_diff": max(c["max_slice_diff"] for c in checks)}
+
+
+def _dims(model: nn.Module) -> tuple[int, int]:
+    hidden = getattr(model.config, "hidden_size", None)
+    intermediate = getattr(model.config, "intermediate_size", None)
+    if not isinstance(hidden, int) or not isinstance(intermediate, int):
+        raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer hidden_size and "
+                                    "intermediate_size; width pruning needs both to find the FFN")
+    find_structure(model)  # fails clearly when the blocks can't be found
+    return hidden, intermediate
+
+
+@register_step("width", WidthConfig)
+def _width_step(model: nn.Module, config: WidthConfig, ctx: StepContext) -> dict:
+    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)

@@ -1,0 +1,72 @@
+"""Runtime module for a MoE-fied FFN: the dense FFN's channels regrouped into equal experts (each a
+contiguous slice), a linear router, and the top-k experts computed per token.
+
+One token (batch-1 decode) computes only its chosen experts' slices, so the FFN bytes read per token
+scale with top_k / experts. Many tokens compute the full FFN and zero the unchosen experts' channels,
+the same function, faster as one matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from leanlm.core.models import register_module
+
+
+@register_module("moe_ffn")
+class MoEFFN(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, experts: int, top_k: int, gated: bool, activation: str,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.hidden, self.intermediate, self.experts, self.top_k = hidden, intermediate, experts, top_k
+        self.gated, self.activation = gated, activation
+        self.act = ACT2FN[activation]
+        size = intermediate // experts
+        # per expert: [gate; up] rows (or up rows), and down's columns stored as rows
+        self.expand = nn.Parameter(torch.empty(experts, size * (2 if gated else 1), hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.reduce_t = nn.Parameter(torch.empty(experts, size, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.router = nn.Parameter(torch.empty(experts, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.router_bias = nn.Parameter(torch.empty(experts, dtype=dtype, device=device), requires_grad=False)
+
+    @classmethod
+    def empty(cls, hidden: int, intermediate: int, experts: int, top_k: int, gated: bool, activation: str,
+              dtype: str = "float32") -> "MoEFFN":
+        return cls(hidden, intermediate, experts, top_k, gated, activation, getattr(torch, dtype))
+
+    def manifest(self) -> dict:
+        return {"hidden": self.hidden, "intermediate": self.intermediate, "experts": self.experts,
+                "top_k": self.top_k, "gated": self.gated, "activation": self.activation,
+                "dtype": str(self.router.dtype).removeprefix("torch.")}
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices of the top_k experts per row of x."""
+        return F.linear(x, self.router, self.router_bias).topk(self.top_k, dim=-1).indices
+
+    def channels(self, pre: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.act(pre)
+        gate, up = pre.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.hidden)
+        chosen = self.route(flat)
+        if flat.shape[0] == 1:
+            out = torch.zeros_like(flat)
+            for e in chosen[0].tolist():
+                out += self.channels(F.linear(flat, self.expand[e])) @ self.reduce_t[e]
+            return out.reshape(x.shape)
+        size = self.intermediate // self.experts
+        pre = F.linear(flat, self.expand.reshape(-1, self.hidden)).reshape(-1, self.experts, self.expand.shape[1])
+        h = self.channels(pre)
+        keep = torch.zeros(flat.shape[0], self.experts, 1, dtype=h.dtype, device=h.device)
+        keep.scatter_(1, chosen[..., None], 1)
+        out = (h * keep).reshape(-1, self.experts * size) @ self.reduce_t.reshape(-1, self.hidden)
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.experts}, top_k={self.top_k}"

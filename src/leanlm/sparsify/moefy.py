@@ -1,0 +1,162 @@
+"""MoE-fication: split each dense FFN into `experts` equal groups of channels that fire together on
+calibration data (balanced k-means of their activation patterns), fit a router that predicts each
+expert's contribution from the FFN input, and run only the `top_k` predicted experts per token
+(Switch-Transformer-style conditional compute, after MoEfication, Zhang et al. 2022).
+
+Works block by block (core.layerwise); each block is checked to compute exactly its dense FFN when
+all experts are on before top_k is applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanlm.core.layerwise import process_layerwise
+from leanlm.core.structure import find_structure, replace_module
+from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
+from leanlm.pipeline.steps import StepConfig, StepContext, register_step
+from leanlm.prune.width import FFN, find_ffn
+from leanlm.sparsify.moe_ffn import MoEFFN
+from leanlm.sparsify.moe_ops import cluster_channels, expert_contributions, fit_router, top_recall
+
+
+@dataclass
+class MoefyConfig(StepConfig):
+    needs_calibration = True
+    experts: int = 16
+    top_k: int = 8
+    rows: int = 4096
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.experts < 2 or not 1 <= self.top_k < self.experts:
+            raise ConfigError(f"need experts >= 2 and 1 <= top_k < experts, got experts={self.experts}, top_k={self.top_k}")
+        if self.rows < 64:
+            raise ConfigError(f"rows must be at least 64, got {self.rows}")
+
+
+class FFNRecorder:
+    """Pairs of (FFN input, intermediate activations) at the same sampled token positions."""
+
+    def __init__(self, mlp: nn.Module, reducer: nn.Module, rows_per_call: int, seed: int = 0):
+        self.mlp, self.reducer, self.rows = mlp, reducer, rows_per_call
+        self.x: list[torch.Tensor] = []
+        self.h: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __enter__(self) -> "FFNRecorder":
+        self._handles = [self.reducer.register_forward_pre_hook(self._grab_h),
+                         self.mlp.register_forward_hook(self._pair)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _grab_h(self, module, args):
+        self._pending = args[0].detach()
+
+    def _pair(self, module, args, output):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        h = self._pending.reshape(x.shape[0], -1)
+        pick = torch.randperm(x.shape[0], generator=self._gen)[: self.rows].to(x.device)
+        self.x.append(x[pick].float().cpu())
+        self.h.append(h[pick].float().cpu())
+
+
+def mlp_of(block: nn.Module, ffn: FFN) -> tuple[str, nn.Module]:
+    """The smallest module of the block holding all of the FFN's linears."""
+    names = [*ffn.expanders, ffn.reducer[0]]
+    parts = [n.split(".") for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    name = ".".join(common)
+    if not name:
+        raise UnsupportedModelError(f"the FFN linears {names} of {type(block).__name__} share no parent module")
+    return name, block.get_submodule(name)
+
+
+def gate_and_up(ffn: FFN, activation: str, x: torch.Tensor, h: torch.Tensor) -> tuple[nn.Linear, nn.Linear | None]:
+    """Which expander is the gate: the assignment that reproduces the recorded activations."""
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN[activation]
+    linears = list(ffn.expanders.values())
+    if len(linears) == 1:
+        candidates = [(linears[0], None)]
+    elif len(linears) == 2:
+        candidates = [(linears[0], linears[1]), (linears[1], linears[0])]
+    else:
+        raise UnsupportedModelError(f"an FFN with {len(linears)} expanding linears is not supported (1 or 2)")
+    with torch.no_grad():
+        for gate, up in candidates:
+            rec = act(gate(x)) * up(x) if up is not None else act(gate(x))
+            if (rec - h).abs().max() <= 1e-3 * max(h.abs().max().item(), 1.0):
+                return gate, up
+    raise UnsupportedModelError(f"the FFN does not compute down({activation}(gate x) * up x) or down({activation}(up x)); "
+                                "cannot split it into experts")
+
+
+def build_moe(ffn: FFN, gate: nn.Linear, up: nn.Linear | None, assign: torch.Tensor, router, config: MoefyConfig,
+              activation: str) -> MoEFFN:
+    down = ffn.reducer[1]
+    w = down.weight
+    moe = MoEFFN(w.shape[0], w.shape[1], config.experts, config.top_k, up is not None, activation, w.dtype, w.device)
+    with torch.no_grad():
+        for e in range(config.experts):
+            cols = (assign == e).nonzero().squeeze(1).to(w.device)
+            rows = [gate.weight[cols]] + ([up.weight[cols]] if up is not None else [])
+            moe.expand[e].copy_(torch.cat(rows))
+            moe.reduce_t[e].copy_(w[:, cols].T)
+        moe.router.copy_(router[0])
+        moe.router_bias.copy_(router[1])
+    return moe
+
+
+def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, device=None) -> dict:
+    hidden, intermediate = model.config.hidden_size, model.config.intermediate_size
+    activation = getattr(model.config, "hidden_act", None)
+    if intermediate % config.experts:
+        raise ConfigError(f"intermediate size {intermediate} does not split into {config.experts} equal experts")
+    if any(getattr(m, "bias", None) is not None for m in find_structure(model).blocks[0].modules() if isinstance(m, nn.Linear)):
+        raise UnsupportedModelError("MoE-fication supports FFN linears without bias")
+    per_call = -(-config.rows // -(-calibration.shape[0] // config.batch_size))
+
+    def one_block(index: int, block: nn.Module, observe) -> dict:
+        ffn = find_ffn(block, hidden, intermediate)
+        name, mlp = mlp_of(block, ffn)
+        with FFNRecorder(mlp, ffn.reducer[1], per_call, seed=index) as rec:
+            expected = observe()
+        x, h = torch.cat(rec.x), torch.cat(rec.h)
+        gate, up = gate_and_up(ffn, activation, x[:256].to(ffn.reducer[1].weight), h[:256].to(ffn.reducer[1].weight))
+        assign = cluster_channels(h.abs().T, config.experts, seed=index)
+        targets = expert_contributions(h, ffn.reducer[1].weight.cpu(), assign, config.experts)
+        split = int(0.8 * len(x))
+        router = fit_router(x[:split], targets[:split])
+        recall = top_recall(x[split:] @ router[0].T + router[1], targets[split:], config.top_k)
+        moe = build_moe(ffn, gate, up, assign, router, config, activation)
+        replace_module(block, name, moe)
+        moe.top_k = config.experts
+        diff = (observe(limit=1)[0] - expected[0]).abs().max().item()
+        moe.top_k = config.top_k
+        if diff > 1e-3 * max(expected[0].abs().max().item(), 1.0):
+            raise LeanLMError(f"block {index}: the experts together differ from the dense FFN by {diff:.3g}")
+        return {"router_recall": recall}
+
+    results = process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
+                                desc="MoE-fication")
+    recalls = [r["router_recall"] for r in results]
+    return {"experts": config.experts, "top_k": config.top_k, "ffn_fraction_per_token": config.top_k / config.experts,
+            "router_recall_mean": sum(recalls) / len(recalls), "router_recall": [round(r, 4) for r in recalls]}
+
+
+@register_step("moefy", MoefyConfig)
+def _moefy_step(model: nn.Module, config: MoefyConfig, ctx: StepContext) -> dict:
+    return moefy_(model, config, ctx.calibration_data(), ctx.device)

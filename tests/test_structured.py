@@ -1,0 +1,170 @@
+"""Depth and width pruning: a smaller model that plain transformers (and llama.cpp, through GGUF) loads."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from leanlm.core.data import calibration_samples, default_corpus
+from leanlm.core.models import save_model
+from leanlm.core.structure import find_structure
+from leanlm.errors import ConfigError, UnsupportedModelError
+from leanlm.export import export
+from leanlm.pipeline.recipe import parse_recipe
+from leanlm.prune import DepthConfig, WidthConfig, prune_
+from leanlm.prune import structured_ops
+from leanlm.prune.depth import remove_blocks
+from leanlm.prune.width import find_ffn
+from tests.conftest import tiny_llama
+
+IDS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+@pytest.fixture
+def calibration(tokenizer):
+    return calibration_samples(tokenizer, default_corpus().train, 8, 64, 0)
+
+
+def test_block_choice_finds_the_block_that_does_nothing():
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(256, 32, generator=g)]
+    for i in range(5):  # block 2 leaves the stream unchanged; the others rewrite part of it
+        hidden.append(hidden[-1] if i == 2 else hidden[-1] + 0.8 * torch.randn(256, 32, generator=g))
+    assert structured_ops.block_influence(hidden)[2] < 1e-6
+    assert structured_ops.blocks_to_remove(hidden, 1, "block_influence") == [2]
+    assert structured_ops.blocks_to_remove(hidden, 2, "angular") in ([1, 2], [2, 3])
+
+
+def test_refit_recovers_a_channel_the_kept_ones_can_express():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 8, generator=g)
+    x = torch.cat([x, 2 * x[:, :1] + x[:, 1:2] - x[:, 2:3]], 1)  # channel 8 is a mix of channels 0-2
+    w = torch.randn(6, 9, generator=g)
+    kept = torch.arange(8)
+    refit = structured_ops.refit_down(w, x.T @ x, kept, damp=1e-8)
+    torch.testing.assert_close(x[:, kept] @ refit.T, x @ w.T, atol=1e-3, rtol=1e-3)
+
+
+def test_remove_blocks_equals_skipping_them_and_stays_a_valid_hf_model(tokenizer, tmp_path):
+    model = tiny_llama(len(tokenizer), layers=4)
+    blocks = find_structure(model).blocks
+    handles = [blocks[i].register_forward_hook(lambda m, a, out: (a[0],) + tuple(out[1:])
+                                               if isinstance(out, tuple) else a[0]) for i in (1, 2)]
+    expected = logits(model)
+    for h in handles:
+        h.remove()
+    remove_blocks(model, [1, 2])
+    assert model.config.num_hidden_layers == 2
+    assert [b.self_attn.layer_idx for b in find_structure(model).blocks] == [0, 1]
+    torch.testing.assert_close(logits(model), expected)
+    save_model(model, tokenizer, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert plain.config.num_hidden_layers == 2
+    out = plain.generate(IDS[:1, :8], max_new_tokens=6, do_sample=False)  # the KV cache indexes blocks by layer_idx
+    ref = IDS[:1, :8]
+    for _ in range(6):
+        ref = torch.cat([ref, plain(input_ids=ref).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("method", ["angular", "block_influence"])
+def test_depth_step_removes_blocks_and_reports_scores(tokenizer, calibration, method):
+    model = tiny_llama(len(tokenizer), layers=5)
+    stats = prune_(model, DepthConfig(blocks=2, method=method, tokens=256), calibration=calibration)
+    assert len(stats["removed_blocks"]) == 2 and 4 not in stats["removed_blocks"]
+    assert stats["blocks_after"] == 3 == len(find_structure(model).blocks) == model.config.num_hidden_layers
+    assert len(stats["block_influence"]) == 5 and stats["params_after"] < stats["params_before"]
+    if method == "angular":
+        assert stats["removed_blocks"][1] == stats["removed_blocks"][0] + 1
+
+
+def test_depth_refuses_removing_too_many_blocks(tokenizer, calibration):
+    model = tiny_llama(len(tokenizer), layers=3)
+    with pytest.raises(ConfigError, match="cannot remove 3 of 3 blocks"):
+        prune_(model, DepthConfig(blocks=3, keep_last=False), calibration=calibration)
+    with pytest.raises(ConfigError, match="the last block is kept"):
+        prune_(model, DepthConfig(blocks=2), calibration=calibration)
+    with pytest.raises(ConfigError, match="blocks must be at least 1"):
+        parse_recipe({"steps": [{"type": "depth", "blocks": 0}]})
+    with pytest.raises(ConfigError, match="block indices must be in 0..2"):
+        remove_blocks(model, [5])
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_width_pruning_gives_a_smaller_hf_model(tokenizer, calibration, tmp_path, refit):
+    model = tiny_llama(len(tokenizer), layers=2)
+    stats = prune_(model, WidthConfig(ffn_keep=0.5, multiple_of=16, refit=refit), calibration=calibration)
+    assert stats["intermediate_after"] == 64 == model.config.intermediate_size
+    assert stats["max_slice_diff"] < 1e-4
+    save_model(model, tokenizer, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert all(m.out_features == 64 for n, m in plain.named_modules() if n.endswith(("gate_proj", "up_proj")))
+    torch.testing.assert_close(logits(plain), logits(model))
+
+
+def test_refit_brings_the_pruned_model_closer_to_the_original(tokenizer, calibration):
+    held_out = calibration_samples(tokenizer, default_corpus().train, 8, 64, seed=1)
+    with torch.no_grad():
+        ref = tiny_llama(len(tokenizer), layers=2)(input_ids=held_out).logits
+    errors = {}
+    for refit in (True, False):
+        model = tiny_llama(len(tokenizer), layers=2)
+        prune_(model, WidthConfig(ffn_keep=0.5, multiple_of=16, refit=refit), calibration=calibration)
+        with torch.no_grad():
+            errors[refit] = (model(input_ids=held_out).logits - ref).pow(2).mean().item()
+    assert errors[True] < errors[False]
+
+
+def test_width_bad_inputs(tokenizer, calibration):
+    with pytest.raises(ConfigError, match=r"ffn_keep must be in \(0, 1\)"):
+        parse_recipe({"steps": [{"type": "width", "ffn_keep": 1.2}]})
+    with pytest.raises(ConfigError, match="removes nothing"):
+        prune_(tiny_llama(len(tokenizer)), WidthConfig(ffn_keep=0.9, multiple_of=64), calibration=calibration)
+    block = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(UnsupportedModelError, match="looked for nn.Linear layers 8 -> 32"):
+        find_ffn(block, 8, 32)
+
+
+def test_depth_pruned_model_exports_to_gguf(tokenizer, tmp_path):
+    from leanlm.core.models import load_model
+
+    model = tiny_llama(len(tokenizer), layers=3)
+    remove_blocks(model, [1])
+    save_model(model, tokenizer, tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    back = load_model(tmp_path / "m.gguf", device="cpu")
+    assert back.model.config.num_hidden_layers == 2
+    torch.testing.assert_close(logits(back.model), logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_skipping_a_block_in_the_scan_equals_removing_it(tokenizer):
+    from leanlm.prune.scan import skipped
+
+    model = tiny_llama(len(tokenizer), layers=3)
+    with skipped(find_structure(model).blocks[1]):
+        expected = logits(model)
+    before = logits(model)
+    remove_blocks(model, [1])
+    torch.testing.assert_close(logits(model), expected)
+    assert not torch.allclose(before, expected)
+
+
+@pytest.mark.parametrize("unit,count", [("block", 2), ("layer", 14)])
+def test_scan_cli_writes_table_chart_and_json(tiny_dir, tmp_path, capsys, unit, count):
+    import json
+
+    from leanlm.cli import main
+
+    out = tmp_path / "scan"
+    assert main(["scan", str(tiny_dir), "--unit", unit, "--windows", "1", "--out", str(out)]) == 0
+    data = json.loads((out / "scan.json").read_text())
+    assert len(data["rows"]) == count and all(r["kld"] > 0 for r in data["rows"])
+    assert (out / "scan.png").stat().st_size > 1000 and "| rank |" in (out / "scan.md").read_text()
+    assert "most sensitive" in capsys.readouterr().out
+    assert main(["scan", str(tiny_dir), "--out", str(out)]) == 2  # exists, no --overwrite
+    assert main(["scan", str(tiny_dir), "--unit", "layer", "--sparsity", "1.5", "--out", str(tmp_path / "x")]) == 2
