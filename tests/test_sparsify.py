@@ -13,7 +13,6 @@ from leanlm.export import export
 from leanlm.pipeline.recipe import parse_recipe
 from leanlm.sparsify import ActSparseLinear, ActSparsityConfig, MoEFFN, MoefyConfig, moefy_, sparsify_activations_
 from leanlm.sparsify import act_sparse_ops, moe_ops
-from tests.conftest import tiny_llama
 
 IDS = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
 

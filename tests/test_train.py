@@ -11,7 +11,7 @@ import torch
 
 from leanlm.core.data import default_corpus
 from leanlm.core.models import load_model
-from leanlm.core.train_data import IGNORE, chat_examples, chat_tokens, text_examples
+from leanlm.core.train_data import IGNORE, chat_examples, chat_tokens
 from leanlm.core.trainer import TrainConfig
 from leanlm.distill import DistillConfig, distill_
 from leanlm.distill import distill_ops

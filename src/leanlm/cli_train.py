@@ -7,7 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from leanlm.errors import LeanLMError
 
 DEFAULT_MODEL = "smollm2-135m"
 
