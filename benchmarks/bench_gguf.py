@@ -1,9 +1,11 @@
 """GGUF exports in llama.cpp: KLD against leanlm's float32 model on the eval windows, size and speed.
 
 Needs llama-cpp-python (see the README for the build flags). Run alone on an idle machine:
-    python benchmarks/bench_gguf.py [--gptq-out DIR] [--out benchmarks/results/gguf.json]
+    python benchmarks/bench_gguf.py [--rows q8_0 q4_k ...] [--gptq-out DIR] [--out benchmarks/results/gguf.json]
 Rows: the float model written as Q8_0 and as Q4_0 by gguf's reference quantizers (llama.cpp's own
-round-to-nearest), and the `w4-g32-sym-gptq` recipe's output written as Q4_0 from its codes.
+round-to-nearest); the `w4-g32-sym-gptq` recipe's output written as Q4_0 from its codes; the float
+model as leanlm's K-quants (Q4_K, with and without an importance matrix from 128 x 512 tokens of the
+train split, and Q6_K; rows that are not a multiple of 256 fall back to Q5_0 / Q8_0).
 `--gptq-out` reuses an existing `leanlm optimize --recipe w4-g32-sym-gptq` output directory.
 """
 
@@ -41,8 +43,19 @@ def measure(name: str, gguf: Path, windows, reference) -> dict:
             "bytes": gguf.stat().st_size, "prefill_tps": speed["prefill_tps"], "decode_tps": speed["decode_tps"]}
 
 
+ROWS = {  # name: (label, source ("gptq": the recipe's output), weight type, importance-matrix samples)
+    "q8_0": ("float -> Q8_0 (gguf-py)", MODEL, "q8_0", 0),
+    "q4_0": ("float -> Q4_0 (gguf-py RTN)", MODEL, "q4_0", 0),
+    "gptq-q4_0": ("GPTQ g32 sym -> Q4_0 (leanlm codes)", "gptq", "auto", 0),
+    "q4_k": ("float -> Q4_K (leanlm)", MODEL, "q4_k", 0),
+    "q4_k-imatrix": ("float -> Q4_K + imatrix (leanlm)", MODEL, "q4_k", 128),
+    "q6_k": ("float -> Q6_K (leanlm)", MODEL, "q6_k", 0),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--gptq-out", help="existing optimize output of the w4-g32-sym-gptq recipe")
     parser.add_argument("--out", default="benchmarks/results/gguf.json")
     args = parser.parse_args()
@@ -53,12 +66,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        jobs = [("float -> Q8_0 (gguf-py)", MODEL, "q8_0"), ("float -> Q4_0 (gguf-py RTN)", MODEL, "q4_0"),
-                ("GPTQ g32 sym -> Q4_0 (leanlm codes)", str(gptq_model(tmp, args.gptq_out)), "auto")]
-        for i, (name, source, kind) in enumerate(jobs):
-            path = tmp / f"{i}.gguf"
-            export(source, path, "gguf", weight_type=kind, embeddings="q8_0")
-            rows.append(measure(name, path, windows, reference))
+        for key in args.rows:
+            name, source, kind, imatrix = ROWS[key]
+            if source == "gptq":
+                source = str(gptq_model(tmp, args.gptq_out))
+            path = tmp / f"{key}.gguf"
+            info = export(source, path, "gguf", weight_type=kind, embeddings="q8_0", imatrix_samples=imatrix)
+            rows.append({**measure(name, path, windows, reference), "tensor_types": info["tensor_types"]})
     print(f"{'export':38s} {'KLD':>8s} {'top-1':>7s} {'ppl':>7s} {'MiB':>6s} {'prefill':>8s} {'decode':>7s}")
     for r in rows:
         print(f"{r['name']:38s} {r['kld']:8.4f} {r['top1']:7.2%} {r['perplexity']:7.3f} {r['bytes'] / 2**20:6.1f} "

@@ -1,4 +1,3 @@
-import shutil
 from pathlib import Path
 
 import gguf
@@ -156,3 +155,48 @@ def test_w8a8_exports_as_int_quantized_with_dynamic_activations(tiny_dir, tmp_pa
     assert group["input_activations"]["dynamic"] and group["input_activations"]["strategy"] == "token"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     torch.testing.assert_close(logits(loaded), logits(m.model), atol=3e-2, rtol=0)
+
+
+def _rel_error(w: torch.Tensor, blocks: np.ndarray, qtype, weights: torch.Tensor | None = None) -> float:
+    got = torch.from_numpy(gguf_dequantize(blocks, qtype)).reshape(w.shape)
+    weights = torch.ones_like(w) if weights is None else weights.expand_as(w)
+    return float((weights * (got - w) ** 2).sum() / (weights * w**2).sum())
+
+
+def test_k_quants_decode_with_ggufs_reader_and_beat_the_32_weight_blocks():
+    from leanlm.export import kquant_ops
+
+    QT = gguf.GGMLQuantizationType
+    w = torch.randn(16, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    q4k = _rel_error(w, kquant_ops.quantize_q4_k(w), QT.Q4_K)
+    q6k = _rel_error(w, kquant_ops.quantize_q6_k(w), QT.Q6_K)
+    # Q4_K (4.5 bits/weight) does at least as well as Q4_1 (5.0); Q6_K (6.56) better than Q5_0 (5.5)
+    assert q4k <= _rel_error(w, gguf.quants.quantize(w.numpy(), QT.Q4_1), QT.Q4_1)
+    assert q6k < 0.5 * _rel_error(w, gguf.quants.quantize(w.numpy(), QT.Q5_0), QT.Q5_0)
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(1)) ** 4  # a few columns matter
+    for quantize, qtype in ((kquant_ops.quantize_q4_k, QT.Q4_K), (kquant_ops.quantize_q6_k, QT.Q6_K)):
+        assert _rel_error(w, quantize(w, imp), qtype, imp) < _rel_error(w, quantize(w), qtype, imp)
+
+
+def wide_tiny_dir(tokenizer, tmp_path) -> Path:
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(len(tokenizer), hidden=256)  # q/k/v/o/gate/up rows of 256 weights; down of 128
+    model.save_pretrained(tmp_path / "wide")
+    tokenizer.save_pretrained(tmp_path / "wide")
+    return tmp_path / "wide"
+
+
+def test_k_quant_export_falls_back_on_narrow_rows_and_loads(tokenizer, tmp_path, caplog):
+    from leanlm.core.evaluate import prepare_reference, score_windows
+
+    source = wide_tiny_dir(tokenizer, tmp_path)
+    info = export(source, tmp_path / "k.gguf", "gguf", weight_type="q4_k", imatrix_samples=2)
+    assert info["tensor_types"]["Q4_K"] == 12 and info["tensor_types"]["Q5_0"] == 2
+    assert "2 linear layers were written as Q5_0" in caplog.text
+    windows = torch.randint(3, 300, (2, 64), generator=torch.Generator().manual_seed(2))
+    ref = prepare_reference(load_model(source, device="cpu"), windows)
+    got = score_windows(load_model(tmp_path / "k.gguf", device="cpu").model, windows, reference=ref)
+    assert got["kld"] < 0.02
+    with pytest.raises(ConfigError, match="importance matrix is used by the GGUF K-quants only"):
+        export(source, tmp_path / "x.gguf", "gguf", weight_type="q8_0", imatrix_samples=2)

@@ -42,3 +42,14 @@ def test_bench_and_eval_in_llama_cpp(tiny_dir, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "m.gguf"), "--runtime", "llama.cpp", "--reference", str(tiny_dir),
                  "--window", "64", "--json"]) == 0
     assert '"kld"' in capsys.readouterr().out
+
+
+def test_llama_cpp_reads_our_k_quants_as_we_wrote_them(tokenizer, tmp_path):
+    from tests.test_export import wide_tiny_dir
+
+    source = wide_tiny_dir(tokenizer, tmp_path)
+    export(source, tmp_path / "k.gguf", "gguf", weight_type="q4_k", embeddings="f32")
+    # the reference is the same file dequantized by gguf's reader: any layout slip would show here
+    ref = prepare_reference(load_model(tmp_path / "k.gguf", device="cpu"), WINDOWS)
+    got = score_windows(LlamaCppLM(tmp_path / "k.gguf"), WINDOWS, reference=ref)
+    assert got["kld"] < 5e-3

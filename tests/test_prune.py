@@ -35,12 +35,17 @@ def test_row_and_matrix_masks_hit_the_sparsity():
     assert prune_ops.matrix_mask(s, 0.25).sum() == 100
 
 
-@pytest.mark.parametrize("pattern", [None, (2, 4)])
-def test_sparsegpt_beats_magnitude_and_wanda_on_the_layer_output(pattern):
+def sparsegpt_layer(pattern):
+    """A random layer, correlated inputs, their Hessian, and SparseGPT's weights and mask at 50%."""
     torch.manual_seed(0)
     w, x = torch.randn(48, 64), correlated_inputs()
     H = x.T @ x / len(x)
-    pruned, mask = prune_ops.sparsegpt(w, H, 0.5, pattern)
+    return w, x, H, *prune_ops.sparsegpt(w, H, 0.5, pattern)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_beats_magnitude_and_wanda_on_the_layer_output(pattern):
+    w, x, H, pruned, mask = sparsegpt_layer(pattern)
     assert (pruned[mask] == 0).all() and mask.float().mean().item() == pytest.approx(0.5, abs=0.01)
     if pattern:
         assert (mask.reshape(48, 16, 4).sum(-1) == 2).all()
@@ -48,6 +53,18 @@ def test_sparsegpt_beats_magnitude_and_wanda_on_the_layer_output(pattern):
     wanda = w.masked_fill(prune_ops.wanda_mask(w, x.norm(dim=0), 0.5, pattern), 0)
     ours = output_error(w, pruned, x)
     assert ours < output_error(w, wanda, x) and ours < output_error(w, magnitude, x)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_masked_refit_is_the_least_squares_optimum_for_the_mask(pattern):
+    w, x, H, pruned, mask = sparsegpt_layer(pattern)
+    refit = prune_ops.masked_refit(w, H, mask, damp=1e-7, start=pruned, iterations=300)
+    assert (refit[mask] == 0).all()
+    assert output_error(w, refit, x) < 0.95 * output_error(w, pruned, x)
+    for r in (0, 5, 47):  # rows keep different columns; each is its own least-squares problem
+        kept = ~mask[r]
+        direct = torch.linalg.lstsq(x[:, kept].double(), (x @ w[r]).double()).solution.float()
+        torch.testing.assert_close(refit[r, kept], direct, atol=1e-3, rtol=1e-3)
 
 
 def test_pattern_and_sparsity_are_checked():
@@ -81,7 +98,9 @@ def test_pruning_the_tiny_model_orders_the_methods(tiny_dir, tokenizer):
     windows = eval_windows(tokenizer, text.eval[:20_000], 128)
     kld = {}
     for name, cfg in {"magnitude": MagnitudeConfig(sparsity=0.5), "wanda": WandaConfig(sparsity=0.5, batch_size=4),
-                      "sparsegpt": SparseGPTConfig(sparsity=0.5, batch_size=4)}.items():
+                      "sparsegpt": SparseGPTConfig(sparsity=0.5, batch_size=4),
+                      "wanda+refit": WandaConfig(sparsity=0.5, batch_size=4, refit=True),
+                      "sparsegpt+refit": SparseGPTConfig(sparsity=0.5, batch_size=4, refit=True)}.items():
         m = load_model(tiny_dir, device="cpu")
         ref = prepare_reference(m, windows)
         stats = prune_(m.model, cfg) if name == "magnitude" else prune_(m.model, cfg, calibration=calib)
@@ -89,6 +108,7 @@ def test_pruning_the_tiny_model_orders_the_methods(tiny_dir, tokenizer):
         assert m.model.lm_head.weight.eq(0).float().mean() < 0.01  # skipped
         kld[name] = score_windows(m.model, windows, reference=ref)["kld"]
     assert kld["sparsegpt"] < kld["magnitude"] and kld["wanda"] < kld["magnitude"]
+    assert kld["wanda+refit"] < kld["wanda"] and kld["sparsegpt+refit"] < kld["sparsegpt"]
 
 
 def test_bitmask_pack_round_trips():

@@ -168,3 +168,43 @@ def test_scan_cli_writes_table_chart_and_json(tiny_dir, tmp_path, capsys, unit, 
     assert "most sensitive" in capsys.readouterr().out
     assert main(["scan", str(tiny_dir), "--out", str(out)]) == 2  # exists, no --overwrite
     assert main(["scan", str(tiny_dir), "--unit", "layer", "--sparsity", "1.5", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("keep", [{"heads_per_group": 1}, {"kv_groups": 1}])
+def test_head_pruning_gives_a_smaller_hf_model_that_exports(tokenizer, calibration, tmp_path, keep):
+    from leanlm.core.models import load_model
+    from leanlm.prune import HeadsConfig
+
+    model = tiny_llama(len(tokenizer), layers=2)  # 4 query heads in 2 KV groups, head_dim 16
+    stats = prune_(model, HeadsConfig(**keep), calibration=calibration)
+    assert (stats["heads_after"], stats["kv_heads_after"]) == ((2, 2) if "heads_per_group" in keep else (2, 1))
+    assert stats["max_slice_diff"] < 1e-4 and stats["params_after"] < stats["params_before"]
+    save_model(model, tokenizer, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert plain.config.head_dim == 16 and plain.model.layers[0].self_attn.q_proj.out_features == 32
+    torch.testing.assert_close(logits(plain), logits(model))
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    back = load_model(tmp_path / "m.gguf", device="cpu")
+    torch.testing.assert_close(logits(back.model), logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_head_importance_prefers_the_heads_that_reach_the_output(tokenizer, calibration):
+    from leanlm.prune import HeadsConfig
+
+    model = tiny_llama(len(tokenizer), layers=2)
+    with torch.no_grad():  # head 1 of every block writes nothing to the residual stream
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight[:, 16:32] = 0
+    stats = prune_(model, HeadsConfig(heads_per_group=1), calibration=calibration)
+    assert all(kept[0] == 0 for kept in stats["kept_heads"])
+
+
+def test_head_pruning_bad_inputs(tokenizer, calibration):
+    from leanlm.prune import HeadsConfig
+
+    with pytest.raises(ConfigError, match="needs kv_groups and/or heads_per_group"):
+        parse_recipe({"steps": [{"type": "heads"}]})
+    with pytest.raises(ConfigError, match="cannot keep 3 groups of 2"):
+        prune_(tiny_llama(len(tokenizer)), HeadsConfig(kv_groups=3), calibration=calibration)
+    with pytest.raises(ConfigError, match="removes nothing"):
+        prune_(tiny_llama(len(tokenizer)), HeadsConfig(kv_groups=2, heads_per_group=2), calibration=calibration)

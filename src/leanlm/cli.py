@@ -108,9 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "a .gguf file or a built-in name")
     p.add_argument("--format", required=True, choices=["hf", "compressed-tensors", "gguf"], help="target format")
     p.add_argument("--out", required=True, help="output directory (a .gguf file for --format gguf)")
-    p.add_argument("--gguf-type", default="auto", choices=["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"],
+    p.add_argument("--gguf-type", default="auto",
+                   choices=["auto", "f32", "f16", "q8_0", "q5_0", "q4_0", "q4_1", "q4_k", "q6_k"],
                    help="GGUF type of linear layers; auto keeps leanlm-quantized layers as they are and writes "
-                        "float ones as f16 (default: auto)")
+                        "float ones as f16; the K-quants need rows that are a multiple of 256, others fall back "
+                        "to q5_0 (q4_k) or q8_0 (q6_k) (default: auto)")
+    p.add_argument("--imatrix", type=int, default=0, metavar="N",
+                   help="weight the K-quants' scale search by an importance matrix (mean squared input activations) "
+                        "measured on N x 512 tokens of --imatrix-data (default: 0, none)")
+    p.add_argument("--imatrix-data", help="text for the importance matrix (default: the built-in corpus's train split)")
     p.add_argument("--gguf-embeddings", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
                    help="GGUF type of the token embeddings (default: q8_0)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -328,7 +334,8 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from leanlm.export import export
 
-    info = export(args.model, args.out, args.format, args.overwrite, args.gguf_type, args.gguf_embeddings)
+    info = export(args.model, args.out, args.format, args.overwrite, args.gguf_type, args.gguf_embeddings,
+                  args.imatrix, args.imatrix_data)
     print(f"wrote {info['out']} ({info['format']}): {info['bytes'] / 2**20:.1f} MiB "
           f"({info['bytes'] / max(1, info['source_bytes']):.2f}x the source) in {info['seconds']:.1f} s")
     return 0

@@ -46,6 +46,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
     p.add_argument("--targets", nargs="+", default=["*"], help="glob patterns of the linear layers to adapt (default: all in the blocks)")
     p.add_argument("--no-merge", action="store_true", help="save the LoRA adapter (PEFT format) instead of merged weights")
+    p.add_argument("--requantize", default="gptq", choices=["gptq", "rtn"],
+                   help="on a leanlm-quantized model (QLoRA), how the merged layers are quantized again: GPTQ on "
+                        "128 x 512 tokens of the training text keeps the adapter's gain; rtn re-rounds (default: gptq)")
     _train_options(p, lr=2e-4)
 
     p = sub.add_parser("distill", help="train a student to match a teacher's distributions",
@@ -58,6 +61,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--beta", type=float, default=0.5, help="generalized JSD's beta (default: 0.5)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of final-hidden-state MSE (same width only)")
+    p.add_argument("--on-policy", type=float, default=0.0,
+                   help="share of training batches on continuations the student samples itself (GKD; default: 0)")
+    p.add_argument("--teacher-cache", metavar="DIR",
+                   help="cache the teacher's top-k logits in DIR and reuse them in later runs on the same teacher "
+                        "and data (forward_kl only; a cache hit never loads the teacher)")
+    p.add_argument("--cache-top-k", type=int, default=64, help="logits kept per position in the cache (default: 64)")
     _train_options(p, lr=5e-5)
 
 
@@ -107,7 +116,9 @@ def _finish(acc, out: Path, overwrite: bool, save, report: dict) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from leanlm.core.models import save_model
+    from leanlm.core.data import calibration_samples
+    from leanlm.core.models import QUANTIZED_MODULES, save_model
+    from leanlm.errors import ConfigError
     from leanlm.finetune import FinetuneConfig, finetune_
     from leanlm.pipeline.config import parse_config
 
@@ -115,12 +126,16 @@ def cmd_finetune(args) -> int:
     config = parse_config(FinetuneConfig, {"method": args.method, "data": args.data if chat else None,
                                            "too_long": args.too_long, "rank": args.rank, "alpha": args.alpha,
                                            "dropout": args.dropout, "targets": args.targets,
-                                           "merge": not args.no_merge}, "options")
+                                           "merge": not args.no_merge, "requantize": args.requantize}, "options")
     config.train = train
+    if args.no_merge and any(type(m) in QUANTIZED_MODULES.values() for m in loaded.model.modules()):
+        raise ConfigError(f"{args.model} is a leanlm-quantized model: its LoRA is merged and requantized "
+                          "(--requantize); saving an unmerged adapter over packed layers is not supported")
     before = None if chat or not acc.is_main_process else _eval_ppl(loaded.model, loaded.tokenizer, corpus.eval)
     model, stats = finetune_(loaded.model, loaded.tokenizer, config, None if chat else corpus.train,
                              out.parent / f".{out.name}.work", accelerator=acc, source=str(loaded.path),
-                             resume=args.resume)
+                             resume=args.resume, device=loaded.device,
+                             calibration=lambda: calibration_samples(loaded.tokenizer, corpus.train, 128, 512))
     if before is not None:
         stats.update(eval_perplexity_before=before, eval_perplexity_after=_eval_ppl(model, loaded.tokenizer, corpus.eval))
 
@@ -136,24 +151,27 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from leanlm.core.models import load_model, save_model
+    from leanlm.core.models import save_model
     from leanlm.distill import DistillConfig, distill_
+    from leanlm.distill.distill import Teacher
     from leanlm.pipeline.config import parse_config
 
     out, train, acc, loaded, corpus, chat = _setup(args)
     config = parse_config(DistillConfig, {"teacher": args.teacher, "loss": args.loss, "beta": args.beta,
                                           "temperature": args.temperature, "hidden_weight": args.hidden_weight,
-                                          "data": args.data if chat else None}, "options")
+                                          "on_policy": args.on_policy, "teacher_cache": args.teacher_cache,
+                                          "cache_top_k": args.cache_top_k, "data": args.data if chat else None},
+                          "options")
     config.train = train
-    teacher = load_model(args.teacher, "cpu" if acc.device.type == "cpu" else str(acc.device))
+    teacher = Teacher(source=args.teacher, device="cpu" if acc.device.type == "cpu" else str(acc.device))
     before = None if chat or not acc.is_main_process else _eval_ppl(loaded.model, loaded.tokenizer, corpus.eval)
-    stats = distill_(loaded.model, loaded.tokenizer, teacher.model, teacher.tokenizer, config,
-                     None if chat else corpus.train, out.parent / f".{out.name}.work", accelerator=acc,
-                     resume=args.resume)
+    stats = distill_(loaded.model, loaded.tokenizer, teacher, config=config, text=None if chat else corpus.train,
+                     work_dir=out.parent / f".{out.name}.work", accelerator=acc, resume=args.resume)
     if before is not None:
         stats.update(eval_perplexity_before=before,
-                     eval_perplexity_after=_eval_ppl(loaded.model, loaded.tokenizer, corpus.eval),
-                     teacher_eval_perplexity=_eval_ppl(teacher.model, teacher.tokenizer, corpus.eval))
+                     eval_perplexity_after=_eval_ppl(loaded.model, loaded.tokenizer, corpus.eval))
+        if teacher.model is not None:  # not loaded at all when the cached logits served
+            stats["teacher_eval_perplexity"] = _eval_ppl(teacher.model, teacher.tokenizer, corpus.eval)
     _finish(acc, out, args.overwrite, lambda tmp: save_model(loaded.model, loaded.tokenizer, tmp),
             {"command": "distill", "student": args.model, "teacher": args.teacher, **stats})
     return 0

@@ -20,6 +20,11 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def is_projection(module: nn.Module) -> bool:
+    """A linear layer in float or in any packed form (leanlm's quantized modules keep in/out_features)."""
+    return is_linear(module) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
 def is_norm(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name.endswith("norm")
@@ -64,9 +69,9 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(is_linear(m) for m in module[0].modules()):
+        if len(kinds) != 1 or not any(is_projection(m) for m in module[0].modules()):
             continue
-        size = sum(p.numel() for p in module.parameters())
+        size = sum(t.numel() for t in [*module.parameters(), *module.buffers()])  # packed weights are buffers
         if size > best_size:
             best, best_size = (name, module), size
     if best is None:

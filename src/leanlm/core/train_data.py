@@ -27,13 +27,18 @@ class Examples:
     input_ids: torch.Tensor  # [n, seq_len]
     labels: torch.Tensor  # [n, seq_len], IGNORE where no loss is taken
     attention_mask: torch.Tensor  # [n, seq_len]
+    example_id: torch.Tensor | None = None  # [n], position in the full set, kept through split (cache keys)
+
+    def __post_init__(self) -> None:
+        if self.example_id is None:
+            self.example_id = torch.arange(len(self))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def take(self, index) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[index], "labels": self.labels[index],
-                "attention_mask": self.attention_mask[index]}
+                "attention_mask": self.attention_mask[index], "example_id": self.example_id[index]}
 
     def split(self, fraction: float) -> tuple["Examples", "Examples"]:
         """(train, validation): the last `fraction` of examples held out, at least one."""

@@ -1,7 +1,9 @@
 """Distillation: a student (a pruned or quantized copy of the teacher, or any smaller model sharing its
 tokenizer) learns the teacher's next-token distributions on the team's text: forward KL, reverse KL
 or generalized JSD with temperature, optionally plus final-hidden-state matching (same width) and the
-plain LM loss. The teacher runs on the fly under no_grad, beside the student.
+plain LM loss. The teacher runs on the fly under no_grad, beside the student, or its top-k logits
+are cached on disk once and reused (teacher_cache.py). `on_policy` > 0 trains that share of the
+batches on continuations the student samples itself (GKD; on_policy.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 from leanlm.core.structure import matches
 from leanlm.core.train_data import IGNORE
 from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
-from leanlm.distill.distill_ops import forward_kl, generalized_jsd, hidden_mse, reverse_kl
+from leanlm.distill.distill_ops import forward_kl, generalized_jsd, hidden_mse, reverse_kl, topk_forward_kl
+from leanlm.distill.on_policy import rollout, takes_rollout
+from leanlm.distill.teacher_cache import TeacherCache, model_signature, source_signature
 from leanlm.errors import ConfigError
 from leanlm.finetune.finetune import FinetuneConfig, training_examples
 from leanlm.pipeline.config import to_dict
@@ -32,6 +36,9 @@ class DistillConfig(StepConfig):
     temperature: float = 1.0
     hidden_weight: float = 0.0
     lm_weight: float = 0.0
+    on_policy: float = 0.0  # share of training batches on the student's own samples (GKD's lambda)
+    teacher_cache: str | None = None  # directory for the teacher's cached top-k logits (forward_kl only)
+    cache_top_k: int = 64
     trainable: list[str] = field(default_factory=lambda: ["*"])
     data: str | None = None
     resume: bool = False
@@ -42,7 +49,22 @@ class DistillConfig(StepConfig):
             raise ConfigError(f"need beta in [0, 1] and temperature > 0, got {self.beta}, {self.temperature}")
         if self.hidden_weight < 0 or self.lm_weight < 0:
             raise ConfigError("hidden_weight and lm_weight must be >= 0")
+        if not 0 <= self.on_policy <= 1:
+            raise ConfigError(f"on_policy is a share of batches in [0, 1], got {self.on_policy}")
+        if self.teacher_cache is not None:
+            self._check_cacheable()
         self.train.validate()
+
+
+    def _check_cacheable(self) -> None:
+        why = ("loss is not forward_kl (reverse KL and JSD need the teacher's whole distribution)"
+               if self.loss != "forward_kl" else "hidden_weight > 0 (hidden states are not cached)"
+               if self.hidden_weight else "on_policy > 0 (the student's samples are new text every time)"
+               if self.on_policy else "")
+        if why:
+            raise ConfigError(f"teacher_cache cannot be used when {why}; drop teacher_cache or change that setting")
+        if self.cache_top_k < 1:
+            raise ConfigError(f"cache_top_k must be >= 1, got {self.cache_top_k}")
 
 
 def check_tokenizers(student_tok: Any, teacher_tok: Any) -> None:
@@ -53,21 +75,26 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any) -> None:
                           "distillation compares distributions token by token, so they must share one")
 
 
-def distill_loss(teacher: nn.Module, config: DistillConfig):
+def distill_loss(teacher: nn.Module | None, config: DistillConfig, cache: TeacherCache | None = None):
     kinds = {"forward_kl": forward_kl, "reverse_kl": reverse_kl,
              "jsd": lambda s, t, temperature: generalized_jsd(s, t, config.beta, temperature)}
     divergence = kinds[config.loss]
     want_hidden = config.hidden_weight > 0
 
     def loss(student: nn.Module, batch: dict) -> torch.Tensor:
+        if student.training and takes_rollout(config.on_policy, config.train.seed, batch["example_id"]):
+            batch = rollout(student, batch, seed=config.train.seed + int(batch["example_id"][0]))
         keep = batch["labels"][:, 1:] != IGNORE
-        with torch.no_grad():
-            t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            output_hidden_states=want_hidden)
-        s_out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=want_hidden)
-        s_logits, t_logits = s_out.logits[:, :-1][keep], t_out.logits[:, :-1][keep]
-        total = divergence(s_logits, t_logits, temperature=config.temperature)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        s_out = student(**inputs, output_hidden_states=want_hidden)
+        s_logits = s_out.logits[:, :-1][keep]
+        if cache is not None:
+            values, indices = cache.take(batch["example_id"], s_logits.device)
+            total = topk_forward_kl(s_logits, values[:, :-1][keep], indices[:, :-1][keep], config.temperature)
+        else:
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=want_hidden)
+            total = divergence(s_logits, t_out.logits[:, :-1][keep], temperature=config.temperature)
         if want_hidden:
             total = total + config.hidden_weight * hidden_mse(s_out.hidden_states[-1][:, :-1][keep],
                                                               t_out.hidden_states[-1][:, :-1][keep])
@@ -78,44 +105,85 @@ def distill_loss(teacher: nn.Module, config: DistillConfig):
     return loss
 
 
-def distill_(student: nn.Module, tokenizer: Any, teacher: nn.Module, teacher_tokenizer: Any, config: DistillConfig,
-             text: str | None = None, work_dir: Path | None = None, accelerator=None, resume: bool = False) -> dict:
-    check_tokenizers(tokenizer, teacher_tokenizer)
-    if config.hidden_weight and student.config.hidden_size != teacher.config.hidden_size:
-        raise ConfigError(f"hidden-state matching needs the same width; student {student.config.hidden_size}, "
-                          f"teacher {teacher.config.hidden_size} (set hidden_weight: 0)")
+@dataclass
+class Teacher:
+    """The teacher: a model in memory, or a source loaded on first use (a teacher-cache hit never loads it)."""
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    source: str | None = None
+    device: str = "cpu"
+
+    def load(self) -> nn.Module:
+        if self.model is None:
+            from leanlm.core.models import load_model
+
+            loaded = load_model(self.source, device=self.device)
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        return self.model
+
+    def signature(self) -> list:
+        return source_signature(self.source) if self.source is not None else model_signature(self.model)
+
+
+def distill_(student: nn.Module, tokenizer: Any, teacher: Teacher | nn.Module, teacher_tokenizer: Any = None,
+             config: DistillConfig | None = None, text: str | None = None, work_dir: Path | None = None,
+             accelerator=None, resume: bool = False) -> dict:
+    """Train `student` toward `teacher` as `config` says, in place; returns the training stats."""
+    config = config or DistillConfig()
+    if isinstance(teacher, nn.Module):
+        teacher = Teacher(teacher, teacher_tokenizer)
     as_finetune = FinetuneConfig(data=config.data, train=config.train)
-    train, validation = training_examples(tokenizer, as_finetune, text).split(config.train.validation_fraction)
+    examples = training_examples(tokenizer, as_finetune, text)
+    cache = _teacher_cache(teacher, config, examples)
+    if cache is None or not cache.exists():
+        _check_teacher(student, tokenizer, teacher.load(), teacher.tokenizer, config)
+    train, validation = examples.split(config.train.validation_fraction)
     names = [n for n, p in student.named_parameters() if matches(n, config.trainable)]
     if not names:
         raise ConfigError(f"trainable patterns {config.trainable} match no parameter of the student")
     for n, p in student.named_parameters():
         p.requires_grad_(n in names)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     run_id = fingerprint(to_dict(config), student.config.to_dict(), len(train), train.input_ids[:2].tolist())
-    trainer = Trainer(student, distill_loss(teacher, config), train, validation, config.train, work_dir, run_id,
-                      desc=f"distilling ({config.loss})", accelerator=accelerator)
-    teacher.to(trainer.acc.device)
+    trainer = Trainer(student, distill_loss(None if cache else teacher.model, config, cache), train, validation,
+                      config.train, work_dir, run_id, desc=f"distilling ({config.loss})", accelerator=accelerator)
+    if cache is not None:
+        cache.load() if cache.exists() else cache.build(teacher.model.to(trainer.acc.device), examples, trainer.acc.device)
+    else:
+        teacher.model.to(trainer.acc.device)
     stats = trainer.run(resume or config.resume)
     for p in student.parameters():
         p.requires_grad_(False)
     student.eval()
     stats.update(trainable_params=sum(p.numel() for n, p in student.named_parameters() if n in names),
-                 loss=config.loss, examples=len(train))
+                 loss=config.loss, examples=len(train), on_policy=config.on_policy,
+                 teacher_cache=None if cache is None else str(cache.path))
     return stats
+
+
+def _teacher_cache(teacher: Teacher, config: DistillConfig, examples) -> TeacherCache | None:
+    if config.teacher_cache is None:
+        return None
+    return TeacherCache(config.teacher_cache, teacher.signature(), examples, config.cache_top_k)
+
+
+def _check_teacher(student: nn.Module, tokenizer: Any, teacher: nn.Module, teacher_tokenizer: Any,
+                   config: DistillConfig) -> None:
+    check_tokenizers(tokenizer, teacher_tokenizer)
+    if config.hidden_weight and student.config.hidden_size != teacher.config.hidden_size:
+        raise ConfigError(f"hidden-state matching needs the same width; student {student.config.hidden_size}, "
+                          f"teacher {teacher.config.hidden_size} (set hidden_weight: 0)")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
 
 
 @register_step("distill", DistillConfig)
 def _distill_step(model: nn.Module, config: DistillConfig, ctx: StepContext) -> dict:
-    from leanlm.core.models import load_model
-
     source = config.teacher or ctx.source
     if source is None:
         raise ConfigError("distill needs a teacher: set 'teacher' or run it inside `leanlm optimize`")
-    teacher = load_model(source, device=str(ctx.device))
-    stats = distill_(model, ctx.tokenizer, teacher.model, teacher.tokenizer, config, ctx.train_text,
-                     ctx.work_dir, resume=ctx.resume)
+    teacher = Teacher(source=str(source), device=str(ctx.device))
+    stats = distill_(model, ctx.tokenizer, teacher, config=config, text=ctx.train_text, work_dir=ctx.work_dir,
+                     resume=ctx.resume)
     stats["teacher"] = str(source)
     return stats

@@ -45,3 +45,13 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float = 
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Summed over positions: mean squared difference of the final hidden states, per position."""
     return (student.float() - teacher.float()).pow(2).mean(-1).sum()
+
+
+def topk_forward_kl(student: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL from the teacher's distribution renormalized over its cached top k ([tokens, k] logits
+    and vocabulary indices) to the student's full distribution, read at those k entries. The student's
+    mass outside them is penalized through its normalization; with k = vocab this is forward_kl."""
+    t = F.log_softmax(teacher_values.float() / temperature, -1)
+    s = F.log_softmax(student.float() / temperature, -1).gather(-1, teacher_indices.long())
+    return (t.exp() * (t - s)).sum() * temperature**2

@@ -21,11 +21,16 @@ FORMATS = ("hf", "compressed-tensors", "gguf")
 
 
 def export(model: str | Path, out: str | Path, format: str = "hf", overwrite: bool = False,
-           weight_type: str = "auto", embeddings: str = "q8_0") -> dict:
-    """Export `model` to `out`; for gguf, `weight_type` (auto, f16, q8_0, q4_0, q4_1) sets the float
-    linear layers' type and `embeddings` the token embeddings' (auto keeps quantized layers as they are)."""
+           weight_type: str = "auto", embeddings: str = "q8_0", imatrix_samples: int = 0,
+           imatrix_data: str | Path | None = None) -> dict:
+    """Export `model` to `out`; for gguf, `weight_type` (auto, f16, q8_0, q5_0, q4_0, q4_1, q4_k, q6_k) sets
+    the float linear layers' type and `embeddings` the token embeddings' (auto keeps quantized layers as
+    they are). `imatrix_samples` > 0 weights the K-quants by an importance matrix measured on that many
+    512-token samples of `imatrix_data`'s train split (default: the built-in corpus)."""
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(FORMATS)}")
+    if imatrix_samples and (format != "gguf" or weight_type not in ("q4_k", "q6_k")):
+        raise ConfigError("an importance matrix is used by the GGUF K-quants only: --format gguf --gguf-type q4_k|q6_k")
     out = check_output(out, overwrite)
     if format == "gguf" and out.suffix != ".gguf":
         raise ConfigError(f"a GGUF export is one file ending in .gguf, got {out}")
@@ -35,8 +40,10 @@ def export(model: str | Path, out: str | Path, format: str = "hf", overwrite: bo
     if format == "gguf":
         from leanlm.export.gguf_export import export_gguf
 
+        importance = _importance(loaded, imatrix_samples, imatrix_data) if imatrix_samples else None
         with atomic_file(out) as tmp:
-            info = {"tensor_types": export_gguf(loaded.model, loaded.tokenizer, tmp, weight_type, embeddings)}
+            info = {"tensor_types": export_gguf(loaded.model, loaded.tokenizer, tmp, weight_type, embeddings,
+                                                importance)}
     else:
         with atomic_dir(out, overwrite) as tmp:
             info = _export_dir(loaded, tmp, format)
@@ -45,6 +52,14 @@ def export(model: str | Path, out: str | Path, format: str = "hf", overwrite: bo
     info.update(format=format, out=str(out), bytes=dir_size(out), source_bytes=loaded.disk_bytes,
                 seconds=time.perf_counter() - start)
     return info
+
+
+def _importance(loaded, samples: int, data: str | Path | None) -> dict:
+    from leanlm.core.data import calibration_samples, load_corpus
+    from leanlm.export.gguf_export import importance_matrix
+
+    calibration = calibration_samples(loaded.tokenizer, load_corpus(data, loaded.tokenizer).train, samples, 512)
+    return importance_matrix(loaded.model, calibration)
 
 
 def check_exportable(model) -> None:

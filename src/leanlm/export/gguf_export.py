@@ -4,7 +4,11 @@ Tensor names come from the `gguf` package's own HF -> GGUF name map, hyperparame
 model config, and the tokenizer (byte-level BPE) from the HF tokenizer files. Layers leanlm has
 quantized are written from their integer codes without re-rounding (int8 -> Q8_0, symmetric
 int4 -> Q4_0, asymmetric int4 -> Q4_1; groups must be multiples of 32). Float linear layers are
-quantized to `weight_type` with gguf's quantizers; norms stay float32.
+quantized to `weight_type` with gguf's quantizers, or, for the K-quants (q4_k, q6_k), with
+kquant_ops, optionally weighted by an importance matrix (mean squared input activations per column,
+as llama.cpp's imatrix). K-quants need rows that are a multiple of 256; other rows fall back to
+Q5_0 (for q4_k) or Q8_0 (for q6_k), as llama.cpp's quantizer does, with a warning that counts them.
+Norms stay float32.
 """
 
 from __future__ import annotations
@@ -24,19 +28,23 @@ from torch import nn
 from leanlm.core.models import QUANTIZED_MODULES
 from leanlm.core.structure import is_linear, is_norm
 from leanlm.errors import ConfigError, UnsupportedModelError
-from leanlm.export import gguf_ops
+from leanlm.export import gguf_ops, kquant_ops
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA}
-WEIGHT_TYPES = {"auto": None, "f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
+WEIGHT_TYPES = {"auto": None, "f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q4_0": QT.Q4_0,
+                "q4_1": QT.Q4_1, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K}
 FILE_TYPES = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16,
-              QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-              QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
+              QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+              QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+              QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S, QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K}
+K_QUANTS = {QT.Q4_K: (kquant_ops.quantize_q4_k, QT.Q5_0), QT.Q6_K: (kquant_ops.quantize_q6_k, QT.Q8_0)}
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, out: Path, weight_type: str = "auto",
-                embeddings: str = "q8_0") -> dict:
-    """Write `model` as one GGUF file at `out`; returns what each tensor became, for the log."""
+                embeddings: str = "q8_0", importance: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write `model` as one GGUF file at `out`; returns what each tensor became, for the log.
+    `importance` (layer name -> per-input-column weights) steers the K-quants' scale search."""
     config = model.config
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
@@ -45,10 +53,12 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, weight_type: str = 
     for name, choice in (("weight type", weight_type), ("embeddings type", embeddings)):
         if choice not in WEIGHT_TYPES or (name == "embeddings type" and choice == "auto"):
             raise ConfigError(f"unknown GGUF {name} {choice!r}; choose from {', '.join(WEIGHT_TYPES)}")
+    if importance and WEIGHT_TYPES[weight_type] not in K_QUANTS:
+        raise ConfigError(f"an importance matrix steers the K-quants only (q4_k, q6_k), not {weight_type!r}")
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
     _write_hparams(writer, config)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
-    counts = _write_tensors(writer, model, arch, WEIGHT_TYPES[weight_type], WEIGHT_TYPES[embeddings])
+    counts = _write_tensors(writer, model, arch, WEIGHT_TYPES[weight_type], WEIGHT_TYPES[embeddings], importance or {})
     main = max((t for t in counts if t not in ("F32",)), key=counts.get, default="F32")
     writer.add_file_type(FILE_TYPES.get(QT[main], gguf.LlamaFileType.GUESSED))
     writer.write_header_to_file()
@@ -77,6 +87,8 @@ def _write_hparams(writer: gguf.GGUFWriter, config) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # head-pruned models: no longer hidden_size / heads
+    writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
 
 
@@ -122,19 +134,31 @@ def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch, weight_type, embed_type) -> dict[str, int]:
+def _warn_fallbacks(linear_types: dict[str, int], weight_type) -> None:
+    if weight_type in K_QUANTS:
+        fallback = K_QUANTS[weight_type][1].name
+        if linear_types.get(fallback):
+            log.warning("%s needs rows that are a multiple of %d weights: %d linear layers were written as %s "
+                        "instead (%d as %s)", weight_type.name, kquant_ops.QK_K, linear_types[fallback], fallback,
+                        linear_types.get(weight_type.name, 0), weight_type.name)
+
+
+def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch, weight_type, embed_type,
+                   importance: dict[str, torch.Tensor]) -> dict[str, int]:
     config = model.config
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     embed = model.get_input_embeddings()
     tied = getattr(config, "tie_word_embeddings", False)
     counts: dict[str, int] = {}
+    linear_types: dict[str, int] = {}
     for hf_name, module in model.named_modules():
         if module is model.get_output_embeddings() and tied:
             continue
         if module is embed or module is model.get_output_embeddings():
             tensors = [("weight", *_float_tensor(module.weight, embed_type))]
         elif is_linear(module) or type(module) in QUANTIZED_MODULES.values():
-            tensors = [("weight", *_linear_tensor(module, weight_type, hf_name))]
+            tensors = [("weight", *_linear_tensor(module, weight_type, hf_name, importance.get(hf_name)))]
+            linear_types[tensors[0][2].name] = linear_types.get(tensors[0][2].name, 0) + 1
         elif is_norm(module):
             tensors = [(k, p.detach().float().numpy(), QT.F32) for k, p in module.named_parameters(recurse=False)]
         else:
@@ -146,7 +170,33 @@ def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch, weight_type,
             data = _rope_order(data, hf_name, config)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    _warn_fallbacks(linear_types, weight_type)
     return counts
+
+
+@torch.no_grad()
+def importance_matrix(model: nn.Module, calibration: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Mean squared input activation per input column of every linear layer (llama.cpp's imatrix)."""
+    from tqdm.auto import tqdm
+
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        for i in tqdm(range(0, len(calibration), batch_size), desc="importance matrix", unit="batch", leave=False):
+            model(input_ids=calibration[i : i + batch_size], logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / rows[n] for n in sums}
 
 
 def _rope_order(data: np.ndarray, hf_name: str, config) -> np.ndarray:
@@ -158,9 +208,14 @@ def _rope_order(data: np.ndarray, hf_name: str, config) -> np.ndarray:
     return data
 
 
-def _float_tensor(weight: torch.Tensor, qtype) -> tuple[np.ndarray, Any]:
+def _float_tensor(weight: torch.Tensor, qtype, importance: torch.Tensor | None = None) -> tuple[np.ndarray, Any]:
     w = weight.detach().float()
-    if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1) and w.shape[-1] % gguf_ops.BLOCK:
+    if qtype in K_QUANTS:
+        quantize, fallback = K_QUANTS[qtype]
+        if w.shape[-1] % kquant_ops.QK_K == 0:
+            return quantize(w, importance), qtype
+        qtype = fallback
+    if qtype in (QT.Q8_0, QT.Q5_0, QT.Q4_0, QT.Q4_1) and w.shape[-1] % gguf_ops.BLOCK:
         log.warning("a %s tensor's rows (%d) are not a multiple of 32; writing it as F16", qtype.name, w.shape[-1])
         qtype = QT.F16
     if qtype == QT.F32:
@@ -170,7 +225,8 @@ def _float_tensor(weight: torch.Tensor, qtype) -> tuple[np.ndarray, Any]:
     return gguf.quants.quantize(w.numpy(), qtype), qtype
 
 
-def _linear_tensor(module: nn.Module, weight_type, name: str) -> tuple[np.ndarray, Any]:
+def _linear_tensor(module: nn.Module, weight_type, name: str,
+                   importance: torch.Tensor | None = None) -> tuple[np.ndarray, Any]:
     """A leanlm-quantized layer from its codes when its format maps to a GGUF type; else requantized."""
     if hasattr(module, "gguf_blocks"):
         blocks = module.gguf_blocks()
@@ -178,5 +234,5 @@ def _linear_tensor(module: nn.Module, weight_type, name: str) -> tuple[np.ndarra
             return blocks[0], QT[blocks[1]]
         target = QT.F16 if weight_type is None else weight_type
         log.warning("layer %s is re-rounded from its dequantized weights to %s", name, target.name)
-        return _float_tensor(module.dequantized_weight(torch.float32), target)
-    return _float_tensor(module.weight, QT.F16 if weight_type is None else weight_type)
+        return _float_tensor(module.dequantized_weight(torch.float32), target, importance)
+    return _float_tensor(module.weight, QT.F16 if weight_type is None else weight_type, importance)

@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from leanlm.core.data import read_text
+from leanlm.core.models import QUANTIZED_MODULES
 from leanlm.core.train_data import IGNORE, Examples, chat_examples, is_chat_file, text_examples
 from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
 from leanlm.errors import ConfigError
 from leanlm.finetune.lora import add_lora, lora_targets, trainable_counts
+from leanlm.finetune.qlora import add_qlora, merge_qlora
 from leanlm.pipeline.config import to_dict
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 class FinetuneConfig(StepConfig):
     """`data`: a text/JSONL file or directory (a JSONL of `messages` trains on assistant turns);
     default: the run's training split."""
+    needs_calibration = True  # built lazily: only a LoRA merged into a quantized base (GPTQ requantize) uses it
     method: Literal["lora", "full"] = "lora"
     data: str | None = None
     too_long: Literal["truncate", "refuse"] = "truncate"
@@ -38,6 +41,9 @@ class FinetuneConfig(StepConfig):
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["*"])
     merge: bool = True
+    # how a LoRA on a quantized base is folded back: GPTQ on calibration data keeps the update's effect;
+    # rtn re-rounds (fast, no data, loses most of an update smaller than half a quantization step)
+    requantize: Literal["gptq", "rtn"] = "gptq"
     resume: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4))
 
@@ -65,15 +71,18 @@ def training_examples(tokenizer: Any, config: FinetuneConfig, default_text: str 
 
 
 def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: str | None = None,
-              work_dir: Path | None = None, accelerator=None, source: str = "",
-              resume: bool = False) -> tuple[nn.Module, dict]:
-    """Train `model` as `config` says; returns the model to use next (merged, or the PEFT wrapper when
-    merge is off) and the training stats."""
+              work_dir: Path | None = None, accelerator=None, source: str = "", resume: bool = False,
+              calibration: Callable[[], torch.Tensor] | None = None, device=None) -> tuple[nn.Module, dict]:
+    """Train `model` as `config` says; returns the model to use next (merged, or the LoRA wrapper when
+    merge is off) and the training stats. On a leanlm-quantized model the LoRA trains over the packed
+    layers (QLoRA) and merging requantizes them; `calibration` supplies GPTQ's data for that."""
+    quantized = _check_quantized_base(model, config)
     train, validation = training_examples(tokenizer, config, text).split(config.train.validation_fraction)
     run_id = fingerprint(to_dict(config), source, len(train), train.input_ids[:2].tolist())
     if config.method == "lora":
-        targets = lora_targets(model, config.targets)
-        model = add_lora(model, targets, config.rank, config.alpha, config.dropout, config.train.seed)
+        targets, quantized = lora_targets(model, config.targets)
+        add = add_qlora if quantized else add_lora
+        model = add(model, targets, config.rank, config.alpha, config.dropout, config.train.seed)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -82,7 +91,14 @@ def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: st
                       desc=f"fine-tuning ({config.method})", accelerator=accelerator)
     stats = trainer.run(resume or config.resume)
     model = trainer.acc.unwrap_model(trainer.model)
-    if config.method == "lora" and config.merge:
+    if config.method == "lora" and config.merge and quantized:
+        data = calibration() if calibration is not None and config.requantize == "gptq" else None
+        stats.update({f"merge_{k}": v for k, v in merge_qlora(model, config.requantize, data, device).items()})
+        # what the served (requantized) model keeps of the adapter's held-out gain; the unwrapped model,
+        # since a DDP wrapper still holds the replaced layers' parameters
+        trainer.model = model
+        stats["validation_perplexity_after_merge"] = _ppl(trainer.evaluate())
+    elif config.method == "lora" and config.merge:
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -91,6 +107,14 @@ def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: st
                  validation_perplexity_before=_ppl(stats["history"][0]["validation_loss"]),
                  validation_perplexity_after=_ppl(stats["best_validation_loss"]))
     return model, stats
+
+
+def _check_quantized_base(model: nn.Module, config: FinetuneConfig) -> bool:
+    quantized = any(type(m) in QUANTIZED_MODULES.values() for m in model.modules())
+    if quantized and config.method == "full":
+        raise ConfigError("full fine-tuning cannot update packed quantized weights; use method: lora (QLoRA: "
+                          "adapters over the quantized layers, requantized on merge) or fine-tune before quantizing")
+    return quantized
 
 
 def _ppl(loss: float) -> float:
@@ -103,7 +127,7 @@ def _finetune_step(model: nn.Module, config: FinetuneConfig, ctx: StepContext) -
         raise ConfigError("in a recipe the LoRA must be merged (merge: true) so later steps see plain weights; "
                           "`leanlm finetune --no-merge` saves an unmerged adapter")
     tuned, stats = finetune_(model, ctx.tokenizer, config, ctx.train_text, ctx.work_dir, source=str(ctx.source),
-                             resume=ctx.resume)
+                             resume=ctx.resume, calibration=ctx.calibration_data, device=ctx.device)
     if tuned is not model:
         raise ConfigError("internal: the merged model is not the one the recipe holds")
     return stats

@@ -13,20 +13,23 @@ from leanlm.core.structure import find_structure, matches
 from leanlm.errors import ConfigError
 
 
-def lora_targets(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the nn.Linear layers inside decoder blocks that match `patterns` (globs)."""
+def lora_targets(model: nn.Module, patterns: list[str]) -> tuple[list[str], bool]:
+    """Names of the linear layers inside decoder blocks that match `patterns` (globs), and whether they
+    are leanlm-quantized layers (QLoRA) rather than float nn.Linear (PEFT LoRA)."""
     prefixes = tuple(f"{n}." for n in find_structure(model).block_names())
-    inside = {n: m for n, m in model.named_modules() if n.startswith(prefixes)}
-    quantized = [n for n, m in inside.items() if type(m) in QUANTIZED_MODULES.values() and matches(n, patterns)]
-    if quantized:
-        raise ConfigError(f"LoRA targets {quantized[0]} (and {len(quantized) - 1} more) are leanlm-quantized layers; "
-                          "LoRA here trains on a float base: fine-tune first, then quantize (recipe lora-merge-w4)")
-    names = [n for n, m in inside.items() if isinstance(m, nn.Linear) and matches(n, patterns)]
-    if not names:
-        example = next((n for n, m in inside.items() if isinstance(m, nn.Linear)), "none")
+    inside = {n: m for n, m in model.named_modules() if n.startswith(prefixes) and matches(n, patterns)}
+    quantized = [n for n, m in inside.items() if type(m) in QUANTIZED_MODULES.values()]
+    floats = [n for n, m in inside.items() if isinstance(m, nn.Linear)]
+    if quantized and floats:
+        raise ConfigError(f"LoRA targets mix quantized layers ({quantized[0]}, ...) and float ones ({floats[0]}, ...); "
+                          "narrow 'targets' so they are all of one kind")
+    if not quantized and not floats:
+        layer_types = (nn.Linear, *QUANTIZED_MODULES.values())
+        example = next((n for n, m in model.named_modules() if n.startswith(prefixes) and isinstance(m, layer_types)),
+                       "none")
         raise ConfigError(f"LoRA target patterns {patterns} match no linear layer inside the decoder blocks "
                           f"(e.g. {example}); use globs like '*.self_attn.*' or '*proj'")
-    return names
+    return quantized or floats, bool(quantized)
 
 
 def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int = 0):
@@ -40,6 +43,7 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, drop
 
 
 def trainable_counts(model: nn.Module) -> dict:
-    total = sum(p.numel() for p in model.parameters())
+    packed = sum(m.packed_params() for m in model.modules() if hasattr(m, "packed_params"))  # quantized weights
+    total = sum(p.numel() for p in model.parameters()) + packed
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable_params": trainable, "total_params": total}

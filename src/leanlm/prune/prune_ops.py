@@ -117,3 +117,36 @@ def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float
     density = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
     density = density - density.mean() + (1 - target)
     return (1 - density).clamp(0.0, 0.99).tolist()
+
+
+@torch.no_grad()
+def masked_refit(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, damp: float = 0.01,
+                 start: torch.Tensor | None = None, iterations: int = 50) -> torch.Tensor:
+    """The kept weights that best reproduce the dense layer's outputs for a fixed mask: each row solves
+    H[K, K] w'[K] = H[K, :] w over its kept columns K (H = X^T X, damped). SparseGPT's sequential
+    update approximates this optimum (Boža 2024 reaches it with ADMM). Rows keep different columns, so
+    all rows are solved at once by conjugate gradients on the masked system, one [rows, in] x [in, in]
+    product per iteration, preconditioned by H's diagonal and started from `start` (e.g. SparseGPT's
+    weights) when given."""
+    W, H = weight.float(), hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+    keep = (~pruned.to(W.device)).float()
+    inv_diag = keep / torch.diag(H)[None, :]
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return (v @ H) * keep
+
+    x = (W if start is None else start.float()) * keep
+    r = (W @ H) * keep - apply(x)
+    z = r * inv_diag
+    p, rz = z, (r * z).sum(1, keepdim=True)
+    for _ in range(iterations):
+        Ap = apply(p)
+        alpha = rz / (p * Ap).sum(1, keepdim=True).clamp(min=1e-30)
+        x, r = x + alpha * p, r - alpha * Ap
+        z = r * inv_diag
+        rz_next = (r * z).sum(1, keepdim=True)
+        p, rz = z + (rz_next / rz.clamp(min=1e-30)) * p, rz_next
+    return x.to(weight.dtype)

@@ -1,5 +1,6 @@
 """SparseGPT: prune each layer with an OBS-style update of the remaining weights (prune_ops.sparsegpt)
-from the Hessian of its inputs, one decoder block at a time, as GPTQ does for quantization."""
+from the Hessian of its inputs, one decoder block at a time, as GPTQ does for quantization. With
+`refit`, the kept weights are then solved exactly for the chosen mask (prune_ops.masked_refit)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from leanlm.core.layerwise import HessianCollector
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepContext, register_step
 from leanlm.prune.base import PruneConfig, apply_mask, prune_, prune_layerwise, register_pruner
-from leanlm.prune.prune_ops import sparsegpt
+from leanlm.prune.prune_ops import masked_refit, sparsegpt
 
 
 @dataclass
 class SparseGPTConfig(PruneConfig):
     needs_calibration = True
     damp: float = 0.01
+    refit: bool = False  # after choosing the mask, solve each row's kept weights exactly (prune_ops.masked_refit)
     block_size: int = 128
     batch_size: int = 8
     calibration_dtype: Literal["float32", "bfloat16"] = "bfloat16"
@@ -36,8 +38,10 @@ def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: torc
         with HessianCollector(block, layers) as collector:
             observe()
         for name, layer in layers.items():
-            weight, mask = sparsegpt(layer.weight.data, collector.hessian(name).to(layer.weight.device),
-                                     sparsity, config.nm, config.damp, config.block_size)
+            H = collector.hessian(name).to(layer.weight.device)
+            weight, mask = sparsegpt(layer.weight.data, H, sparsity, config.nm, config.damp, config.block_size)
+            if config.refit:
+                weight = masked_refit(layer.weight.data, H, mask, config.damp, start=weight)
             apply_mask(layer, mask, weight)
 
     return prune_layerwise(model, config, calibration, device, "SparseGPT", prune_block)

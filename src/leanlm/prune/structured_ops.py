@@ -63,3 +63,24 @@ def refit_down(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor, 
     Hkk = Hkk + damp * torch.diag(Hkk).mean() * torch.eye(len(kept), device=H.device)
     rhs = weight.float() @ H[:, kept]
     return torch.linalg.solve(Hkk, rhs.T).T.to(weight.dtype)
+
+
+def head_importance(o_weight: torch.Tensor, hessian: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Each query head's output energy on the calibration inputs, tr(W_h H_hh W_h^T), where W_h are the
+    output projection's columns that read head h and H = X^T X of that projection's input."""
+    W, H = o_weight.float(), hessian.float()
+    heads = W.shape[1] // head_dim
+    scores = [(W[:, s] @ H[s, s] * W[:, s]).sum() for s in (slice(h * head_dim, (h + 1) * head_dim)
+                                                         for h in range(heads))]
+    return torch.stack(scores)
+
+
+def kept_heads(scores: torch.Tensor, kv: int, keep_kv: int, per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query heads, KV heads) to keep: the `keep_kv` groups whose best `per_group` heads carry the most
+    energy, and those heads inside each kept group; both in their original order, so kept query head
+    i still reads kept KV head i // per_group."""
+    by_group = scores.reshape(kv, -1)
+    best = by_group.topk(per_group, dim=1)
+    groups = best.values.sum(1).topk(keep_kv).indices.sort().values
+    inside = best.indices[groups].sort(dim=1).values
+    return (groups[:, None] * by_group.shape[1] + inside).flatten(), groups

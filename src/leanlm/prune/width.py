@@ -80,21 +80,36 @@ def sliced(linear: nn.Linear, kept: torch.Tensor, dim: int, weight: torch.Tensor
 
 
 @torch.no_grad()
+def zeroed_output(layer: nn.Linear, kept: torch.Tensor, weight: torch.Tensor, observe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's output on one calibration batch with `layer` reading only its `kept` inputs (through
+    `weight`, the others zeroed): what slicing must reproduce. Returns it and that zero-padded weight."""
+    masked = torch.zeros_like(layer.weight)
+    masked[:, kept] = weight
+    original = layer.weight.data
+    layer.weight.data = masked
+    try:
+        return observe(limit=1)[0], masked
+    finally:
+        layer.weight.data = original
+
+
+def slice_error(expected: torch.Tensor, observe) -> tuple[float, bool]:
+    """Max difference of the sliced block's output from `expected`, and whether it is too large."""
+    diff = (observe(limit=1)[0] - expected).abs().max().item()
+    return diff, diff > 1e-3 * max(expected.abs().max().item(), 1.0)
+
+
+@torch.no_grad()
 def shrink_ffn(block: nn.Module, ffn: FFN, kept: torch.Tensor, down_weight: torch.Tensor, observe) -> float:
     """Slice the FFN to the kept channels and check, on one calibration batch, that the block computes
     what the full-width block with the removed channels zeroed computes; returns that max difference."""
     name, down = ffn.reducer
-    masked = torch.zeros_like(down.weight)
-    masked[:, kept] = down_weight
-    original = down.weight.data
-    down.weight.data = masked
-    expected = observe(limit=1)[0]
-    down.weight.data = original
+    expected, masked = zeroed_output(down, kept, down_weight, observe)
     for n, m in ffn.expanders.items():
         replace_module(block, n, sliced(m, kept, 0))
     replace_module(block, name, sliced(down, kept, 1, masked))
-    diff = (observe(limit=1)[0] - expected).abs().max().item()
-    if diff > 1e-3 * max(expected.abs().max().item(), 1.0):
+    diff, bad = slice_error(expected, observe)
+    if bad:
         raise LeanLMError(f"slicing the FFN of {type(block).__name__} changed its output by {diff:.3g}; its channels "
                           "are not elementwise between the expanding and reducing linears")
     return diff

@@ -75,6 +75,10 @@ class Int4Linear(nn.Module):
     def packed_params(self) -> int:
         return self.in_features * self.out_features
 
+    def quant_scheme(self) -> tuple[int, int | None, bool]:
+        """(bits, group_size, symmetric), to requantize an updated weight the same way."""
+        return 4, self.group_size, bool((self.zero == 8).all())
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = dequantize(unpack_int4(self.qweight), self.scale.float(), self.zero.float(), self.group_size)
         return w.to(dtype or self.compute_dtype)

@@ -31,6 +31,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zero", None if symmetric else torch.empty(out_features, groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._kernel_scale = None  # the per-channel scale in bfloat16, as the packed kernel takes it
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, group_size: int | None = None,
@@ -58,6 +59,10 @@ class Int8Linear(nn.Module):
     def packed_params(self) -> int:
         return self.in_features * self.out_features
 
+    def quant_scheme(self) -> tuple[int, int | None, bool]:
+        """(bits, group_size, symmetric), to requantize an updated weight the same way."""
+        return 8, self.group_size, self.symmetric
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         w = dequantize(self.qweight, self.scale.float(), None if self.zero is None else self.zero.float(), self.group_size)
         return w.to(dtype or self.scale.dtype)
@@ -65,8 +70,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self._packed_kernel_ok(x) and rows <= SMALL_BATCH:
+            if self._kernel_scale is None:  # converting it per call costs about what the kernel does at batch 1
+                self._kernel_scale = self.scale[:, 0].to(torch.bfloat16)
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight,
-                                            self.scale[:, 0].to(torch.bfloat16))
+                                            self._kernel_scale)
             out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
@@ -81,6 +88,14 @@ class Int8Linear(nn.Module):
 
     def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_scale = None  # device/dtype moves invalidate the cached kernel scale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_scale = None  # so do new scales
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=8, "

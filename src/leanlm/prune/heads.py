@@ -1,0 +1,186 @@
+"""Attention head pruning: remove whole KV groups, or query heads inside each group, ranked by how much
+each head adds to the block's output on calibration data, and refit the output projection by least
+squares so the kept heads stand in for the removed ones.
+
+A head's importance is the energy of its share of the output projection, E||W_o[:, h] x_h||^2 =
+tr(W_o[:, h] H_hh W_o[:, h]^T) with H the output projection's input Hessian X^T X (Minitron ranks
+heads by activations too; this weighs them by what reaches the residual stream). The attention
+projections are found from the module graph: q, k and v are the linears that read one shared input
+with head-shaped outputs, the output projection is the next linear reading a head-shaped input.
+Every block keeps the same number of heads, so the result is a standard HF config (with `head_dim`
+written out, since hidden_size / heads no longer gives it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.structure import find_structure, replace_module
+from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
+from leanlm.pipeline.steps import StepConfig, StepContext, register_step
+from leanlm.prune.base import prune_, register_pruner
+from leanlm.prune.structured_ops import head_importance, kept_heads, refit_down
+from leanlm.prune.width import sliced, slice_error, zeroed_output
+
+
+@dataclass
+class HeadsConfig(StepConfig):
+    """Keep `kv_groups` KV groups and/or `heads_per_group` query heads of each kept group, per block."""
+    needs_calibration = True
+    kv_groups: int | None = None
+    heads_per_group: int | None = None
+    refit: bool = True
+    damp: float = 0.01
+    batch_size: int = 8
+    calibration_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> None:
+        if self.kv_groups is None and self.heads_per_group is None:
+            raise ConfigError("head pruning needs kv_groups and/or heads_per_group (how many to keep)")
+        for key in ("kv_groups", "heads_per_group"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+@dataclass
+class Heads:
+    heads: int
+    kv: int
+    head_dim: int
+
+    @property
+    def per_group(self) -> int:
+        return self.heads // self.kv
+
+
+@dataclass
+class Attention:
+    module: nn.Module  # the attention module (common parent of q and o)
+    q: str
+    kv: list[str]
+    o: str
+
+
+def head_counts(model: nn.Module) -> Heads:
+    c = model.config
+    heads, hidden = getattr(c, "num_attention_heads", None), getattr(c, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int):
+        raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer num_attention_heads and "
+                                    "hidden_size; head pruning needs both")
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    return Heads(heads, kv, getattr(c, "head_dim", None) or hidden // heads)
+
+
+def target_counts(current: Heads, config: HeadsConfig) -> Heads:
+    kv = config.kv_groups or current.kv
+    per_group = config.heads_per_group or current.per_group
+    if kv > current.kv or per_group > current.per_group:
+        raise ConfigError(f"the model has {current.kv} KV groups of {current.per_group} query heads; cannot keep "
+                          f"{kv} groups of {per_group}")
+    if (kv, per_group) == (current.kv, current.per_group):
+        raise ConfigError(f"keeping {kv} KV groups of {per_group} query heads removes nothing; lower kv_groups "
+                          "or heads_per_group")
+    return Heads(kv * per_group, kv, current.head_dim)
+
+
+def find_attention(block: nn.Module, collector: HessianCollector, counts: Heads, hidden: int) -> Attention:
+    """q/k/v: the linears sharing one input with head-shaped outputs; o: the next linear whose input
+    is head-shaped (the call order of the collector's first batch)."""
+    order = list(collector.owner)
+    layers = collector.layers
+    q_out, kv_out = counts.heads * counts.head_dim, counts.kv * counts.head_dim
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(collector.owner[name], []).append(name)
+    qkv = next((g for g in groups.values() if len(g) == 3 and all(layers[n].in_features == hidden for n in g)
+                and sorted(layers[n].out_features for n in g) == sorted([q_out, kv_out, kv_out])), None)
+    if qkv is None:
+        raise UnsupportedModelError(
+            f"could not find the attention projections of {type(block).__name__}: looked for three nn.Linear "
+            f"layers reading one input, {hidden} -> {q_out} (q) and {hidden} -> {kv_out} (k, v); fused qkv "
+            "projections are not supported")
+    q = next(n for n in qkv if layers[n].out_features == q_out)
+    after = order[max(order.index(n) for n in qkv) + 1:]
+    o = next((n for n in after if layers[n].in_features == q_out and layers[n].out_features == hidden), None)
+    if o is None:
+        raise UnsupportedModelError(f"could not find the output projection ({q_out} -> {hidden}) after {q}")
+    parent = q.rpartition(".")[0]
+    if o.rpartition(".")[0] != parent:
+        raise UnsupportedModelError(f"{q} and {o} are not in one attention module")
+    return Attention(block.get_submodule(parent) if parent else block, q, [n for n in qkv if n != q], o)
+
+
+def rows_of(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+@torch.no_grad()
+def shrink_attention(block: nn.Module, attn: Attention, q_heads: torch.Tensor, kv_heads: torch.Tensor,
+                     o_weight: torch.Tensor, counts: Heads, target: Heads, observe) -> float:
+    """Slice q/k/v/o to the kept heads and check, on one calibration batch, that the block computes what
+    the full block with the removed heads' output columns zeroed computes; returns that difference."""
+    o = block.get_submodule(attn.o)
+    cols = rows_of(q_heads, counts.head_dim).to(o.weight.device)
+    expected, masked = zeroed_output(o, cols, o_weight, observe)
+    replace_module(block, attn.q, sliced(block.get_submodule(attn.q), cols, 0))
+    for name in attn.kv:
+        replace_module(block, name, sliced(block.get_submodule(name), rows_of(kv_heads, counts.head_dim), 0))
+    replace_module(block, attn.o, sliced(o, cols, 1, masked))
+    _set_counts(attn.module, target)
+    diff, bad = slice_error(expected, observe)
+    if bad:
+        raise LeanLMError(f"slicing the heads of {type(attn.module).__name__} changed the block's output by {diff:.3g}; "
+                          "it keeps head counts somewhere leanlm does not update")
+    return diff
+
+
+def _set_counts(module: nn.Module, target: Heads) -> None:
+    """Attention modules read their group ratio (and, in some architectures, head counts) from
+    attributes set at construction."""
+    for attr, value in (("num_key_value_groups", target.per_group), ("num_heads", target.heads),
+                        ("num_attention_heads", target.heads), ("num_key_value_heads", target.kv)):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, value)
+
+
+@register_pruner(HeadsConfig)
+def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor, device=None) -> dict:
+    counts, hidden = head_counts(model), model.config.hidden_size
+    target = target_counts(counts, config)
+    find_structure(model)  # fails clearly when the blocks can't be found
+    params_before = sum(p.numel() for p in model.parameters())
+
+    def one_block(index: int, block: nn.Module, observe) -> dict:
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        with HessianCollector(block, linears) as collector:
+            observe()
+        attn = find_attention(block, collector, counts, hidden)
+        o = block.get_submodule(attn.o)
+        H = collector.hessian(attn.o).to(o.weight.device)
+        scores = head_importance(o.weight.data, H, counts.head_dim)
+        q_heads, kv_heads = kept_heads(scores, counts.kv, target.kv, target.per_group)
+        cols = rows_of(q_heads, counts.head_dim).to(o.weight.device)
+        weight = refit_down(o.weight.data, H, cols, config.damp) if config.refit else o.weight.data[:, cols]
+        diff = shrink_attention(block, attn, q_heads, kv_heads, weight, counts, target, observe)
+        return {"kept_heads": q_heads.tolist(), "max_slice_diff": diff}
+
+    autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
+    done = process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
+                             desc="head pruning", autocast=autocast)
+    model.config.num_attention_heads, model.config.num_key_value_heads = target.heads, target.kv
+    model.config.head_dim = counts.head_dim
+    return {"heads_before": counts.heads, "heads_after": target.heads, "kv_heads_before": counts.kv,
+            "kv_heads_after": target.kv, "refit": config.refit, "kept_heads": [d["kept_heads"] for d in done],
+            "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
+            "max_slice_diff": max(d["max_slice_diff"] for d in done)}
+
+
+@register_step("heads", HeadsConfig)
+def _heads_step(model: nn.Module, config: HeadsConfig, ctx: StepContext) -> dict:
+    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
