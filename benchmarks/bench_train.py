@@ -28,7 +28,7 @@ def measure(mode: str, args) -> dict:
     loaded = load_model("smollm2-135m", device="auto")
     model = loaded.model
     if mode == "lora":
-        model = add_lora(model, lora_targets(model, ["*proj"]), rank=16, alpha=32, dropout=0.05)
+        model = add_lora(model, lora_targets(model, ["*proj"])[0], rank=16, alpha=32, dropout=0.05)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

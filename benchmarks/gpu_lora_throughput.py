@@ -41,7 +41,7 @@ def main() -> None:
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).cuda()
-    model = add_lora(model, lora_targets(model, ["*proj"]), rank=16, alpha=32, dropout=0.05)
+    model = add_lora(model, lora_targets(model, ["*proj"])[0], rank=16, alpha=32, dropout=0.05)
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch_size * 4, args.seq_len))
     data = Examples(ids, ids.clone(), torch.ones_like(ids))
     config = TrainConfig(steps=args.steps + args.warmup_steps, batch_size=args.batch_size,
