@@ -146,3 +146,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_dir, tmp_path):
     # summation order differs across processes; Adam can amplify that only for near-zero gradients
     assert moved > 1e-4 and apart < 1e-3 * moved
     assert one["best_validation_loss"] == pytest.approx(two["best_validation_loss"], rel=1e-4)
+
+
+def test_a_time_limit_stop_still_judges_the_last_steps(tiny):
+    config = FinetuneConfig(method="full", train=small_train(steps=50, eval_every=40, max_minutes=1e-6))
+    _, stats = finetune_(tiny.model, tiny.tokenizer, config, TEXT)
+    assert stats["stopped_by"] == "max_minutes" and stats["steps"] == 1
+    assert [h["step"] for h in stats["history"]] == [0, 1]  # evaluated at the stop, not only every 40 steps

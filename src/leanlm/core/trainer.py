@@ -176,13 +176,9 @@ class Trainer:
             self.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", best_val=f"{self.best:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                val = self.evaluate()
-                self.history.append({"step": self.step, "train_loss": loss, "validation_loss": val})
-                if val < self.best:
-                    self.best, self.best_state, stale = val, self._trainable_state(), 0
-                else:
-                    stale += 1
+            judged = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+            if judged:
+                stale = 0 if self._judge(loss) else stale + 1
                 if cfg.patience and stale >= cfg.patience:
                     stopped = "early stopping"
                     break
@@ -190,6 +186,8 @@ class Trainer:
                 self._save_checkpoint()
             if self._out_of_time(t0):
                 stopped = "max_minutes"
+                if not judged:  # else the steps since the last evaluation could never become the best
+                    self._judge(loss)
                 break
         bar.close()
         self._restore(self.best_state)
@@ -198,6 +196,15 @@ class Trainer:
         return {"steps": self.step, "stopped_by": stopped, "best_validation_loss": self.best, "seconds": seconds,
                 "tokens_per_second": trained * cfg.batch_size * cfg.seq_len / max(seconds, 1e-9),
                 "processes": self.acc.num_processes, "history": self.history}
+
+    def _judge(self, loss: float) -> bool:
+        """Evaluate on the held-out set, record it, and keep the weights if they are the best so far."""
+        val = self.evaluate()
+        self.history.append({"step": self.step, "train_loss": loss, "validation_loss": val})
+        if val < self.best:
+            self.best, self.best_state = val, self._trainable_state()
+            return True
+        return False
 
     def _out_of_time(self, t0: float) -> bool:
         if self.config.max_minutes is None:
