@@ -146,8 +146,10 @@ def distill_(student: nn.Module, tokenizer: Any, teacher: Teacher | nn.Module, t
     run_id = fingerprint(to_dict(config), student.config.to_dict(), len(train), train.input_ids[:2].tolist())
     trainer = Trainer(student, distill_loss(None if cache else teacher.model, config, cache), train, validation,
                       config.train, work_dir, run_id, desc=f"distilling ({config.loss})", accelerator=accelerator)
-    if cache is not None:
-        cache.load() if cache.exists() else cache.build(teacher.model.to(trainer.acc.device), examples, trainer.acc.device)
+    if cache is not None and cache.exists():
+        cache.load()
+    elif cache is not None:
+        cache.build(teacher.model.to(trainer.acc.device), examples, trainer.acc.device)
     else:
         teacher.model.to(trainer.acc.device)
     stats = trainer.run(resume or config.resume)
