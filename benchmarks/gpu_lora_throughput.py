@@ -36,11 +36,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).cuda()
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(args.device)
     model = add_lora(model, lora_targets(model, ["*proj"])[0], rank=16, alpha=32, dropout=0.05)
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch_size * 4, args.seq_len))
     data = Examples(ids, ids.clone(), torch.ones_like(ids))
@@ -50,15 +51,17 @@ def main() -> None:
     trainer = Trainer(model, causal_lm_loss, data, data.split(0.05)[1], config, desc="LoRA throughput")
     for step in range(args.warmup_steps):
         trainer.train_step(step)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     for step in range(args.warmup_steps, args.warmup_steps + args.steps):
         trainer.train_step(step)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
     tps = args.steps * args.batch_size * args.seq_len / seconds
-    result = {"device": torch.cuda.get_device_name(), "tokens_per_second": tps, "steps": args.steps,
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "peak_mem_bytes": torch.cuda.max_memory_allocated()}
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = {"device": device_name, "tokens_per_second": tps, "steps": args.steps,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "peak_mem_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None}
     print(f"LoRA r=16, bf16, {args.batch_size} x {args.seq_len} tokens/step on {result['device']}: {tps:,.0f} tokens/s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

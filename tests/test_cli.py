@@ -24,6 +24,8 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["optimize", "--recipe", "nope"]) == 2
     assert "shipped:" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
+    assert main(["bench", "--compile", "--warmup", "0"]) == 2
+    assert "--compile needs at least one warm-up" in capsys.readouterr().err
 
 
 def test_eval_and_bench_json(tiny_dir, tmp_path, capsys):

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark a model with leanlm's generation loop: warm-up, then the median of repeats.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to benchmark (default: {DEFAULT_MODEL})")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a static KV cache and a torch.compile'd step (CUDA graphs on GPU); "
+                        "compiling takes a minute or more, done in the warm-up")
     _runtime_option(p)
     _bench_options(p)
     _model_options(p)
@@ -241,7 +244,12 @@ def cmd_bench(args) -> int:
     from leanlm.core.models import load_model
 
     _set_threads(args)
-    cfg = BenchConfig(args.prompt_tokens, args.decode_prompt_tokens, args.new_tokens, args.batch, args.repeats, args.warmup)
+    cfg = BenchConfig(args.prompt_tokens, args.decode_prompt_tokens, args.new_tokens, args.batch, args.repeats, args.warmup,
+                      compile=args.compile)
+    if args.compile and args.runtime == "llama.cpp":
+        raise LeanLMError("--compile applies to the PyTorch runtime; llama.cpp has its own")
+    if args.compile and cfg.warmup < 1:
+        raise LeanLMError("--compile needs at least one warm-up run (--warmup 1), or the compile time is timed")
     if min(cfg.prompt_tokens, cfg.decode_prompt_tokens, cfg.new_tokens, cfg.batch, cfg.repeats) < 1 or cfg.warmup < 0:
         raise LeanLMError("benchmark sizes must be positive (warm-up may be 0)")
     if args.runtime == "llama.cpp":
@@ -260,7 +268,9 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model: {args.model}   device: {result['device']}   threads: {result['threads']}   (median of {cfg.repeats} after {cfg.warmup} warm-up)")
+    loop = "compiled static-cache loop" if cfg.compile else "eager loop"
+    print(f"model: {args.model}   device: {result['device']}   threads: {result['threads']}   {loop}   "
+          f"(median of {cfg.repeats} after {cfg.warmup} warm-up)")
     print(f"prefill          {result['prefill_tps']:10.1f} tokens/s   ({cfg.prompt_tokens}-token prompt)")
     print(f"time to 1st tok  {result['ttft_s']:10.3f} s")
     print(f"decode batch 1   {result['decode_tps']:10.2f} tokens/s   ({cfg.new_tokens} tokens)")

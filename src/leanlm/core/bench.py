@@ -26,6 +26,7 @@ class BenchConfig:
     batch: int = 8
     repeats: int = 5
     warmup: int = 1
+    compile: bool = False  # decode through core.compiled_decode (static cache, torch.compile; CUDA graphs on GPU)
 
 
 class PeakMemory:
@@ -80,16 +81,42 @@ def time_prefill(model, ids: torch.Tensor, cfg: BenchConfig, device) -> float:
     return _median_seconds(run, cfg, device, f"prefill x{ids.shape[0]}")
 
 
-def time_decode(model, ids: torch.Tensor, cfg: BenchConfig, device) -> float:
+class EagerDecoder:
+    """The default loop (core.generate) behind the same interface as CompiledDecoder."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def new_cache(self, batch: int):
+        return new_cache(self.model)
+
+    def prefill(self, ids, cache):
+        return prefill(self.model, ids, cache)
+
+    def decode_one_token(self, token, cache):
+        return decode_one_token(self.model, token, cache)
+
+
+def make_decoder(model, cfg: BenchConfig):
+    if not cfg.compile:
+        return EagerDecoder(model)
+    from leanlm.core.compiled_decode import CompiledDecoder
+
+    if cfg.warmup < 1:
+        raise ValueError("the compiled loop needs a warm-up run: compiling happens there, and must not be timed")
+    return CompiledDecoder(model, max_len=cfg.decode_prompt_tokens + cfg.new_tokens + 1)
+
+
+def time_decode(decoder, ids: torch.Tensor, cfg: BenchConfig, device) -> float:
     """Seconds for `new_tokens` decode steps after a prefill that is not timed."""
     times = []
     for i in tqdm(range(cfg.warmup + cfg.repeats), desc=f"decode x{ids.shape[0]}", leave=False):
-        cache = new_cache(model)
-        token = prefill(model, ids, cache).argmax(-1, keepdim=True)
+        cache = decoder.new_cache(ids.shape[0])
+        token = decoder.prefill(ids, cache).argmax(-1, keepdim=True)
         _sync(device)
         start = time.perf_counter()
         for _ in range(cfg.new_tokens):
-            token = decode_one_token(model, token, cache).argmax(-1, keepdim=True)
+            token = decoder.decode_one_token(token, cache).argmax(-1, keepdim=True)
         _sync(device)
         if i >= cfg.warmup:
             times.append(time.perf_counter() - start)
@@ -106,8 +133,9 @@ def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
     short = torch.randint(0, vocab, (cfg.batch, cfg.decode_prompt_tokens), generator=gen).to(device)
     with PeakMemory(device) as mem:
         ttft = time_prefill(model, prompt, cfg, device)
-        decode = time_decode(model, short[:1], cfg, device)
-        decode_batch = time_decode(model, short, cfg, device)
+        decoder = make_decoder(model, cfg)
+        decode = time_decode(decoder, short[:1], cfg, device)
+        decode_batch = time_decode(decoder, short, cfg, device) if cfg.batch > 1 else decode
     params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     params += sum(getattr(m, "packed_params", lambda: 0)() for m in model.modules())
     return {
