@@ -53,3 +53,36 @@ def test_benchmark_with_the_compiled_loop(tiny):
     out = benchmark(tiny, cfg)
     assert out["decode_tps"] > 0 and out["decode_tps_batch"] == out["decode_tps"]
     assert out["config"]["compile"] is True
+
+
+def _act_sparse(model, calibration):
+    from leanlm.sparsify import ActSparsityConfig, sparsify_activations_
+
+    sparsify_activations_(model, ActSparsityConfig(sparsity=0.3, rows=128), calibration)
+
+
+def _moefy(model, calibration):
+    from leanlm.sparsify import MoefyConfig, moefy_
+
+    moefy_(model, MoefyConfig(experts=8, top_k=4, rows=128), calibration)
+
+
+def _w8a8(model, calibration):
+    from leanlm.quantize import SmoothQuantConfig
+
+    quantize_(model, SmoothQuantConfig(search_samples=4, batch_size=4), calibration=calibration)
+
+
+@pytest.mark.parametrize("transform", [_act_sparse, _moefy, _w8a8], ids=["act_sparse", "moefy", "w8a8"])
+def test_modules_with_host_side_paths_compile_and_match_eager(tiny, tokenizer, transform):
+    """Their batch-1 paths read data-dependent sizes or cache on the host; compiled, they must take
+    the static path and still give the eager loop's logits."""
+    from leanlm.core.data import calibration_samples, default_corpus
+
+    transform(tiny.model, calibration_samples(tokenizer, default_corpus().train, 4, 64, 0))
+    ids = torch.randint(0, tiny.model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    model = tiny.model
+    want = _logits(lambda i, c: prefill(model, i, c), lambda t, c: decode_one_token(model, t, c), new_cache(model), ids, 5)
+    decoder = CompiledDecoder(model, max_len=16)
+    got = _logits(decoder.prefill, decoder.decode_one_token, decoder.new_cache(1), ids, 5)
+    torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0)

@@ -81,7 +81,12 @@ class W8A8Linear(nn.Module):
         return (self.qweight.float() * self.scale[:, None]).to(dtype or torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes, row_scale = _LastInput.quantize(x)
+        if torch.compiler.is_compiling():
+            # the graph dedupes the shared quantization itself (the host-side cache would break it), and
+            # quantizes the 2-D view: inductor fed _int_mm wrong codes when they were reshaped afterwards
+            codes, row_scale = quantize_per_token(x.reshape(-1, self.in_features))
+        else:
+            codes, row_scale = _LastInput.quantize(x)
         codes, row_scale = codes.reshape(-1, self.in_features), row_scale.reshape(-1, 1)
         if self._int_mm_ok(codes):
             acc = torch._int_mm(codes, self.qweight.t()).float()

@@ -54,7 +54,8 @@ class ActSparseLinear(nn.Module):
         return self.weight_t.T.contiguous().to(dtype or self.weight_t.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features:
+        # the row gather has a data-dependent size, which a compiled graph cannot hold: masked dense there
+        if x.numel() == self.in_features and not torch.compiler.is_compiling():
             return sparse_gemv(x, self.weight_t, self.threshold, self.bias, self.column_norms)
         return F.linear(sparsify(x, self.threshold, self.column_norms), self.weight_t.T, self.bias)
 
