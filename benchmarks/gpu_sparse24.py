@@ -84,7 +84,10 @@ def time_cslt_direct(backend: str, token_counts: list[int], repeats: int) -> lis
             packed = torch._cslt_compress(w)
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
             xt = x.t()  # W @ x^T with transpose_result gives x @ W^T, the linear layer's output
-            alg = torch._cslt_sparse_mm_search(packed, xt, transpose_result=True)
+            try:
+                alg = torch._cslt_sparse_mm_search(packed, xt, transpose_result=True)
+            except RuntimeError:  # the search itself failed inside cuSPARSELt on an H100 (torch 2.11, CUDA 13)
+                alg = 0
             out = torch._cslt_sparse_mm(packed, xt, transpose_result=True, alg_id=alg)
             torch.testing.assert_close(out, F.linear(x, w), atol=0.5, rtol=1e-2)
             dense_ms = time_ms(lambda: F.linear(x, w), repeats, 10)
