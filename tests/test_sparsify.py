@@ -50,7 +50,7 @@ def test_act_sparsity_step_round_trips_and_keeps_quality_close(tiny_dir, tmp_pat
     m = load_model(tiny_dir, device="cpu")
     with torch.no_grad():
         dense = m.model(input_ids=IDS).logits
-    stats = sparsify_activations_(m.model, ActSparsityConfig(sparsity=0.3, rows=256), calibration)
+    stats = sparsify_activations_(m.model, ActSparsityConfig(sparsity=0.3, rows=256, allocation="uniform"), calibration)
     assert stats["layers_sparsified"] == 14 and all(t > 0 for t in stats["thresholds"].values())
     assert sum(isinstance(mod, ActSparseLinear) for mod in m.model.modules()) == 14
     with torch.no_grad():
@@ -69,11 +69,56 @@ def test_act_sparsity_step_round_trips_and_keeps_quality_close(tiny_dir, tmp_pat
     assert torch.equal(out, ref)
 
 
+def test_greedy_allocation_reaches_the_target_and_spares_sensitive_layers(tiny_dir, calibration):
+    m = load_model(tiny_dir, device="cpu")
+    config = ActSparsityConfig(sparsity=0.4, rows=256, allocation="greedy", search_samples=4, batch_size=4)
+    stats = sparsify_activations_(m.model, config, calibration)
+    assert stats["achieved_weighted_sparsity"] == pytest.approx(0.4, abs=1e-3)
+    levels = stats["levels"]
+    assert max(levels.values()) <= config.max_layer_sparsity + 1e-9
+    for block in ("model.layers.0", "model.layers.1"):  # layers that read one tensor share a level
+        assert levels[f"{block}.self_attn.q_proj"] == levels[f"{block}.self_attn.k_proj"] == levels[f"{block}.self_attn.v_proj"]
+        assert levels[f"{block}.mlp.gate_proj"] == levels[f"{block}.mlp.up_proj"]
+    assert set(stats["mean_level_by_layer"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+class TwoPaths(nn.Module):
+    """Two parallel layers, one of whose outputs is amplified 30x: its inputs are the costly ones to drop."""
+
+    def __init__(self):
+        super().__init__()
+        self.loud, self.quiet = nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False)
+
+    def forward(self, x, y):
+        return 30 * self.loud(x) + self.quiet(y)
+
+
+def test_greedy_allocator_moves_sparsity_to_the_cheap_layer():
+    from leanlm.sparsify.act_allocation import DENSE, Allocator, find_groups
+
+    block = TwoPaths()
+    x, y = torch.randn(64, 32), torch.randn(64, 32)
+    observe = lambda limit=None: block(x, y)  # noqa: E731
+    groups = find_groups(block, {"loud": block.loud, "quiet": block.quiet}, observe)
+    assert sorted(g.names[0] for g in groups) == ["loud", "quiet"] and all(g.parent == "" for g in groups)
+    for name in ("loud", "quiet"):
+        setattr(block, name, ActSparseLinear.from_linear(getattr(block, name), DENSE, weighted=False))
+    allocator = Allocator(block, groups, {"loud": x, "quiet": y}, {"loud": None, "quiet": None}, 0.1, 0.9)
+    allocator.run(0.4, observe, 1)
+    level = {g.names[0]: g.level for g in groups}
+    assert level["quiet"] > level["loud"] and level["loud"] + level["quiet"] == pytest.approx(0.8)
+
+
 def test_act_sparsity_bad_inputs():
     with pytest.raises(ConfigError, match=r"sparsity must be in \(0, 1\)"):
         parse_recipe({"steps": [{"type": "act_sparsity", "sparsity": 1}]})
     with pytest.raises(ConfigError, match="unknown key 'sparse'"):
         parse_recipe({"steps": [{"type": "act_sparsity", "sparse": 0.5}]})
+    with pytest.raises(ConfigError, match="max_layer_sparsity"):
+        parse_recipe({"steps": [{"type": "act_sparsity", "sparsity": 0.5, "max_layer_sparsity": 0.4}]})
+    with pytest.raises(ConfigError, match="allocation"):
+        parse_recipe({"steps": [{"type": "act_sparsity", "allocation": "clever"}]})
 
 
 def test_balanced_clustering_gives_equal_experts_and_finds_groups():
