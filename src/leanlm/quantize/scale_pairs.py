@@ -86,7 +86,7 @@ def find_scale_pairs(block: nn.Module, example: BlockCall) -> list[ScalePair]:
             candidates = [n for n in reversed(order[:first]) if _prev_width(modules[n]) == width][:MAX_TRIES]
         for prev in candidates:
             if _prev_width(modules[prev]) == width and _is_exact(block, example, prev, readers):
-                pairs.append(ScalePair(prev, readers, _common_parent(readers)))
+                pairs.append(ScalePair(prev, readers, common_parent(readers)))
                 break
     return sorted(pairs, key=lambda p: order.index(p.nexts[0]))
 
@@ -160,7 +160,8 @@ def apply_scale(prev: nn.Module, nexts: list[nn.Module], s: torch.Tensor) -> Non
         layer.weight.data.copy_((layer.weight.float() * s[None, :]).to(layer.weight.dtype))
 
 
-def _common_parent(names: list[str]) -> str:
+def common_parent(names: list[str]) -> str:
+    """The deepest module name holding every one of `names` ("" when only the block does)."""
     parts = [n.split(".") for n in names]
     common = []
     for level in zip(*parts):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from leanlm.quantize.scale_pairs import _common_parent, capture_calls, output_mse, shared_input_groups
+from leanlm.quantize.scale_pairs import capture_calls, common_parent, output_mse, shared_input_groups
 from leanlm.sparsify.act_sparse_ops import scores, threshold_for
 
 DENSE = -1.0  # a threshold no |score| falls below or on: the layer keeps every input
@@ -41,7 +41,7 @@ def find_groups(block: nn.Module, layers: dict[str, nn.Module], observe) -> list
         names = [n for n in names if n in layers]
         if names:
             params = sum(layers[n].in_features * layers[n].out_features for n in names)
-            groups.append(Group(names, _common_parent(names) if len(names) > 1 else _parent_of(names[0]), params))
+            groups.append(Group(names, common_parent(names) if len(names) > 1 else _parent_of(names[0]), params))
     missing = set(layers) - {n for g in groups for n in g.names}
     if missing:
         raise RuntimeError(f"layers {sorted(missing)} were not called when the block ran; cannot allocate sparsity")
