@@ -54,7 +54,7 @@ def _parent_of(name: str) -> str:
 
 
 class Allocator:
-    """Greedy levels for one block; `thresholds(level)` per layer come from its sampled input rows."""
+    """Greedy levels for one block; `threshold(name, level)` comes from the layer's sampled input rows."""
 
     def __init__(self, block: nn.Module, groups: list[Group], rows: dict[str, torch.Tensor],
                  norms: dict[str, torch.Tensor | None], step: float, max_level: float):
@@ -90,7 +90,7 @@ class Allocator:
                 if i in cost and (cost[i][1] - g.level) * g.params > short + 1e-9:
                     del cost[i]  # measured when more was missing: its step would now overshoot the target
                 if i not in cost:
-                    cost[i] = self._try(g, calls[g.parent], error[g.parent], target, total)
+                    cost[i] = self._try(g, calls[g.parent], error[g.parent], short)
             best = min(cost, key=lambda i: cost[i][0])
             if cost[best][0] == float("inf"):
                 raise RuntimeError(f"no layer can go above {self.max_level:.0%} sparsity to reach {target:.0%}")
@@ -101,9 +101,10 @@ class Allocator:
                 if other.parent == g.parent:
                     cost.pop(i, None)
 
-    def _try(self, g: Group, calls: list, error: float, target: float, total: int) -> tuple[float, float, float]:
-        short = (target * total - sum(x.level * x.params for x in self.groups)) / g.params
-        level = min(g.level + self.step, g.level + short, self.max_level)
+    def _try(self, g: Group, calls: list, error: float, short: float) -> tuple[float, float, float]:
+        """(error added per weight skipped, level, error) of raising `g` one step, or to the target
+        if `short` (weight-levels still missing) is less than a step."""
+        level = min(g.level + self.step, g.level + short / g.params, self.max_level)
         if level <= g.level + 1e-9:
             return float("inf"), g.level, error
         parent = self.modules[g.parent] if g.parent else self.block
