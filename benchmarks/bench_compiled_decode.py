@@ -21,6 +21,7 @@ import torch
 from leanlm.core.builtin import DEFAULT_MODEL
 from leanlm.core.compiled_decode import CompiledDecoder
 from leanlm.core.models import load_model
+from leanlm.kernels import kernel_status
 from leanlm.quantize import RTNConfig, quantize_
 
 VARIANTS = {  # name: RTN config, None for the float32 baseline
@@ -68,12 +69,13 @@ def main() -> None:
     rows = {name: {"median_tps": statistics.median(v), "rounds": v, "ratio": statistics.median(v) / base_tps}
             for name, v in rounds.items()}
     print(f"{'model (compiled loop)':28s} {'decode tok/s':>12s} {'min-max':>13s} {'vs float32':>10s}"
-          f"   ({torch.get_num_threads()} threads)")
+          f"   ({torch.get_num_threads()} threads; quantized kernels: {kernel_status()})")
     for name, r in rows.items():
         print(f"{name:28s} {r['median_tps']:12.2f} {min(r['rounds']):6.1f}-{max(r['rounds']):<6.1f} {r['ratio']:9.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": args.model,
                                           "threads": torch.get_num_threads(), "tokens": args.tokens,
+                                          "quant_kernels": kernel_status(),
                                           "rows": rows}, indent=2))
 
 

@@ -10,3 +10,17 @@ def test_benchmark_reports_every_figure(tiny):
         assert out[key] > 0, key
     assert out["params"] == sum(p.numel() for p in tiny.model.parameters())
     assert out["ttft_s"] == pytest.approx(32 / out["prefill_tps"])
+
+
+def test_benchmark_names_the_kernels_of_a_quantized_model(tiny_dir):
+    from leanlm import kernels
+    from leanlm.core.models import load_model
+    from leanlm.quantize import RTNConfig, quantize_
+
+    float_out = benchmark(load_model(tiny_dir, device="cpu"), BenchConfig(prompt_tokens=8, decode_prompt_tokens=4,
+                                                                          new_tokens=2, batch=1, repeats=1))
+    assert float_out["quant_kernels"] is None  # nothing quantized, nothing to name
+    loaded = load_model(tiny_dir, device="cpu")
+    quantize_(loaded.model, RTNConfig(bits=8))
+    out = benchmark(loaded, BenchConfig(prompt_tokens=8, decode_prompt_tokens=4, new_tokens=2, batch=1, repeats=1))
+    assert out["quant_kernels"] == kernels.kernel_status()

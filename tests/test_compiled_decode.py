@@ -27,12 +27,14 @@ def _sharp_model():
     return model
 
 
-@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("bits", [None, 4, 8])
 def test_compiled_decode_matches_eager(bits):
     model = _sharp_model()
-    if bits:
+    if bits == 4:
         quantize_(model, RTNConfig(bits=bits, group_size=64, symmetric=False))
         assert any(isinstance(m, Int4Linear) for m in model.modules())
+    elif bits == 8:  # per channel, symmetric: the layout leanlm's int8 decode kernel reads
+        quantize_(model, RTNConfig(bits=bits))
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
     want = _logits(lambda i, c: prefill(model, i, c), lambda t, c: decode_one_token(model, t, c), new_cache(model), ids, 8)
     decoder = CompiledDecoder(model, max_len=16)
@@ -40,6 +42,21 @@ def test_compiled_decode_matches_eager(bits):
         got = _logits(decoder.prefill, decoder.decode_one_token, decoder.new_cache(1), ids, 8)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0)
+
+
+def test_compiled_decoder_switches_batch_sizes_correctly():
+    """Guards are skipped once a batch size has its graph; a new size must still get its own graph."""
+    model = _sharp_model()
+    decoder = CompiledDecoder(model, max_len=16)
+    gen = torch.Generator().manual_seed(1)
+    for batch in (1, 2, 1, 2):
+        ids = torch.randint(0, 256, (batch, 5), generator=gen)
+        want = _logits(lambda i, c: prefill(model, i, c), lambda t, c: decode_one_token(model, t, c),
+                       new_cache(model), ids, 4)
+        for _ in range(2):
+            got = _logits(decoder.prefill, decoder.decode_one_token, decoder.new_cache(batch), ids, 4)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=0)
 
 
 def test_compiled_decoder_refuses_a_prompt_that_fills_the_cache():

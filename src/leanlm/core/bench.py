@@ -123,6 +123,12 @@ def time_decode(decoder, ids: torch.Tensor, cfg: BenchConfig, device) -> float:
     return statistics.median(times)
 
 
+def _quant_kernels(device: torch.device) -> str:
+    from leanlm.kernels import kernel_status
+
+    return kernel_status() if device.type == "cpu" else "torch (CUDA: tinygemm int4, dequantize int8)"
+
+
 def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
     """Benchmark one loaded model; prompts are random token ids (speed does not depend on content)."""
     cfg = cfg or BenchConfig()
@@ -137,7 +143,8 @@ def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
         decode = time_decode(decoder, short[:1], cfg, device)
         decode_batch = time_decode(decoder, short, cfg, device) if cfg.batch > 1 else decode
     params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
-    params += sum(getattr(m, "packed_params", lambda: 0)() for m in model.modules())
+    packed = sum(getattr(m, "packed_params", lambda: 0)() for m in model.modules())
+    params += packed
     return {
         "prefill_tps": cfg.prompt_tokens / ttft,
         "decode_tps": cfg.new_tokens / decode,
@@ -148,5 +155,6 @@ def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
         "params": params,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "quant_kernels": _quant_kernels(device) if packed else None,
         "config": asdict(cfg),
     }

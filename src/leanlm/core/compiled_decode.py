@@ -9,6 +9,9 @@ eagerly, so that lazily built kernel layouts (int4 tiles, cached scales) exist b
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from torch import nn
 
@@ -26,6 +29,34 @@ def _mark_static(model: nn.Module) -> None:
                     torch._dynamo.mark_static_address(t)
 
 
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def native_gqa(enabled: bool):
+    """Let SDPA read grouped KV heads as they are. Without it, transformers (for masked attention)
+    copies every layer's whole static cache out to each query head on every token, which on CPU costs
+    more than the attention itself; torch's CPU SDPA kernel handles the grouping natively."""
+    if not enabled:
+        yield
+        return
+    old = os.environ.get(GQA_SWITCH)
+    os.environ[GQA_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(GQA_SWITCH, None)
+        else:
+            os.environ[GQA_SWITCH] = old
+
+
+def _guard_stance(skip: bool):
+    if not skip or not hasattr(torch.compiler, "set_stance"):  # torch < 2.6 checks every call
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
 class CompiledDecoder:
     """prefill (eager) and decode_one_token (compiled) over a reusable static cache of `max_len` tokens."""
 
@@ -35,6 +66,8 @@ class CompiledDecoder:
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
         self._caches: dict[int, object] = {}
         self._warm: set[int] = set()
+        self._compiled: set[int] = set()
+        self._gqa = device.type == "cpu"  # on CUDA a masked GQA call would fall back to the math kernel
         self._cache_kwarg = _cache_kwarg(model)  # resolved here: dynamo does not trace functools.cache
         self._step = torch.compile(self._forward, mode=self.mode, fullgraph=True, dynamic=False)
 
@@ -56,14 +89,22 @@ class CompiledDecoder:
     def prefill(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         if input_ids.shape[1] >= self.max_len:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens leaves no room in a {self.max_len}-token cache")
-        return prefill(self.model, input_ids, cache)
+        with native_gqa(self._gqa):
+            return prefill(self.model, input_ids, cache)
 
     @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor, cache) -> torch.Tensor:
         batch = token.shape[0]
-        if batch not in self._warm:
-            self._warm.add(batch)
-            logits = self._forward(token, cache)
-            _mark_static(self.model)
-            return logits
-        return self._step(token, cache).clone()  # a CUDA graph's output is overwritten by its next replay
+        with native_gqa(self._gqa):
+            if batch not in self._warm:
+                self._warm.add(batch)
+                logits = self._forward(token, cache)
+                _mark_static(self.model)
+                return logits
+            # Once every batch size seen has its graph, checking each call's guards (one per weight,
+            # ~2 ms a token on CPU) only repeats what the first call of that size established;
+            # with several graphs, the guards that tell them apart are still checked.
+            skip = batch in self._compiled
+            self._compiled.add(batch)
+            with _guard_stance(skip):
+                return self._step(token, cache).clone()  # a CUDA graph's output is overwritten by its next replay

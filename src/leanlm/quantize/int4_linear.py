@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm import kernels
 from leanlm.core.models import register_module
 from leanlm.quantize.rtn_ops import dequantize
 
@@ -84,6 +85,11 @@ class Int4Linear(nn.Module):
         return w.to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._vnni_kernel_ok(x):
+            out = kernels.int4_mm(x.reshape(-1, self.in_features).float().contiguous(), self.qweight, self.scale,
+                                  self.zero, self.group_size or self.in_features)
+            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return out if self.bias is None else out + self.bias
         if self._cuda_kernel_ok(x):
             tiles, sz = self._kernel_weights(cuda=True)
             out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), tiles,
@@ -112,6 +118,11 @@ class Int4Linear(nn.Module):
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features
         return HAS_INT4_KERNEL and x.device.type == "cpu" and self.group_size in KERNEL_GROUPS and rows <= KERNEL_MAX_ROWS
+
+    def _vnni_kernel_ok(self, x: torch.Tensor) -> bool:
+        group = self.group_size or self.in_features
+        return (x.device.type == "cpu" and x.numel() == self.in_features and self.in_features % 32 == 0
+                and (group in (32, 64) or group % 128 == 0 or group == self.in_features) and kernels.cpu_kernels())
 
     def _cuda_kernel_ok(self, x: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features

@@ -1,8 +1,9 @@
 """Runtime module for weight-only int8: codes stay packed in memory and on disk.
 
-Decode (a handful of tokens) on CPU uses torch's int8 weight-packed matmul with bfloat16
-activations, which reads 1 byte per weight instead of 4; long prompts dequantize the weight
-once per call and use the float matmul, which is faster there on CPU.
+Decode on CPU reads 1 byte per weight instead of 4: up to 4 rows through leanlm's AVX-512 VNNI kernel
+(float32-grade activations, `leanlm.kernels`), up to 16 through torch's int8 weight-packed matmul
+(bfloat16 activations); long prompts dequantize the weight once per call and use the float matmul,
+which is faster there on CPU.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm import kernels
 from leanlm.core.models import register_module
 from leanlm.quantize.rtn_ops import dequantize
 
 HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 SMALL_BATCH = 16  # rows up to which the packed int8 kernel beats dequantize + float matmul on CPU
+VNNI_ROWS = 4  # rows up to which leanlm's kernel beats torch's (measured on a 30-layer weight stream)
 
 
 @register_module("int8_weight_only")
@@ -69,8 +72,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self._packed_kernel_ok(x) and rows <= VNNI_ROWS and kernels.cpu_kernels():
+            out = kernels.int8_mm(x.reshape(-1, self.in_features).float().contiguous(), self.qweight,
+                                  self._float_scale())
+            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return out if self.bias is None else out + self.bias
         if self._packed_kernel_ok(x) and rows <= SMALL_BATCH:
-            if self._kernel_scale is None:  # converting it per call costs about what the kernel does at batch 1
+            if self._kernel_scale is None or self._kernel_scale.dtype != torch.bfloat16:
+                # converting it per call costs about what the kernel does at batch 1
                 self._kernel_scale = self.scale[:, 0].to(torch.bfloat16)
             out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight,
                                             self._kernel_scale)
@@ -85,6 +94,13 @@ class Int8Linear(nn.Module):
         if not self.symmetric or (self.group_size is not None and self.group_size % gguf_ops.BLOCK):
             return None
         return gguf_ops.q8_0(self.qweight, self.scale.float()), "Q8_0"
+
+    def _float_scale(self) -> torch.Tensor:
+        if self.scale.dtype == torch.float32:
+            return self.scale.view(-1)
+        if self._kernel_scale is None or self._kernel_scale.dtype != torch.float32:
+            self._kernel_scale = self.scale.view(-1).float()
+        return self._kernel_scale
 
     def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL

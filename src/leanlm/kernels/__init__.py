@@ -1,0 +1,83 @@
+"""leanlm's native CPU kernels (`cpu_gemv.cpp`): int8 and int4 weight-only matmuls for decode.
+
+They are compiled on first use with this machine's C++ compiler (torch.utils.cpp_extension, about
+10 s once, then cached) for its own instruction set. `cpu_kernels()` says whether they can be used:
+where they cannot be built, or the CPU lacks AVX-512 VNNI, it warns once with the reason and the
+quantized modules keep using torch's packed kernels. `LEANLM_CPU_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp"]  # at::parallel_for splits rows over threads only with OpenMP
+
+_available: bool | None = None
+_reason = "not loaded yet"
+
+
+def cpu_kernels() -> bool:
+    """True when leanlm's CPU kernels are built and this CPU runs their SIMD path."""
+    global _available, _reason
+    if _available is None:
+        if torch.compiler.is_compiling():  # never build inside a trace; the eager path decides first
+            return False
+        _available, _reason = _load()
+        if not _available:
+            warnings.warn(f"leanlm's CPU int8/int4 kernels are not used: {_reason}; torch's packed "
+                          "kernels run instead (slower decode)", RuntimeWarning, stacklevel=2)
+    return _available
+
+
+def kernel_status() -> str:
+    """One line for reports: which CPU kernels quantized layers use, and why."""
+    cpu_kernels()
+    return "leanlm AVX-512 VNNI" if _available else f"torch packed ({_reason})"
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("LEANLM_CPU_KERNELS", "1") == "0":
+        return False, "turned off by LEANLM_CPU_KERNELS=0"
+    try:
+        from torch.utils import cpp_extension
+
+        log.info("building leanlm's CPU kernels from %s (once per machine)", SOURCE)
+        cpp_extension.load(name="leanlm_cpu_gemv", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as exc:  # no compiler, no ninja, no OpenMP: each is a reason, not a crash
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return False, f"building {SOURCE.name} failed ({first})"
+    if not torch.ops.leanlm.simd():
+        return False, "this CPU has no AVX-512 VNNI"
+    _register_fakes()
+    return True, "built"
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile, which traces the ops without running them."""
+
+    @torch.library.register_fake("leanlm::int8_mm")
+    def _int8_mm(x, codes, scale):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("leanlm::int4_mm")
+    def _int4_mm(x, packed, scale, zero, group_size):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 @ (codes [N, K] int8 * scale [N] float32).T -> [M, N] float32."""
+    return torch.ops.leanlm.int8_mm(x, codes, scale)
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            group_size: int) -> torch.Tensor:
+    """x [M, K] float32 @ ((unpack(packed) - zero) * scale, by groups of `group_size` columns).T -> [M, N]."""
+    return torch.ops.leanlm.int4_mm(x, packed, scale, zero, group_size)
