@@ -108,3 +108,26 @@ def test_int4_mm_is_more_accurate_than_torchs_bfloat16_kernel():
     theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), tiles, group, sz.to(torch.bfloat16))
     ours = kernels.int4_mm(x, pack_int4(codes), scale, zero, group)
     assert _rel_err(ours.double(), ref) < _rel_err(theirs.double(), ref) / 3
+
+
+@pytest.mark.parametrize("k,n", [(576, 1536), (1536, 576), (100, 7)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_sparse_gemv_matches_the_masked_dense_product(k, n, sparsity):
+    from leanlm.sparsify.act_sparse_ops import sparsify
+
+    gen = torch.Generator().manual_seed(k + n)
+    x = torch.randn(k, generator=gen)
+    weight_t = torch.randn(k, n, generator=gen)
+    norms = torch.rand(k, generator=gen) + 0.5
+    score = x.abs() * norms
+    threshold = score.quantile(sparsity).reshape(()) if sparsity < 1 else score.max().reshape(())
+    want = sparsify(x, threshold, norms) @ weight_t
+    got = kernels.sparse_gemv(x, weight_t, threshold, norms)
+    torch.testing.assert_close(got, want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=0)
+    if sparsity == 1.0:
+        assert got.abs().max().item() == 0.0
+
+
+def test_sparse_gemv_refuses_mismatched_shapes():
+    with pytest.raises(RuntimeError, match="one contiguous row of 8"):
+        kernels.sparse_gemv(torch.zeros(9), torch.zeros(8, 4), torch.zeros(()), torch.ones(8))

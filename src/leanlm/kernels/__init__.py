@@ -1,4 +1,5 @@
-"""leanlm's native CPU kernels (`cpu_gemv.cpp`): int8 and int4 weight-only matmuls for decode.
+"""leanlm's native CPU kernels for batch-1 decode: int8 and int4 weight-only matmuls (`cpu_gemv.cpp`)
+and the activation-sparse matrix-vector product (`sparse_gemv.cpp`).
 
 They are compiled on first use with this machine's C++ compiler (torch.utils.cpp_extension, about
 10 s once, then cached) for its own instruction set. `cpu_kernels()` says whether they can be used:
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_gemv.cpp", "sparse_gemv.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # at::parallel_for splits rows over threads only with OpenMP
 
 _available: bool | None = None
@@ -48,12 +49,12 @@ def _load() -> tuple[bool, str]:
     try:
         from torch.utils import cpp_extension
 
-        log.info("building leanlm's CPU kernels from %s (once per machine)", SOURCE)
-        cpp_extension.load(name="leanlm_cpu_gemv", sources=[str(SOURCE)], extra_cflags=FLAGS,
+        log.info("building leanlm's CPU kernels (once per machine)")
+        cpp_extension.load(name="leanlm_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, no OpenMP: each is a reason, not a crash
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"building {SOURCE.name} failed ({first})"
+        return False, f"building them failed ({first})"
     if not torch.ops.leanlm.simd():
         return False, "this CPU has no AVX-512 VNNI"
     _register_fakes()
@@ -71,6 +72,10 @@ def _register_fakes() -> None:
     def _int4_mm(x, packed, scale, zero, group_size):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("leanlm::sparse_gemv")
+    def _sparse_gemv(x, weight_t, threshold, norms):
+        return x.new_empty(weight_t.shape[1])
+
 
 def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 @ (codes [N, K] int8 * scale [N] float32).T -> [M, N] float32."""
@@ -81,3 +86,8 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: to
             group_size: int) -> torch.Tensor:
     """x [M, K] float32 @ ((unpack(packed) - zero) * scale, by groups of `group_size` columns).T -> [M, N]."""
     return torch.ops.leanlm.int4_mm(x, packed, scale, zero, group_size)
+
+
+def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """sum over inputs k with |x_k| * norms_k > threshold of x_k * weight_t[k] (x: K float32 values)."""
+    return torch.ops.leanlm.sparse_gemv(x, weight_t, threshold, norms)

@@ -4,7 +4,9 @@ survive, so the bytes read per token drop with the sparsity. Inputs are ranked b
 weight column norm ||W[:, j]|| (all ones for TEAL's plain |x_j|).
 
 The weight is stored transposed ([in, out]) so each input's weights are one contiguous row; the
-many-token path (prefill) uses the same tensor through a transposed matmul.
+many-token path (prefill) uses the same tensor through a transposed matmul. On CPU the batch-1 product
+is leanlm's fused kernel (`leanlm.kernels.sparse_gemv`), which also runs inside compiled graphs;
+elsewhere a torch gather.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm import kernels
 from leanlm.core.models import register_module
 from leanlm.sparsify.act_sparse_ops import sparse_gemv, sparsify
 
@@ -54,10 +57,18 @@ class ActSparseLinear(nn.Module):
         return self.weight_t.T.contiguous().to(dtype or self.weight_t.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the row gather has a data-dependent size, which a compiled graph cannot hold: masked dense there
+        if x.numel() == self.in_features and self._kernel_ok(x):  # one fused op, also inside compiled graphs
+            out = kernels.sparse_gemv(x.reshape(-1).contiguous(), self.weight_t, self.threshold, self.column_norms)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
+        # torch's row gather has a data-dependent size, which a compiled graph cannot hold: masked dense there
         if x.numel() == self.in_features and not torch.compiler.is_compiling():
             return sparse_gemv(x, self.weight_t, self.threshold, self.bias, self.column_norms)
         return F.linear(sparsify(x, self.threshold, self.column_norms), self.weight_t.T, self.bias)
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight_t.dtype == torch.float32
+                and self.weight_t.is_contiguous() and kernels.cpu_kernels())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold.item():.4g}"
