@@ -131,3 +131,14 @@ def test_sparse_gemv_matches_the_masked_dense_product(k, n, sparsity):
 def test_sparse_gemv_refuses_mismatched_shapes():
     with pytest.raises(RuntimeError, match="one contiguous row of 8"):
         kernels.sparse_gemv(torch.zeros(9), torch.zeros(8, 4), torch.zeros(()), torch.ones(8))
+
+
+def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    ok, reason = kernels._load()
+    assert not ok and "Ninja is required" in reason

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def _load() -> tuple[bool, str]:
     try:
         from torch.utils import cpp_extension
 
-        log.info("building leanlm's CPU kernels (once per machine)")
-        cpp_extension.load(name="leanlm_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+        log.info("loading leanlm's CPU kernels (compiled on first use, then cached by torch)")
+        cpp_extension.load(name=_build_name(), sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, no OpenMP: each is a reason, not a crash
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -59,6 +60,13 @@ def _load() -> tuple[bool, str]:
         return False, "this CPU has no AVX-512 VNNI"
     _register_fakes()
     return True, "built"
+
+
+def _build_name() -> str:
+    """-march=native binaries must not be shared between CPUs (a home directory mounted on several
+    machines would hand an AVX-512 build to a CPU without it): the build cache is keyed by the CPU."""
+    cpu = f"{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}".lower()
+    return "leanlm_cpu_kernels_" + "".join(c if c.isalnum() else "_" for c in cpu)
 
 
 def _register_fakes() -> None:

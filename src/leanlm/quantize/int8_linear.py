@@ -1,6 +1,6 @@
 """Runtime module for weight-only int8: codes stay packed in memory and on disk.
 
-Decode on CPU reads 1 byte per weight instead of 4: up to 4 rows through leanlm's AVX-512 VNNI kernel
+Decode on CPU reads 1 byte per weight instead of 4: up to 8 rows through leanlm's AVX-512 VNNI kernel
 (float32-grade activations, `leanlm.kernels`), up to 16 through torch's int8 weight-packed matmul
 (bfloat16 activations); long prompts dequantize the weight once per call and use the float matmul,
 which is faster there on CPU.
@@ -18,7 +18,7 @@ from leanlm.quantize.rtn_ops import dequantize
 
 HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 SMALL_BATCH = 16  # rows up to which the packed int8 kernel beats dequantize + float matmul on CPU
-VNNI_ROWS = 4  # rows up to which leanlm's kernel beats torch's (measured on a 30-layer weight stream)
+VNNI_ROWS = 8  # rows up to which leanlm's kernel beats torch's (measured on a 30-layer weight stream)
 
 
 @register_module("int8_weight_only")
