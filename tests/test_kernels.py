@@ -142,3 +142,27 @@ def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", broken)
     ok, reason = kernels._load()
     assert not ok and "Ninja is required" in reason
+
+
+def test_the_portable_path_computes_the_same(tmp_path):
+    """Built without AVX-512 (as on a CPU that lacks it), under another op namespace."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(name="leanlm_portable_test", sources=[str(s) for s in kernels.SOURCES],
+                       extra_cflags=["-O1", "-march=x86-64-v2", "-DLEANLM_NAMESPACE=leanlm_portable"],
+                       build_directory=str(tmp_path), is_python_module=False)
+    ops = torch.ops.leanlm_portable
+    assert not ops.simd()
+    gen = torch.Generator().manual_seed(3)
+    x = _activations(2, 192, gen, outlier=True)
+    codes = torch.randint(-127, 128, (9, 192), dtype=torch.int8, generator=gen)
+    scale = torch.rand(9, generator=gen) / 50
+    torch.testing.assert_close(ops.int8_mm(x, codes, scale), kernels.int8_mm(x, codes, scale), rtol=1e-5, atol=1e-5)
+    q = torch.randint(0, 16, (5, 192), dtype=torch.uint8, generator=gen)
+    s4 = (torch.rand(5, 3, generator=gen) / 10 + 0.01).half()
+    z = torch.randint(0, 16, (5, 3), dtype=torch.uint8, generator=gen)
+    want = kernels.int4_mm(x[:1], pack_int4(q), s4, z, 64)
+    torch.testing.assert_close(ops.int4_mm(x[:1], pack_int4(q), s4, z, 64), want, rtol=1e-4, atol=1e-4)
+    wt = torch.randn(192, 7, generator=gen)
+    thr, norms = torch.tensor(0.5), torch.ones(192)
+    torch.testing.assert_close(ops.sparse_gemv(x[0], wt, thr, norms), kernels.sparse_gemv(x[0], wt, thr, norms))

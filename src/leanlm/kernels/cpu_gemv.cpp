@@ -20,6 +20,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#ifndef LEANLM_NAMESPACE  // the tests build the portable path a second time under another name
+#define LEANLM_NAMESPACE leanlm
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -361,13 +365,13 @@ bool has_vnni() {
 
 }  // namespace
 
-TORCH_LIBRARY(leanlm, m) {
+TORCH_LIBRARY(LEANLM_NAMESPACE, m) {
   m.def("int8_mm(Tensor x, Tensor codes, Tensor scale) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size) -> Tensor");
   m.def("simd() -> bool", &has_vnni);
 }
 
-TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
+TORCH_LIBRARY_IMPL(LEANLM_NAMESPACE, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
 }

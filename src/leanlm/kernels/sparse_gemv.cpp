@@ -14,6 +14,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#ifndef LEANLM_NAMESPACE  // the tests build the portable path a second time under another name
+#define LEANLM_NAMESPACE leanlm
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -105,10 +109,10 @@ at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& weight_t, const at
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(leanlm, m) {
+TORCH_LIBRARY_FRAGMENT(LEANLM_NAMESPACE, m) {
   m.def("sparse_gemv(Tensor x, Tensor weight_t, Tensor threshold, Tensor norms) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
+TORCH_LIBRARY_IMPL(LEANLM_NAMESPACE, CPU, m) {
   m.impl("sparse_gemv", &sparse_gemv);
 }
