@@ -166,3 +166,15 @@ def test_the_portable_path_computes_the_same(tmp_path):
     wt = torch.randn(192, 7, generator=gen)
     thr, norms = torch.tensor(0.5), torch.ones(192)
     torch.testing.assert_close(ops.sparse_gemv(x[0], wt, thr, norms), kernels.sparse_gemv(x[0], wt, thr, norms))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_model_cast_to_bfloat16_still_decodes(bits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 96))
+    quantize_(model, RTNConfig(bits=bits, group_size=None if bits == 8 else 64, symmetric=bits == 8))
+    want = model(torch.randn(1, 128, generator=torch.Generator().manual_seed(1)))
+    model.to(torch.bfloat16)
+    got = model(torch.randn(1, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert _rel_err(got.float(), want) < 2e-2

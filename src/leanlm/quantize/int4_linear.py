@@ -121,7 +121,9 @@ class Int4Linear(nn.Module):
 
     def _vnni_kernel_ok(self, x: torch.Tensor) -> bool:
         group = self.group_size or self.in_features
+        # a model cast to another dtype also casts these buffers; the kernel reads float16 scales only
         return (x.device.type == "cpu" and x.numel() == self.in_features and self.in_features % 32 == 0
+                and self.scale.dtype == torch.float16 and self.zero.dtype == torch.uint8
                 and (group in (32, 64) or group % 128 == 0 or group == self.in_features) and kernels.cpu_kernels())
 
     def _cuda_kernel_ok(self, x: torch.Tensor) -> bool:
