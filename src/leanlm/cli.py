@@ -279,7 +279,7 @@ def cmd_bench(args) -> int:
     print(f"size on disk     {result['disk_bytes'] / 2**20:10.1f} MiB")
     print(f"parameters       {result['params'] / 1e6:10.1f} M")
     if result["quant_kernels"]:
-        print(f"quantized kernels {result['quant_kernels']}")
+        print(f"quant kernels    {result['quant_kernels']}")
     return 0
 
 

@@ -23,7 +23,7 @@ def _mark_static(model: nn.Module) -> None:
     the module's buffers (int4 tiles, int8 scales) must be marked, or each token re-copies the weights."""
     for module in model.modules():
         for value in vars(module).values():
-            tensors = value if isinstance(value, tuple) else (value,)
+            tensors = tuple(value.values()) if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
             for t in tensors:
                 if isinstance(t, torch.Tensor) and t.device.type == "cuda":
                     torch._dynamo.mark_static_address(t)

@@ -85,6 +85,15 @@ def _register_fakes() -> None:
         return x.new_empty(weight_t.shape[1])
 
 
+def on_rows(kernel, x: torch.Tensor, in_features: int, out_features: int, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Run a [M, K] -> [M, N] matmul kernel on x's rows converted to `dtype`; the result comes back in
+    x's shape and dtype, plus the bias: the glue every packed linear layer needs around its kernel."""
+    out = kernel(x.reshape(-1, in_features).to(dtype).contiguous())
+    out = out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+    return out if bias is None else out + bias
+
+
 def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] float32 @ (codes [N, K] int8 * scale [N] float32).T -> [M, N] float32."""
     return torch.ops.leanlm.int8_mm(x, codes, scale)

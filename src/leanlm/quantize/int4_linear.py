@@ -85,23 +85,18 @@ class Int4Linear(nn.Module):
         return w.to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x, self.in_features, self.out_features, self.bias)
         if self._vnni_kernel_ok(x):
-            out = kernels.int4_mm(x.reshape(-1, self.in_features).float().contiguous(), self.qweight, self.scale,
-                                  self.zero, self.group_size or self.in_features)
-            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            return kernels.on_rows(lambda r: kernels.int4_mm(r, self.qweight, self.scale, self.zero,
+                                                             self.group_size or self.in_features), *shape, torch.float32)
         if self._cuda_kernel_ok(x):
             tiles, sz = self._kernel_weights(cuda=True)
-            out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), tiles,
-                                                     self.group_size, sz)
-            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            return kernels.on_rows(lambda r: torch.ops.aten._weight_int4pack_mm(r, tiles, self.group_size, sz),
+                                   *shape, torch.bfloat16)
         if self._kernel_ok(x):
             tiles, sz = self._kernel_weights()
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, self.in_features).to(torch.bfloat16), tiles, self.group_size, sz)
-            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            return kernels.on_rows(lambda r: torch.ops.aten._weight_int4pack_mm_for_cpu(r, tiles, self.group_size, sz),
+                                   *shape, torch.bfloat16)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def gguf_blocks(self):

@@ -34,7 +34,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("zero", None if symmetric else torch.empty(out_features, groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self._kernel_scale = None  # the per-channel scale in bfloat16, as the packed kernel takes it
+        self._kernel_scales: dict[torch.dtype, torch.Tensor] = {}  # per-channel scale as each kernel takes it
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, group_size: int | None = None,
@@ -73,18 +73,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self._packed_kernel_ok(x) and rows <= VNNI_ROWS and kernels.cpu_kernels():
-            out = kernels.int8_mm(x.reshape(-1, self.in_features).float().contiguous(), self.qweight,
-                                  self._float_scale())
-            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            return kernels.on_rows(lambda r: kernels.int8_mm(r, self.qweight, self._float_scale()), x,
+                                   self.in_features, self.out_features, self.bias, torch.float32)
         if self._packed_kernel_ok(x) and rows <= SMALL_BATCH:
-            if self._kernel_scale is None or self._kernel_scale.dtype != torch.bfloat16:
-                # converting it per call costs about what the kernel does at batch 1
-                self._kernel_scale = self.scale[:, 0].to(torch.bfloat16)
-            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight,
-                                            self._kernel_scale)
-            out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-            return out if self.bias is None else out + self.bias
+            return kernels.on_rows(lambda r: torch._weight_int8pack_mm(r, self.qweight, self._bf16_scale()), x,
+                                   self.in_features, self.out_features, self.bias, torch.bfloat16)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def gguf_blocks(self):
@@ -95,22 +88,28 @@ class Int8Linear(nn.Module):
             return None
         return gguf_ops.q8_0(self.qweight, self.scale.float()), "Q8_0"
 
+    # converting the scale per call costs about what a kernel does at batch 1, so each kernel's copy is kept
     def _float_scale(self) -> torch.Tensor:
         if self.scale.dtype == torch.float32:
             return self.scale.view(-1)
-        if self._kernel_scale is None or self._kernel_scale.dtype != torch.float32:
-            self._kernel_scale = self.scale.view(-1).float()
-        return self._kernel_scale
+        if self._kernel_scales.get(torch.float32) is None:
+            self._kernel_scales[torch.float32] = self.scale.view(-1).float()
+        return self._kernel_scales[torch.float32]
+
+    def _bf16_scale(self) -> torch.Tensor:
+        if self._kernel_scales.get(torch.bfloat16) is None:
+            self._kernel_scales[torch.bfloat16] = self.scale[:, 0].to(torch.bfloat16)
+        return self._kernel_scales[torch.bfloat16]
 
     def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL
 
     def _apply(self, fn, *args, **kwargs):
-        self._kernel_scale = None  # device/dtype moves invalidate the cached kernel scale
+        self._kernel_scales = {}  # device/dtype moves invalidate the cached kernel scales
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._kernel_scale = None  # so do new scales
+        self._kernel_scales = {}  # so do new scales
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

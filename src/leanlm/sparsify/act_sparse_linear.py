@@ -58,9 +58,9 @@ class ActSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features and self._kernel_ok(x):  # one fused op, also inside compiled graphs
-            out = kernels.sparse_gemv(x.reshape(-1).contiguous(), self.weight_t, self.threshold, self.column_norms)
-            out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias
+            return kernels.on_rows(lambda r: kernels.sparse_gemv(r.view(-1), self.weight_t, self.threshold,
+                                                                 self.column_norms),
+                                   x, self.in_features, self.out_features, self.bias, torch.float32)
         # torch's row gather has a data-dependent size, which a compiled graph cannot hold: masked dense there
         if x.numel() == self.in_features and not torch.compiler.is_compiling():
             return sparse_gemv(x, self.weight_t, self.threshold, self.bias, self.column_norms)
