@@ -24,12 +24,15 @@ from leanlm.core.models import load_model
 from leanlm.kernels import kernel_status
 from leanlm.quantize import RTNConfig, quantize_
 
-VARIANTS = {  # name: RTN config, None for the float32 baseline
-    "float32": None,
-    "int8, LM head float32": RTNConfig(bits=8),
-    "int8, LM head int8": RTNConfig(bits=8, skip=[]),
-    "int4 g64, LM head float32": RTNConfig(bits=4, group_size=64, symmetric=False),
-    "int4 g64, LM head int4": RTNConfig(bits=4, group_size=64, symmetric=False, skip=[]),
+INT4 = RTNConfig(bits=4, group_size=64, symmetric=False)
+VARIANTS = {  # name: the RTN configs applied in turn, none for the float32 baseline
+    "float32": (),
+    "int8, LM head float32": (RTNConfig(bits=8),),
+    "int8, LM head int8": (RTNConfig(bits=8, skip=[]),),
+    "int4 g64, LM head float32": (INT4,),
+    "int4 g64, LM head int4": (RTNConfig(bits=4, group_size=64, symmetric=False, skip=[]),),
+    # llama.cpp's Q4_0 files keep the output matrix at higher precision (Q6_K) the same way
+    "int4 g64, LM head int8": (INT4, RTNConfig(bits=8, targets=["lm_head"], skip=[])),
 }
 
 
@@ -48,20 +51,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--out", default="benchmarks/results/compiled_decode.json")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="models to time (float32 always runs: it is the baseline)")
     args = parser.parse_args()
     base = load_model(args.model, "cpu", "float32").model
     prompt = torch.randint(100, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     decoders = {}
-    for name, config in VARIANTS.items():
-        model = base if config is None else copy.deepcopy(base)
-        if config is not None:
+    chosen = {name: VARIANTS[name] for name in VARIANTS if name == "float32" or name in args.variants}
+    for name, configs in chosen.items():
+        model = copy.deepcopy(base) if configs else base
+        for config in configs:
             quantize_(model, config)
         start = time.perf_counter()
         decoders[name] = CompiledDecoder(model, max_len=prompt.shape[1] + args.tokens + 1)
         for _ in range(2):  # the eager first step, then the compile
             tokens_per_second(decoders[name], prompt, 4)
         print(f"compiled {name} in {time.perf_counter() - start:.0f} s", flush=True)
-    rounds = {name: [] for name in VARIANTS}
+    rounds = {name: [] for name in chosen}
     for _ in range(args.rounds):
         for name, decoder in decoders.items():
             rounds[name].append(tokens_per_second(decoder, prompt, args.tokens))

@@ -91,3 +91,90 @@ def test_w4_g64_layers_take_under_30_percent_of_bf16(tiny):
     stats = quantize_(tiny.model, RTNConfig(bits=4, group_size=64, symmetric=False))
     assert stats["fraction_of_bf16"] == pytest.approx((0.5 + 3 / 64) / 2)
     assert stats["fraction_of_bf16"] <= 0.30
+
+
+def _output_error(w, clip, H, bits, group_size, symmetric):
+    codes, scale, zero = rtn_ops.rtn(w, bits, group_size, symmetric, clip)
+    err = w - rtn_ops.dequantize(codes, scale, zero, group_size)
+    return torch.einsum("oi,ij,oj->", err, H, err).item()
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (8, None, False), (4, 32, False)])
+def test_scale_search_lowers_output_error(bits, group_size, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(4096, 128)
+    x[:, 5] *= 40  # one input channel with outsized activations, as in real down projections
+    H = x.T @ x / x.shape[0]
+    ratios = torch.cat([torch.linspace(0.5, 1.6, 221), torch.ones(1)]).unique()
+    clip = rtn_ops.search_clip(w, H, bits, group_size, symmetric, ratios)
+    groups = 1 if group_size is None else 128 // group_size
+    assert clip.shape == (64, groups) and clip.min() >= 0.5 and clip.max() <= 1.6
+    plain = _output_error(w, None, H, bits, group_size, symmetric)
+    searched = _output_error(w, clip, H, bits, group_size, symmetric)
+    assert searched < 0.8 * plain
+    codes, _, _ = rtn_ops.rtn(w, bits, group_size, symmetric, clip)
+    lo, hi = rtn_ops.quant_range(bits, symmetric)
+    assert codes.min() >= lo and codes.max() <= hi
+
+
+def test_scale_search_with_diagonal_only_never_loses_to_max_abs():
+    torch.manual_seed(1)
+    w, d = torch.randn(32, 64), torch.rand(64) * 10
+    clip = rtn_ops.search_clip(w, d, 8, None, True, torch.tensor([1.0, 1.02, 1.05, 1.1]))
+    assert _output_error(w, clip, torch.diag(d), 8, None, True) <= _output_error(w, None, torch.diag(d), 8, None, True)
+
+
+def test_rtn_scale_search_through_quantize_(tiny, tokenizer):
+    from leanlm.core.data import calibration_samples, default_corpus
+
+    calib = calibration_samples(tokenizer, default_corpus().train[:50_000], 8, 64)
+    ids = calibration_samples(tokenizer, default_corpus().eval[:20_000], 2, 64, seed=1)
+    with torch.no_grad():
+        want = tiny.model(ids).logits
+    errors = {}
+    for search in ("none", "activation"):
+        model = load_model(tiny.path, device="cpu").model
+        config = RTNConfig(scale_search=search, search_steps=60)
+        assert config.needs_calibration == (search == "activation")
+        stats = quantize_(model, config, calibration=calib if config.needs_calibration else None)
+        assert stats["layers_quantized"] == 14 and type(model.model.layers[0].mlp.down_proj) is Int8Linear
+        with torch.no_grad():
+            errors[search] = (model(ids).logits - want).pow(2).mean().item()
+    assert 0 < errors["activation"] < errors["none"]
+
+
+def test_rtn_scale_search_bad_input(tiny):
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize_(tiny.model, RTNConfig(scale_search="activation"))
+    with pytest.raises(ConfigError, match="search_min <= search_max"):
+        RTNConfig(scale_search="activation", search_min=1.2, search_max=1.1).validate()
+
+
+def test_int4_body_with_int8_lm_head_round_trip(tmp_path, tiny):
+    """llama.cpp's layout for 4-bit files (the output matrix kept at more bits): the head is untied from
+    the embeddings, which stay float, and both survive a save and load."""
+    quantize_(tiny.model, RTNConfig(bits=4, group_size=32, symmetric=False))
+    stats = quantize_(tiny.model, RTNConfig(bits=8, targets=["lm_head"], skip=[]))
+    assert stats["layers_quantized"] == 1 and type(tiny.model.lm_head) is Int8Linear
+    assert type(tiny.model.model.embed_tokens) is nn.Embedding
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    before = generate(tiny.model, ids, 8)
+    save_model(tiny.model, tiny.tokenizer, tmp_path / "q")
+    back = load_model(tmp_path / "q", device="cpu")
+    assert type(back.model.lm_head) is Int8Linear and type(back.model.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
+    assert torch.equal(generate(back.model, ids, 8), before)
+
+
+@pytest.mark.parametrize("config", [RTNConfig(), RTNConfig(bits=4, group_size=32, symmetric=False, skip=[])])
+def test_packed_codes_are_frozen_parameters_counted_by_what_they_encode(tiny, config):
+    from leanlm.core.models import parameter_count
+
+    before = parameter_count(tiny.model)
+    quantize_(tiny.model, config)
+    layer = tiny.model.model.layers[0].mlp.down_proj
+    assert {n for n, _ in layer.named_parameters()} >= {"qweight", "scale"} and not list(layer.buffers())
+    assert not any(p.requires_grad for p in layer.parameters())
+    # an untied int4 head adds the embedding's own weights back to the count
+    tied_extra = 0 if config.skip else tiny.model.model.embed_tokens.weight.numel()
+    assert parameter_count(tiny.model) == before + tied_extra

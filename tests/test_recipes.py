@@ -21,7 +21,7 @@ def test_unknown_step_type_lists_valid_ones():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown key 'group'; valid keys: bits, group_size, skip, symmetric, targets"):
+    with pytest.raises(ConfigError, match=r"unknown key 'group'; valid keys: batch_size, bits, calibration_dtype, group_size, scale_search, search_max, .*, targets"):
         parse_recipe({"steps": [{"type": "rtn", "group": 64}]})
 
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from leanlm.core.generate import decode_one_token, new_cache, prefill
+from leanlm.core.models import parameter_count
 
 
 @dataclass
@@ -142,9 +143,7 @@ def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
         decoder = make_decoder(model, cfg)
         decode = time_decode(decoder, short[:1], cfg, device)
         decode_batch = time_decode(decoder, short, cfg, device) if cfg.batch > 1 else decode
-    params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
-    packed = sum(getattr(m, "packed_params", lambda: 0)() for m in model.modules())
-    params += packed
+    params = parameter_count(model)
     return {
         "prefill_tps": cfg.prompt_tokens / ttft,
         "decode_tps": cfg.new_tokens / decode,
@@ -155,6 +154,6 @@ def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
         "params": params,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "quant_kernels": _quant_kernels(device) if packed else None,
+        "quant_kernels": _quant_kernels(device) if any(hasattr(m, "packed_params") for m in model.modules()) else None,
         "config": asdict(cfg),
     }

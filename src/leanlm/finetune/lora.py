@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.models import QUANTIZED_MODULES, parameter_count
 from leanlm.core.structure import find_structure, matches
 from leanlm.errors import ConfigError
 
@@ -43,7 +43,6 @@ def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, drop
 
 
 def trainable_counts(model: nn.Module) -> dict:
-    packed = sum(m.packed_params() for m in model.modules() if hasattr(m, "packed_params"))  # quantized weights
-    total = sum(p.numel() for p in model.parameters()) + packed
+    total = parameter_count(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable_params": trainable, "total_params": total}

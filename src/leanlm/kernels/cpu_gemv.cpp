@@ -54,7 +54,7 @@ struct Planes {
   int64_t planes, rows, width, groups;
   std::vector<int8_t> digits;     // [planes][rows][width]
   std::vector<double> step;       // [rows]
-  std::vector<double> sums;       // [rows][groups]: sum over each group of x_int * step
+  std::vector<float> sums;        // [rows][groups]: sum of x_int over each group (exact below 2^24)
   std::vector<int64_t> total;     // [rows]: sum of x_int over the row
 
   const int8_t* plane(int64_t p, int64_t m) const { return digits.data() + (p * rows + m) * width; }
@@ -97,8 +97,7 @@ inline int64_t store_digits(__m512i v, int8_t* const* planes, int64_t nplanes, i
 void split_row(const float* xm, int64_t K, float inv, int64_t m, int64_t group, bool even_odd, Planes& out) {
   int8_t* dst[3];
   for (int64_t p = 0; p < out.planes; ++p) dst[p] = out.digits.data() + (p * out.rows + m) * out.width;
-  const double step = out.step[m];
-  double* sums = out.sums.data() + m * out.groups;
+  float* sums = out.sums.data() + m * out.groups;
   int64_t k = 0;
 #ifdef LEANLM_VNNI
   const __m512 scale = _mm512_set1_ps(inv);
@@ -112,21 +111,21 @@ void split_row(const float* xm, int64_t K, float inv, int64_t m, int64_t group, 
       const int64_t isum = store_digits(ve, dst, out.planes, padded(k, true)) +
                            store_digits(vo, dst, out.planes, padded(k + 1, true));
       out.total[m] += isum;
-      sums[k / group] += static_cast<double>(isum) * step;
+      sums[k / group] += static_cast<float>(isum);
     }
   } else if (group % 16 == 0) {
     for (; k + 16 <= K; k += 16) {
       const int64_t isum = store_digits(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), scale)), dst,
                                         out.planes, k);
       out.total[m] += isum;
-      sums[k / group] += static_cast<double>(isum) * step;
+      sums[k / group] += static_cast<float>(isum);
     }
   }
 #endif
   for (; k < K; ++k) {
     int64_t v = std::lrintf(xm[k] * inv);
     out.total[m] += v;
-    sums[k / group] += static_cast<double>(v) * step;
+    sums[k / group] += static_cast<float>(v);
     for (int64_t p = 0; p < out.planes; ++p) {
       const int64_t d = ((v + 128) & 0xff) - 128;
       dst[p][padded(k, even_odd)] = static_cast<int8_t>(d);
@@ -140,7 +139,7 @@ Planes split_rows(const float* x, int64_t M, int64_t K, int64_t planes, int64_t 
   Planes out{planes, M, width, K / group, {}, {}, {}, {}};
   out.digits.assign(planes * M * width, 0);
   out.step.assign(M, 0.0);
-  out.sums.assign(M * out.groups, 0.0);
+  out.sums.assign(M * out.groups, 0.f);
   out.total.assign(M, 0);
   const float limit = 127.f * static_cast<float>(1 << (8 * (planes - 1)));
   for (int64_t m = 0; m < M; ++m) {
@@ -224,11 +223,12 @@ struct GroupLayout {
 };
 
 #ifdef LEANLM_VNNI
-// R rows of packed int4 codes against activation row m: sum over chunks of scale * (x_int . q); the
-// zero points are taken off by the caller. `scale` holds the R rows' group scales as float32.
+// R rows of packed int4 codes against activation row m: sum over chunks of scale * (x_int . q), minus
+// sum over groups of scale * zero * (sum of x_int over the group). `scale` and `scaled_zero` hold the R
+// rows' group scales and scale * zero as float32.
 template <int R>
-void int4_rows(const Planes& pl, int64_t m, const uint8_t* w, const float* scale, int64_t K,
-               const GroupLayout& g, float* out) {
+void int4_rows(const Planes& pl, int64_t m, const uint8_t* w, const float* scale, const float* scaled_zero,
+               int64_t K, const GroupLayout& g, float* out) {
   __m512 tot[R];
   for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
   const __m512i nib = _mm512_set1_epi8(0x0f);
@@ -257,6 +257,14 @@ void int4_rows(const Planes& pl, int64_t m, const uint8_t* w, const float* scale
       tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, tot[r]);
     }
   }
+  // the zero points, 16 groups per step, in the same accumulator: one reduction per row
+  const float* gsum = pl.sums.data() + m * g.groups;
+  for (int64_t j = 0; j < g.groups; j += 16) {
+    const __mmask16 gmask = static_cast<__mmask16>((1u << std::min<int64_t>(g.groups - j, 16)) - 1);
+    const __m512 sums = _mm512_maskz_loadu_ps(gmask, gsum + j);
+    for (int r = 0; r < R; ++r)
+      tot[r] = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(gmask, scaled_zero + r * g.groups + j), sums, tot[r]);
+  }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(tot[r]);
 }
 #endif
@@ -264,35 +272,36 @@ void int4_rows(const Planes& pl, int64_t m, const uint8_t* w, const float* scale
 void int4_block(const Planes& pl, const uint8_t* w, const c10::Half* scale, const uint8_t* zero,
                 const GroupLayout& g, int64_t K, int64_t N, int64_t begin, int64_t end, float* y) {
   const int64_t half = K / 2;
-  std::vector<float> sf((end - begin) * g.groups);  // this task's scales as float32, converted once
-  for (int64_t i = 0; i < static_cast<int64_t>(sf.size()); ++i) sf[i] = static_cast<float>(scale[begin * g.groups + i]);
+  // this task's scales and scale * zero as float32, converted once
+  std::vector<float> sf((end - begin) * g.groups), sz(sf.size());
+  for (int64_t i = 0; i < static_cast<int64_t>(sf.size()); ++i) {
+    sf[i] = static_cast<float>(scale[begin * g.groups + i]);
+    sz[i] = sf[i] * static_cast<float>(zero[begin * g.groups + i]);
+  }
   for (int64_t m = 0; m < pl.rows; ++m) {
     for (int64_t n = begin; n < end;) {
       float dot[TILE] = {};
       int64_t rows = std::min(TILE, end - n);
       const float* s = sf.data() + (n - begin) * g.groups;
+      const float* z = sz.data() + (n - begin) * g.groups;
 #ifdef LEANLM_VNNI
       if (rows == TILE) {
-        int4_rows<TILE>(pl, m, w + n * half, s, K, g, dot);
+        int4_rows<TILE>(pl, m, w + n * half, s, z, K, g, dot);
       } else {
         rows = 1;
-        int4_rows<1>(pl, m, w + n * half, s, K, g, dot);
+        int4_rows<1>(pl, m, w + n * half, s, z, K, g, dot);
       }
 #else
-      for (int64_t r = 0; r < rows; ++r)
+      for (int64_t r = 0; r < rows; ++r) {
         for (int64_t k = 0; k < K; ++k) {
           const uint8_t b = w[(n + r) * half + k / 2];
           const int64_t q = (k % 2) ? (b >> 4) : (b & 0x0f);
           dot[r] += static_cast<float>(q * value_at(pl, m, k, true)) * s[r * g.groups + k / g.group];
         }
-#endif
-      for (int64_t r = 0; r < rows; ++r) {
-        double zero_term = 0.0;  // sum_g scale * zero * (sum of the rounded x over the group)
-        for (int64_t j = 0; j < g.groups; ++j)
-          zero_term += static_cast<double>(s[r * g.groups + j]) * zero[(n + r) * g.groups + j] *
-                       static_cast<double>(pl.sums[m * g.groups + j]);
-        y[m * N + n + r] = static_cast<float>(dot[r] * pl.step[m] - zero_term);
+        for (int64_t j = 0; j < g.groups; ++j) dot[r] -= z[r * g.groups + j] * pl.sums[m * g.groups + j];
       }
+#endif
+      for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = static_cast<float>(dot[r] * pl.step[m]);
       n += rows;
     }
   }

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm import kernels
-from leanlm.core.models import register_module
+from leanlm.core.models import packed_tensor, register_module
 from leanlm.quantize.rtn_ops import dequantize
 
 KERNEL_GROUPS = (32, 64, 128, 256)
@@ -43,9 +43,9 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.compute_dtype = dtype
         groups = 1 if group_size is None else in_features // group_size
-        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16, device=device))
-        self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
+        self.qweight = packed_tensor(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.scale = packed_tensor(torch.empty(out_features, groups, dtype=torch.float16, device=device))
+        self.zero = packed_tensor(torch.empty(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel = None  # (packed tiles, scales_and_zeros) for the CPU kernel, built lazily
 

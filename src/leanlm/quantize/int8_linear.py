@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm import kernels
-from leanlm.core.models import register_module
+from leanlm.core.models import packed_tensor, register_module
 from leanlm.quantize.rtn_ops import dequantize
 
 HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
@@ -30,9 +30,9 @@ class Int8Linear(nn.Module):
         self.group_size, self.symmetric = group_size, symmetric
         groups = 1 if group_size is None else in_features // group_size
         code_dtype = torch.int8 if symmetric else torch.uint8
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=code_dtype, device=device))
-        self.register_buffer("scale", torch.empty(out_features, groups, dtype=dtype, device=device))
-        self.register_buffer("zero", None if symmetric else torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.qweight = packed_tensor(torch.empty(out_features, in_features, dtype=code_dtype, device=device))
+        self.scale = packed_tensor(torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.zero = None if symmetric else packed_tensor(torch.empty(out_features, groups, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel_scales: dict[torch.dtype, torch.Tensor] = {}  # per-channel scale as each kernel takes it
 

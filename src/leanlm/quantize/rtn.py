@@ -1,4 +1,9 @@
-"""Round-to-nearest weight-only quantization: no calibration data, one pass over the weights."""
+"""Round-to-nearest weight-only quantization: one pass over the weights.
+
+With `scale_search: activation` the codes are still round-to-nearest, but each output channel's
+(and group's) scale is picked from a range of candidates by the output error it causes, using the
+layer's input covariance on the calibration data, gathered block by block (core.layerwise). That needs calibration data, so the step asks for it only then.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanlm.core.layerwise import HessianCollector, process_layerwise
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import rtn_ops
-from leanlm.quantize.base import (check_group_size, finish_totals, new_totals, quantize_, register_quantizer,
-                                  select_layers, swap_in_packed)
+from leanlm.quantize.base import (check_group_size, finish_totals, layers_by_block, new_totals, quantize_,
+                                  register_quantizer, select_layers, swap_in_packed)
 
 
 @dataclass
@@ -23,16 +29,42 @@ class RTNConfig(StepConfig):
     symmetric: bool = True
     targets: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    # "none": max-abs (or min/max) scale; "activation": the candidate scale, from search_min to
+    # search_max times that range in search_steps steps, with the least activation-weighted error
+    scale_search: Literal["none", "activation"] = "none"
+    search_min: float = 0.9
+    search_max: float = 1.6
+    search_steps: int = 400
+    search_refine: int = 8  # best candidates per channel scored again with the full input covariance
+    batch_size: int = 8  # calibration samples per forward (scale_search: activation)
+    calibration_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.scale_search == "activation"
 
     def validate(self) -> None:
         if self.group_size is not None and self.group_size < 1:
             raise ConfigError(f"group_size must be a positive integer or null, got {self.group_size}")
+        if not 0 < self.search_min <= self.search_max:
+            raise ConfigError(f"need 0 < search_min <= search_max, got {self.search_min} and {self.search_max}")
+        if self.search_steps < 1 or self.search_refine < 1 or self.batch_size < 1:
+            raise ConfigError("search_steps, search_refine and batch_size must be positive integers")
+
+    def ratios(self) -> torch.Tensor:
+        # 1.0 (the plain max-abs or min/max range) is always a candidate
+        return torch.cat([torch.linspace(self.search_min, self.search_max, self.search_steps + 1), torch.ones(1)]).unique()
 
 
 @register_quantizer(RTNConfig)
-def quantize_rtn(model: nn.Module, config: RTNConfig) -> dict:
+def quantize_rtn(model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None = None, device=None) -> dict:
     layers = select_layers(model, config.targets, config.skip)
     check_group_size(layers, config.group_size)
+    if config.scale_search == "activation":
+        if calibration is None:
+            raise ConfigError("rtn with scale_search: activation needs calibration data: "
+                              "quantize_(model, config, calibration=token_ids)")
+        return _rtn_searched(model, config, layers, calibration, device)
     totals = new_totals()
     for name, layer in tqdm(layers.items(), desc=f"RTN int{config.bits}", unit="layer", leave=False):
         with torch.no_grad():
@@ -41,6 +73,33 @@ def quantize_rtn(model: nn.Module, config: RTNConfig) -> dict:
     return finish_totals(totals)
 
 
+def _rtn_searched(model: nn.Module, config: RTNConfig, layers: dict[str, nn.Module], calibration: torch.Tensor,
+                  device) -> dict:
+    per_block = layers_by_block(model, layers, "RTN with scale_search: activation")
+    totals = {**new_totals(), "scale_ratio_mean": 0.0}
+    ratios = config.ratios()
+
+    def one_block(index: int, block: nn.Module, observe) -> dict:
+        chosen = per_block[index]
+        with HessianCollector(block, chosen) as collector:
+            observe()
+        for name, layer in chosen.items():
+            weight = layer.weight.data
+            clip = rtn_ops.search_clip(weight, collector.hessian(name), config.bits, config.group_size,
+                                       config.symmetric, ratios, config.search_refine)
+            codes, scale, zero = rtn_ops.rtn(weight, config.bits, config.group_size, config.symmetric, clip)
+            totals["scale_ratio_mean"] += clip.mean().item() / len(layers)
+            swap_in_packed(block, name, codes, scale, zero, config.bits, config.group_size, config.symmetric, totals)
+        return {}
+
+    autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
+    process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
+                      desc=f"RTN int{config.bits} scale search", autocast=autocast)
+    return finish_totals(totals)
+
+
 @register_step("rtn", RTNConfig)
 def _rtn_step(model: nn.Module, config: RTNConfig, ctx: StepContext) -> dict:
+    if config.needs_calibration:
+        return quantize_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
     return quantize_(model, config)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+_COMPILED: dict[str, object] = {}
 
 
 def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -24,17 +28,26 @@ def compute_qparams(weight: torch.Tensor, bits: int, group_size: int | None, sym
     """Scales (and zero points when asymmetric) per output channel and group: [out, groups].
 
     `clip` (<= 1, per [out, groups] or one number) shrinks the range, trading clipped outliers for
-    a finer grid (AWQ's clip search picks it)."""
+    a finer grid (AWQ's clip search picks it); above 1 it widens it (`search_clip`)."""
+    return qparams_from_range(*weight_range(weight, group_size, symmetric), bits, symmetric, clip)
+
+
+def weight_range(weight: torch.Tensor, group_size: int | None, symmetric: bool):
+    """(lo, hi) per output channel and group; symmetric: (None, max |w|)."""
     w = _grouped(weight.float(), group_size)
+    if symmetric:
+        return None, w.abs().amax(-1)
+    return w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+
+
+def qparams_from_range(lo: torch.Tensor | None, hi: torch.Tensor, bits: int, symmetric: bool,
+                       clip: torch.Tensor | float | None = None):
     qmin, qmax = quant_range(bits, symmetric)
     clip = 1.0 if clip is None else clip
     if symmetric:
-        scale = w.abs().amax(-1) * clip / qmax
-        return scale.clamp_min(1e-12), None
-    lo = w.amin(-1).clamp(max=0) * clip
-    hi = w.amax(-1).clamp(min=0) * clip
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-12)
-    zero = torch.round(-lo / scale).clamp(qmin, qmax)
+        return (hi * clip / qmax).clamp_min(1e-12), None
+    scale = ((hi - lo) * clip / (qmax - qmin)).clamp_min(1e-12)
+    zero = torch.round(-lo * clip / scale).clamp(qmin, qmax)
     return scale, zero
 
 
@@ -61,6 +74,79 @@ def rtn(weight: torch.Tensor, bits: int = 8, group_size: int | None = None, symm
     """Round-to-nearest: returns (codes, scale, zero)."""
     scale, zero = compute_qparams(weight, bits, group_size, symmetric, clip)
     return quantize(weight, scale, zero, bits, group_size, symmetric), scale, zero
+
+
+def _error_cost(w, d, scale, offset, qmin: int, qmax: int) -> torch.Tensor:
+    deq = (torch.round(w / scale + offset).clamp(qmin, qmax) - offset) * scale
+    return ((w - deq) ** 2 * d).sum(-1)
+
+
+def _candidate_cost(w, d, scale, offset, qmin: int, qmax: int) -> torch.Tensor:
+    """`_error_cost`, compiled into one fused loop (about 10x faster on CPU: a search evaluates it hundreds
+    of times per layer); if compiling fails, it says so once and runs eagerly (same numbers, slower)."""
+    fn = _COMPILED.get("cost")
+    if fn is None:
+        try:
+            compiled = torch.compile(_error_cost, dynamic=True)
+            out = compiled(w, d, scale, offset, qmin, qmax)
+            _COMPILED["cost"] = compiled
+            return out
+        except Exception as exc:  # noqa: BLE001 - any compiler failure leaves the eager path, which is exact
+            warnings.warn(f"could not compile the scale search's cost ({type(exc).__name__}: {exc}); "
+                          "running it eagerly, about 10x slower", stacklevel=2)
+            fn = _COMPILED["cost"] = _error_cost
+    return fn(w, d, scale, offset, qmin, qmax)
+
+
+@torch.no_grad()
+def search_clip(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                ratios: torch.Tensor, refine: int = 8) -> torch.Tensor:
+    """Per output channel and group, the range ratio (`clip` of `compute_qparams`) among `ratios` whose
+    round-to-nearest error e causes the least output error e H e^T, H the layer's input second moments
+    X^T X / n ([in, in], or only its diagonal [in]).
+
+    Every ratio is scored with the diagonal of H (cheap); the `refine` best per channel and group are
+    scored again with H's block for that group, cross terms included, when the full H is given.
+    A ratio above 1 widens the grid: a slightly coarser step that puts the weights of the inputs with
+    the largest activations (nearly) on the grid can beat the max-abs scale."""
+    w = _grouped(weight.float(), group_size)
+    diag = hessian.diagonal() if hessian.dim() == 2 else hessian
+    d = diag.float().to(w.device).reshape(1, *w.shape[1:])
+    qmin, qmax = quant_range(bits, symmetric)
+    lo, hi = weight_range(weight, group_size, symmetric)
+    costs = []
+    for ratio in ratios.tolist():
+        scale, zero = qparams_from_range(lo, hi, bits, symmetric, ratio)
+        offset = torch.zeros_like(scale) if zero is None else zero
+        costs.append(_candidate_cost(w, d, scale[..., None], offset[..., None], qmin, qmax))
+    costs = torch.stack(costs)
+    ratios = ratios.to(w.device, torch.float32)
+    if hessian.dim() == 1:
+        return ratios[costs.argmin(0)]
+    return _refine_with_hessian(w, hessian, ratios, costs, bits, symmetric, refine, lo, hi)
+
+
+def _refine_with_hessian(w, hessian, ratios, costs, bits, symmetric, refine, lo, hi) -> torch.Tensor:
+    groups, size = w.shape[1:]
+    blocks = torch.stack([hessian[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(groups)]).float()
+    qmin, qmax = quant_range(bits, symmetric)
+    blocks = blocks.to(w.device)
+
+    def full_cost(clip: torch.Tensor) -> torch.Tensor:
+        scale, zero = qparams_from_range(lo, hi, bits, symmetric, clip)
+        offset = 0.0 if zero is None else zero[..., None]
+        err = w - (torch.round(w / scale[..., None] + offset).clamp(qmin, qmax) - offset) * scale[..., None]
+        return torch.einsum("ogs,gst,ogt->og", err, blocks, err)
+
+    # the plain range (ratio 1) is the starting point, so the result is never worse than it
+    best = torch.ones(w.shape[:2], device=w.device)
+    best_cost = full_cost(best)
+    for index in costs.topk(min(refine, len(ratios)), dim=0, largest=False).indices:
+        clip = ratios[index]
+        cost = full_cost(clip)
+        better = cost < best_cost
+        best, best_cost = torch.where(better, clip, best), torch.where(better, cost, best_cost)
+    return best
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,

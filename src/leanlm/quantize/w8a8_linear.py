@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.core.models import register_module
+from leanlm.core.models import packed_tensor, register_module
 
 HAS_INT_MM = hasattr(torch, "_int_mm")
 
@@ -51,8 +51,8 @@ class W8A8Linear(nn.Module):
                  device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.qweight = packed_tensor(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.scale = packed_tensor(torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
