@@ -164,6 +164,9 @@ def test_int4_body_with_int8_lm_head_round_trip(tmp_path, tiny):
     back = load_model(tmp_path / "q", device="cpu")
     assert type(back.model.lm_head) is Int8Linear and type(back.model.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
     assert torch.equal(generate(back.model, ids, 8), before)
+    from leanlm.core.models import parameter_count
+
+    assert parameter_count(back.model) == parameter_count(tiny.model)  # the embedding counted once, the head once
 
 
 @pytest.mark.parametrize("config", [RTNConfig(), RTNConfig(bits=4, group_size=32, symmetric=False, skip=[])])

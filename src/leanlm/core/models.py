@@ -58,7 +58,7 @@ def parameter_count(model: nn.Module) -> int:
     """Weights the model stands for: each distinct plain parameter once (tied ones once), and for each
     packed module the weights its codes encode (`packed_params()`), not the codes' own tensors."""
     packed = [m for m in model.modules() if hasattr(m, "packed_params")]
-    codes = {id(p) for m in packed for name, p in m.named_parameters(recurse=False) if name != "bias"}
+    codes = {id(getattr(m, name)) for m in packed for name in m.PACKED if getattr(m, name) is not None}
     plain = {p.data_ptr(): p for p in model.parameters() if id(p) not in codes}
     return sum(p.numel() for p in plain.values()) + sum(m.packed_params() for m in packed)
 
@@ -195,9 +195,10 @@ def gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:
+def save_model(model: nn.Module, tokenizer: Any, out: str | os.PathLike) -> None:
     """Save as plain HF when nothing custom is inside, else as a leanlm checkpoint (runtime modules, or
     pruned weights stored as bitmask + values so the checkpoint is smaller)."""
+    out = Path(out)
     from leanlm.core.sparse_storage import pack_state, sparse_weights
 
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +291,8 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise UnsupportedModelError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    if getattr(config, "tie_word_embeddings", False):
+    head = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and not hasattr(head, "packed_params"):
         model.tie_weights()  # assign=True gave the aliases separate Parameter objects
     return model, _load_tokenizer(path)
 

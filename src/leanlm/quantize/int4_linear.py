@@ -35,6 +35,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 @register_module("int4_weight_only")
 class Int4Linear(nn.Module):
+    PACKED = ("qweight", "scale", "zero")  # the frozen parameters holding codes and scales (core.models.parameter_count)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int | None,
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()

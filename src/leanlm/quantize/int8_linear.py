@@ -23,6 +23,8 @@ VNNI_ROWS = 8  # rows up to which leanlm's kernel beats torch's (measured on a 3
 
 @register_module("int8_weight_only")
 class Int8Linear(nn.Module):
+    PACKED = ("qweight", "scale", "zero")  # the frozen parameters holding codes and scales (core.models.parameter_count)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int | None,
                  symmetric: bool, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()

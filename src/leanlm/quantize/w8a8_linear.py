@@ -47,6 +47,8 @@ class _LastInput:
 
 @register_module("w8a8_dynamic")
 class W8A8Linear(nn.Module):
+    PACKED = ("qweight", "scale")  # the frozen parameters holding codes and scales (core.models.parameter_count)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
