@@ -2,7 +2,8 @@
 
 With `scale_search: activation` the codes are still round-to-nearest, but each output channel's
 (and group's) scale is picked from a range of candidates by the output error it causes, using the
-layer's input covariance on the calibration data, gathered block by block (core.layerwise). That needs calibration data, so the step asks for it only then.
+layer's input covariance on the calibration data, gathered block by block (core.layerwise).
+That needs calibration data, so the step asks for it only then.
 """
 
 from __future__ import annotations

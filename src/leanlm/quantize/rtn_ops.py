@@ -76,9 +76,13 @@ def rtn(weight: torch.Tensor, bits: int = 8, group_size: int | None = None, symm
     return quantize(weight, scale, zero, bits, group_size, symmetric), scale, zero
 
 
+def _rounding_error(w, scale, offset, qmin: int, qmax: int) -> torch.Tensor:
+    """w minus its round trip through the grid (scale, offset: broadcast over w's last dimension)."""
+    return w - (torch.round(w / scale + offset).clamp(qmin, qmax) - offset) * scale
+
+
 def _error_cost(w, d, scale, offset, qmin: int, qmax: int) -> torch.Tensor:
-    deq = (torch.round(w / scale + offset).clamp(qmin, qmax) - offset) * scale
-    return ((w - deq) ** 2 * d).sum(-1)
+    return (_rounding_error(w, scale, offset, qmin, qmax) ** 2 * d).sum(-1)
 
 
 def _candidate_cost(w, d, scale, offset, qmin: int, qmax: int) -> torch.Tensor:
@@ -134,8 +138,7 @@ def _refine_with_hessian(w, hessian, ratios, costs, bits, symmetric, refine, lo,
 
     def full_cost(clip: torch.Tensor) -> torch.Tensor:
         scale, zero = qparams_from_range(lo, hi, bits, symmetric, clip)
-        offset = 0.0 if zero is None else zero[..., None]
-        err = w - (torch.round(w / scale[..., None] + offset).clamp(qmin, qmax) - offset) * scale[..., None]
+        err = _rounding_error(w, scale[..., None], 0.0 if zero is None else zero[..., None], qmin, qmax)
         return torch.einsum("ogs,gst,ogt->og", err, blocks, err)
 
     # the plain range (ratio 1) is the starting point, so the result is never worse than it
