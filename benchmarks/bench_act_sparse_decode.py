@@ -1,9 +1,10 @@
 """Batch-1 CPU decode of the dense model vs activation-sparse models (TEAL thresholds), interleaved.
 
-    python benchmarks/bench_act_sparse_decode.py [--sparsity 0.4 0.5] [--rounds 5]
+    python benchmarks/bench_act_sparse_decode.py [--sparsity 0.4 0.5] [--rotation none int8] [--rounds 5]
                                                  [--out benchmarks/results/act_sparse_decode.json]
 Thresholds are calibrated on `--samples` x 512 tokens of the default train split (uniform per layer,
-every linear but the LM head). Each model is timed in the eager loop and in the compiled loop
+every linear but the LM head), once per sparsity and `--rotation` (none: TEAL's own basis; int8 or
+float32: the norm-fed inputs rotated first, the rotation stored in that precision). Each model is timed in the eager loop and in the compiled loop
 (core.compiled_decode); every round times every model in turn, so the machine's drift hits all alike.
 The table gives medians over rounds and ratios to the dense model in the same loop.
 """
@@ -34,9 +35,11 @@ def build_models(args) -> dict:
     calibration = calibration_samples(loaded.tokenizer, default_corpus().train, args.samples, 512)
     models = {"dense": loaded.model}
     for sparsity in args.sparsity:
-        model = copy.deepcopy(loaded.model)
-        sparsify_activations_(model, ActSparsityConfig(sparsity=sparsity), calibration)
-        models[f"act-sparse {sparsity:.0%}"] = model
+        for rotation in args.rotation:
+            model = copy.deepcopy(loaded.model)
+            sparsify_activations_(model, ActSparsityConfig(sparsity=sparsity, rotation=rotation), calibration)
+            label = "" if rotation == "none" else f", rotated {rotation}"
+            models[f"act-sparse {sparsity:.0%}{label}"] = model
     return models
 
 
@@ -44,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.4, 0.5])
+    parser.add_argument("--rotation", nargs="+", choices=["none", "int8", "float32"], default=["none", "int8"])
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=48)
@@ -63,17 +67,17 @@ def main() -> None:
         for key, decoder in decoders.items():
             rounds[key].append(tokens_per_second(decoder, prompt, args.tokens))
     rows = {}
-    print(f"{'model':22s} {'loop':9s} {'decode tok/s':>12s} {'min-max':>13s} {'vs dense':>9s}   "
+    print(f"{'model':32s} {'loop':9s} {'decode tok/s':>12s} {'min-max':>13s} {'vs dense':>9s}   "
           f"({torch.get_num_threads()} threads; kernels: {kernel_status()})")
     for (name, loop), values in rounds.items():
         median = statistics.median(values)
         ratio = median / statistics.median(rounds[("dense", loop)])
         rows[f"{name} / {loop}"] = {"median_tps": median, "rounds": values, "ratio": ratio}
-        print(f"{name:22s} {loop:9s} {median:12.2f} {min(values):6.1f}-{max(values):<6.1f} {ratio:8.2f}x")
+        print(f"{name:32s} {loop:9s} {median:12.2f} {min(values):6.1f}-{max(values):<6.1f} {ratio:8.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": args.model,
                                           "threads": torch.get_num_threads(), "tokens": args.tokens,
-                                          "samples": args.samples, "quant_kernels": kernel_status(),
+                                          "samples": args.samples, "rotation": args.rotation, "quant_kernels": kernel_status(),
                                           "rows": rows}, indent=2))
 
 

@@ -12,9 +12,30 @@ from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import export
 from leanlm.pipeline.recipe import parse_recipe
 from leanlm.sparsify import ActSparseLinear, ActSparsityConfig, MoEFFN, MoefyConfig, moefy_, sparsify_activations_
-from leanlm.sparsify import act_sparse_ops, moe_ops
+from leanlm.sparsify import act_sparse_ops, moe_ops, rotation_ops
+from leanlm.sparsify.rotated_norm import NormThenRotate
 
 IDS = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def greedy_by_full_forward(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy tokens from full forwards (the many-token path), to check the one-token decode path against."""
+    for _ in range(steps):
+        with torch.no_grad():
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
+    return ids
+
+
+def assert_round_trip(model, tokenizer, path, logits):
+    """Save, load, same logits, and one-token decode (generate) agrees with full forwards."""
+    save_model(model, tokenizer, path)
+    back = load_model(path, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(input_ids=IDS).logits, logits)
+    ids = IDS[:1, :6]
+    out = back.model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, greedy_by_full_forward(back.model, ids, 5))
+    return back
 
 
 @pytest.fixture
@@ -56,17 +77,7 @@ def test_act_sparsity_step_round_trips_and_keeps_quality_close(tiny_dir, tmp_pat
     with torch.no_grad():
         sparse = m.model(input_ids=IDS).logits
     assert 0 < (sparse - dense).abs().max() < dense.abs().max()
-    save_model(m.model, m.tokenizer, tmp_path / "s")
-    back = load_model(tmp_path / "s", device="cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(back.model(input_ids=IDS).logits, sparse)
-    ids = IDS[:1, :6]
-    out = back.model.generate(ids, max_new_tokens=5, do_sample=False)  # decode takes the gather path
-    ref = ids
-    for _ in range(5):
-        with torch.no_grad():
-            ref = torch.cat([ref, back.model(input_ids=ref).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(out, ref)
+    assert_round_trip(m.model, m.tokenizer, tmp_path / "s", sparse)
 
 
 def test_greedy_allocation_reaches_the_target_and_spares_sensitive_layers(tiny_dir, calibration):
@@ -81,6 +92,56 @@ def test_greedy_allocation_reaches_the_target_and_spares_sensitive_layers(tiny_d
         assert levels[f"{block}.mlp.gate_proj"] == levels[f"{block}.mlp.up_proj"]
     assert set(stats["mean_level_by_layer"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+def test_output_basis_keeps_outputs_and_makes_skipping_cheaper():
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(48, 32, generator=g), torch.randn(16, 32, generator=g)]
+    x = torch.randn(4000, 32, generator=g) @ torch.randn(32, 32, generator=g)  # correlated inputs
+    basis = rotation_ops.output_basis(weights, x.T @ x / len(x))
+    z = x @ basis
+    assert z.var(0)[:-1].ge(z.var(0)[1:] * 0.999).all()  # columns by decreasing variance
+    for w in weights:
+        folded = rotation_ops.fold_into_readers(w, basis)
+        torch.testing.assert_close(z @ folded.T, x @ w.T, rtol=1e-4, atol=1e-3)
+
+    def error(inputs, readers):  # output error of zeroing the smaller half of each row
+        kept = act_sparse_ops.sparsify(inputs, torch.tensor(act_sparse_ops.threshold_for(inputs, 0.5)))
+        return sum((kept @ r.T - x @ w.T).pow(2).mean() for r, w in zip(readers, weights))
+
+    rotated = error(z, [rotation_ops.fold_into_readers(w, basis) for w in weights])
+    assert rotated < 0.5 * error(x, weights)
+
+
+@pytest.mark.parametrize("rotation", ["int8", "float32"])
+def test_rotated_act_sparsity_is_exact_when_dense_and_round_trips(tiny_dir, tmp_path, calibration, rotation):
+    from leanlm.sparsify.act_allocation import DENSE
+
+    m = load_model(tiny_dir, device="cpu")
+    with torch.no_grad():
+        dense = m.model(input_ids=IDS).logits
+    config = ActSparsityConfig(sparsity=0.4, rows=256, rotation=rotation)
+    stats = sparsify_activations_(m.model, config, calibration)
+    wrapped = [mod for mod in m.model.modules() if isinstance(mod, NormThenRotate)]
+    assert len(wrapped) == 4  # input and post-attention norm of both blocks
+    assert stats["rotated_inputs"] == 6  # and the attention output, folded into v_proj and o_proj
+    assert stats["rotated_by_kind"] == {"norm output (extra product)": 4, "attention output (folded)": 2}
+    assert (type(wrapped[0].rotation).__name__ == "Int8Linear") == (rotation == "int8")
+    assert 0.6 < stats["weight_reads_vs_dense"] < 0.6 + (0.2 if rotation == "int8" else 0.5)
+    sparse_layers = [mod for mod in m.model.modules() if isinstance(mod, ActSparseLinear)]
+    kept = [mod.threshold.clone() for mod in sparse_layers]
+    for mod in sparse_layers:
+        mod.threshold.fill_(DENSE)
+    with torch.no_grad():  # with nothing skipped, the rotation changes nothing
+        torch.testing.assert_close(m.model(input_ids=IDS).logits, dense, rtol=1e-3, atol=2e-3)
+    for mod, t in zip(sparse_layers, kept):
+        mod.threshold.copy_(t)
+    with torch.no_grad():
+        sparse = m.model(input_ids=IDS).logits
+    assert_round_trip(m.model, m.tokenizer, tmp_path / "s", sparse)
+    with pytest.raises(UnsupportedModelError, match="rotation: none"):
+        export(tmp_path / "s", tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists()
 
 
 class TwoPaths(nn.Module):
@@ -119,6 +180,8 @@ def test_act_sparsity_bad_inputs():
         parse_recipe({"steps": [{"type": "act_sparsity", "sparsity": 0.5, "max_layer_sparsity": 0.4}]})
     with pytest.raises(ConfigError, match="allocation"):
         parse_recipe({"steps": [{"type": "act_sparsity", "allocation": "clever"}]})
+    with pytest.raises(ConfigError, match="rotation.*int8"):
+        parse_recipe({"steps": [{"type": "act_sparsity", "rotation": "fp16"}]})
 
 
 def test_balanced_clustering_gives_equal_experts_and_finds_groups():
@@ -156,17 +219,7 @@ def test_moefy_all_experts_equal_dense_and_top_k_round_trips(tiny_dir, tmp_path,
         mod.top_k = 4
     with torch.no_grad():
         routed = m.model(input_ids=IDS).logits
-    save_model(m.model, m.tokenizer, tmp_path / "moe")
-    back = load_model(tmp_path / "moe", device="cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(back.model(input_ids=IDS).logits, routed)
-    ids = IDS[:1, :6]
-    out = back.model.generate(ids, max_new_tokens=5, do_sample=False)  # one token at a time: the expert loop
-    ref = ids
-    for _ in range(5):
-        with torch.no_grad():
-            ref = torch.cat([ref, back.model(input_ids=ref).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(out, ref)
+    assert_round_trip(m.model, m.tokenizer, tmp_path / "moe", routed)
 
 
 def test_moefy_bad_inputs(tiny_dir, calibration):

@@ -38,7 +38,8 @@ def register_module(scheme: str) -> Callable[[type[nn.Module]], type[nn.Module]]
     """Register a runtime module class so leanlm checkpoints that use it can be loaded back.
 
     The class must provide `empty(in_features, out_features, bias, **params)` that builds an
-    uninitialised instance and `manifest()` that returns those params.
+    uninitialised instance (or `wrap(existing_module, **params)` for a module built around one of the
+    model's own) and `manifest()` that returns those params.
     """
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         cls.scheme = scheme
@@ -284,7 +285,9 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
         cls = QUANTIZED_MODULES.get(spec.pop("scheme"))
         if cls is None:
             raise UnsupportedModelError(f"{path}: module {name} uses an unknown scheme; known: {sorted(QUANTIZED_MODULES)}")
-        replace_module(model, name, cls.empty(**spec))
+        # a module that wraps one of the model's own (e.g. a norm) is built around it, the rest from scratch
+        module = cls.wrap(model.get_submodule(name), **spec) if hasattr(cls, "wrap") else cls.empty(**spec)
+        replace_module(model, name, module)
     state = unpack_state(load_file(path / LEANLM_WEIGHTS), manifest.get("sparse", {}))
     for alias, key in manifest.get("aliases", {}).items():
         state[alias] = state[key]

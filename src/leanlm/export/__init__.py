@@ -66,6 +66,9 @@ def check_exportable(model) -> None:
     """Refuse modules no other runtime has an equivalent of (e.g. MoE-fied FFNs), naming them."""
     from leanlm.core.models import QUANTIZED_MODULES
 
+    refusals = [(n, m.export_refusal) for n, m in model.named_modules() if hasattr(m, "export_refusal")]
+    if refusals:
+        raise UnsupportedModelError(f"{len(refusals)} modules (e.g. {refusals[0][0]}) cannot be exported: {refusals[0][1]}")
     odd = [n for n, m in model.named_modules()
            if type(m) in QUANTIZED_MODULES.values() and not hasattr(m, "dequantized_weight")]
     if odd:

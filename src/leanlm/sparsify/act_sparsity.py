@@ -5,11 +5,13 @@ its inputs, calibrated so that a target fraction of them fall below it, and is s
 Calibration runs block by block (core.layerwise), so each block's thresholds are set on the inputs
 it sees once the earlier blocks are already sparse, as it will run. With `allocation: greedy` the
 target is the block's weight-weighted average and each layer's level is searched (act_allocation);
-with `uniform` every layer gets the target.
+with `uniform` every layer gets the target. With `rotation` set, the inputs the layers read from a norm
+are first moved to the basis where skipping costs least (`rotation`, `rotation_ops`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,11 +20,14 @@ from torch import nn
 
 from leanlm.core.layerwise import InputRecorder, process_layerwise
 from leanlm.core.structure import find_structure, replace_module
-from leanlm.errors import ConfigError
+from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize.base import layers_by_block, select_layers
 from leanlm.sparsify.act_allocation import DENSE, Allocator, find_groups
 from leanlm.sparsify.act_sparse_linear import ActSparseLinear
+from leanlm.sparsify.rotation import rotate_block
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +42,9 @@ class ActSparsityConfig(StepConfig):
     step: float = 0.05  # greedy: how far one move raises a group's level
     max_layer_sparsity: float = 0.9  # greedy: no layer goes above this
     search_samples: int = 4  # greedy: calibration sequences the output error is measured on
+    # rotate the norm-fed inputs (q/k/v, gate/up) to their output-weighted principal axes first; the
+    # rotation is one extra [d, d] product per group and token, stored in this precision
+    rotation: Literal["none", "int8", "float32"] = "none"
     rows: int = 2048
     batch_size: int = 8
     calibration_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -62,8 +70,13 @@ def sparsify_activations_(model: nn.Module, config: ActSparsityConfig, calibrati
     thresholds: dict[str, float] = {}
     levels: dict[str, float] = {}
 
+    rotated: list[dict] = []
+    counts = _head_counts(model) if config.rotation != "none" else None
+
     def one_block(index: int, block: nn.Module, observe) -> dict:
         chosen = per_block[index]
+        if config.rotation != "none":
+            rotated.extend({"block": index, **r} for r in rotate_block(block, chosen, observe, config.rotation, counts))
         with InputRecorder(chosen, rows=config.rows) as rec:
             observe()
         rows = {n: rec.rows_of(n).cpu() for n in chosen}
@@ -89,6 +102,10 @@ def sparsify_activations_(model: nn.Module, config: ActSparsityConfig, calibrati
                       desc="activation sparsity", autocast=autocast)
     return {"layers_sparsified": len(thresholds), "target_sparsity": config.sparsity,
             "allocation": config.allocation, "achieved_weighted_sparsity": _weighted(levels, layers),
+            "rotated_inputs": len(rotated),
+            "rotated_by_kind": {"norm output (extra product)": sum(1 for r in rotated if r["extra_product"]),
+                                "attention output (folded)": sum(1 for r in rotated if not r["extra_product"])},
+            "weight_reads_vs_dense": _reads(levels, layers, rotated, 1 if config.rotation == "int8" else 4),
             "mean_level_by_layer": _mean_by_suffix(levels, block_names),
             "levels": {n: round(v, 4) for n, v in levels.items()},
             "thresholds": {n: round(t, 6) for n, t in thresholds.items()}}
@@ -99,6 +116,27 @@ def _weighted(levels: dict[str, float], layers: dict[str, nn.Module]) -> float:
     sizes = {n: m.in_features * m.out_features for n, m in layers.items()}
     total = sum(sizes.get(n, 0) for n in levels)
     return round(sum(level * sizes.get(n, 0) for n, level in levels.items()) / max(total, 1), 4)
+
+
+def _head_counts(model: nn.Module):
+    """The attention's head layout, for folding a basis into the value/output projections (None: no fold)."""
+    from leanlm.prune.heads import head_counts
+
+    try:
+        return head_counts(model)
+    except (UnsupportedModelError, AttributeError) as err:
+        log.warning("rotation: %s; the attention output stays in its own basis", err)
+        return None
+
+
+def _reads(levels: dict[str, float], layers: dict[str, nn.Module], rotated: list[dict], rotation_bytes: int) -> float:
+    """Weight bytes a batch-1 token reads in the sparsified layers (and their rotations), as a fraction of
+    the dense layers' bytes: the cost measure that makes rotated and plain sparsity comparable."""
+    sizes = {n: m.in_features * m.out_features * m.weight.element_size() for n, m in layers.items()}
+    dense = sum(sizes.get(n, 0) for n in levels)
+    read = sum((1 - level) * sizes.get(n, 0) for n, level in levels.items())
+    read += sum(r["extra_product"] ** 2 * rotation_bytes for r in rotated)
+    return round(read / max(dense, 1), 4)
 
 
 def _mean_by_suffix(levels: dict[str, float], block_names: list[str]) -> dict[str, float]:
