@@ -36,7 +36,10 @@ def rotate_block(block: nn.Module, layers: dict[str, nn.Module], observe, rotati
     `counts` (prune.heads.Heads, or None) gives the attention's head layout for the value/output fold."""
     modules = dict(block.named_modules())
     pairs = [p for p in block_pairs(block, layers, observe) if is_norm(modules[p.prev])]
-    with HessianCollector(block, layers) as stats:
+    # only the inputs a basis is computed for: the norm-fed groups and the attention projections
+    # (down_proj's wide input would cost the most and is never rotated)
+    widths = {len(modules[p.prev].weight) for p in pairs} | ({counts.heads * counts.head_dim} if counts else set())
+    with HessianCollector(block, {n: m for n, m in layers.items() if m.in_features in widths}) as stats:
         observe()
     done = [_rotate_norm(block, modules, pair, stats, rotation_dtype) for pair in pairs]
     if not pairs:
