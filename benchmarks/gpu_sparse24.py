@@ -1,133 +1,218 @@
-"""GPU: 2:4 semi-structured sparse MLP matmuls of a Llama-1B-shaped model vs dense, float16.
+"""GPU: 2:4 sparse MLP matmuls of a Llama-1B-shaped model vs dense, and a whole 2:4 model's decode.
 
-Run on a machine with an NVIDIA GPU (sm80+, where torch's semi-structured sparse kernels exist):
-    python benchmarks/gpu_sparse24.py [--out benchmarks/results/gpu_sparse24.json]
-Weights are pruned to 2:4 with leanlm's N:M mask (magnitude) and converted with
-torch.sparse.to_sparse_semi_structured, once per backend torch has (CUTLASS, and cuSPARSELt where
-installed); each shape is timed with CUDA events, median of repeats after warm-up, dense and sparse in
-the same process. "mlp" sums gate + up + down. Target: >= 1.2x on the MLP matmuls at 16+ tokens.
+Run on a machine with an NVIDIA GPU and triton (CUDA builds of torch bring it):
+    python benchmarks/gpu_sparse24.py [--out benchmarks/results/gpu_sparse24.json] [--decode]
+Weights are pruned to 2:4 with leanlm's N:M mask (magnitude) and run through leanlm's Triton kernel
+(`leanlm/kernels/sparse24.py`, tile sizes tuned once per shape before timing); `--torch-backends` adds
+torch's semi-structured tensors (CUTLASS, cuSPARSELt). Each matmul cycles through several copies of its
+weight, more bytes than the L2 cache holds, as a model's layers do, and is timed two ways, dense and
+sparse in the same process: CUDA events around single calls (launch cost included) and CUDA-graph
+replays (launch cost removed). "mlp" sums gate + up + down. Target: >= 1.2x on the MLP matmuls at 16+
+tokens. `--decode` also times a 16-layer Llama-1B-shaped model (random weights, every linear but the
+LM head 2:4) through leanlm's compiled decode loop at batch 1 and 16, against the same model dense.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from leanlm.prune.prune_ops import magnitude_mask
+from leanlm.prune.sparse24_ops import compress_24
 
 HIDDEN, INTERMEDIATE = 2048, 8192  # Llama-3.2-1B
 SHAPES = {"gate/up": (INTERMEDIATE, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}
+CALLS = {"gate/up": 2, "down": 1}
+L2_BYTES = 50 * 2**20  # H100; more copies than this needs are harmless
 
 
-def time_ms(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
+def events_ms(fns: list, repeats: int) -> float:
+    """Median of single calls timed with CUDA events, cycling through `fns` (one per weight copy)."""
+    for fn in fns:
         fn()
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        fns[i % len(fns)]()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/gpu_sparse24.json")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 64, 128, 512, 2048, 8192])
-    parser.add_argument("--repeats", type=int, default=50)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-    rows, unsupported = [], {}
-    for backend in backends():
-        try:
-            timer = time_cslt_direct if backend == "cslt-direct" else time_backend
-            rows += timer(backend, args.tokens, args.repeats)
-        except (RuntimeError, TypeError, AttributeError) as err:  # CUTLASS's 2:4 kernels exist for sm8x only; Hopper needs cuSPARSELt
-            unsupported[backend] = str(err).splitlines()[0]
-            print(f"{backend}: not available on this GPU: {unsupported[backend]}")
-    print(f"{'backend':10s} {'matmul':8s} {'tokens':>6s} {'dense ms':>9s} {'2:4 ms':>9s} {'speedup':>8s}"
-          f"   ({torch.cuda.get_device_name()}, torch {torch.__version__})")
-    for r in rows:
-        print(f"{r['backend']:10s} {r['matmul']:8s} {r['tokens']:6d} {r['dense_ms']:9.4f} {r['sparse_ms']:9.4f} "
-              f"{r['speedup']:7.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                          "rows": rows, "unsupported": unsupported}, indent=2))
+def graph_ms(fns: list, repeats: int) -> float:
+    """Per-call time of a CUDA graph that makes every call once, median over replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    times = []
+    for _ in range(max(5, repeats // 5)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / len(fns))
+    return statistics.median(times)
 
 
-def backends() -> list[str]:
-    found = ["cutlass"]
-    if torch.backends.cusparselt.is_available():
-        found += ["cusparselt", "cslt-direct"]
-    return found
+def pruned_copies(out_f: int, in_f: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    copies = max(2, -(-2 * L2_BYTES // (out_f * in_f * 2)))
+    weights = []
+    for _ in range(copies):
+        w = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
+        weights.append(w.masked_fill(magnitude_mask(w, 0.5, (2, 4)), 0))
+    return weights
 
 
-def time_cslt_direct(backend: str, token_counts: list[int], repeats: int) -> list[dict]:
-    """cuSPARSELt called directly, weights compressed once and the best algorithm searched once per
-    shape, without the tensor subclass's per-call transposes and padding: what a runtime could get."""
+def time_matmuls(backend: str, convert, multiply, token_counts: list[int], repeats: int, dtype: torch.dtype,
+                 prepare=None) -> list[dict]:
+    """Dense vs `multiply(x, convert(w))` for each MLP shape and token count, after checking they agree."""
     torch.manual_seed(0)
     rows = []
-    for tokens in token_counts:
-        total = {"dense_ms": 0.0, "sparse_ms": 0.0}
-        for name, (out_f, in_f) in SHAPES.items():
-            w = torch.randn(out_f, in_f, device="cuda", dtype=torch.float16)
-            w = w.masked_fill(magnitude_mask(w, 0.5, (2, 4)), 0)
-            packed = torch._cslt_compress(w)
-            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.float16)
-            xt = x.t()  # W @ x^T with transpose_result gives x @ W^T, the linear layer's output
-            try:
-                alg = torch._cslt_sparse_mm_search(packed, xt, transpose_result=True)
-            except RuntimeError:  # the search itself failed inside cuSPARSELt on an H100 (torch 2.11, CUDA 13)
-                alg = 0
-            out = torch._cslt_sparse_mm(packed, xt, transpose_result=True, alg_id=alg)
-            torch.testing.assert_close(out, F.linear(x, w), atol=0.5, rtol=1e-2)
-            dense_ms = time_ms(lambda: F.linear(x, w), repeats, 10)
-            sparse_ms = time_ms(lambda: torch._cslt_sparse_mm(packed, xt, transpose_result=True, alg_id=alg), repeats, 10)
-            calls = 2 if name == "gate/up" else 1
-            total["dense_ms"] += calls * dense_ms
-            total["sparse_ms"] += calls * sparse_ms
-            rows.append({"backend": backend, "matmul": name, "tokens": tokens, "dense_ms": dense_ms,
-                         "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms, "alg_id": alg})
-        rows.append({"backend": backend, "matmul": "mlp", "tokens": tokens, **total,
-                     "speedup": total["dense_ms"] / total["sparse_ms"]})
-    return rows
+    for name, (out_f, in_f) in SHAPES.items():
+        dense = pruned_copies(out_f, in_f, dtype)
+        sparse = [convert(w) for w in dense]
+        for tokens in token_counts:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
+            extra = prepare(x, sparse[0]) if prepare else {}
+            got, want = multiply(x, sparse[0]).float(), F.linear(x, dense[0]).float()
+            err = ((got - want).norm() / want.norm()).item()
+            if err > 1e-2:
+                raise SystemExit(f"{backend} disagrees with the dense matmul: {name}, {tokens} tokens, error {err:.2e}")
+            dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
+            sparse_fns = [lambda s=s: multiply(x, s) for s in sparse]
+            rows.append({"backend": backend, "matmul": name, "tokens": tokens, "rel_error": err, **extra,
+                         "dense_ms": events_ms(dense_fns, repeats), "sparse_ms": events_ms(sparse_fns, repeats),
+                         "dense_graph_ms": graph_ms(dense_fns, repeats), "sparse_graph_ms": graph_ms(sparse_fns, repeats)})
+        del dense, sparse
+    return rows + mlp_totals(rows)
 
 
-def time_backend(backend: str, token_counts: list[int], repeats: int) -> list[dict]:
+def time_leanlm(token_counts: list[int], repeats: int, dtype: torch.dtype) -> list[dict]:
+    from leanlm.kernels.sparse24 import choose, sparse24_mm
+
+    def tune(x, packed):  # once per shape, before any timing
+        return {"config": str(choose(x.shape[0], *packed))}
+
+    return time_matmuls("leanlm-triton", compress_24, lambda x, packed: sparse24_mm(x, *packed), token_counts, repeats,
+                        dtype, prepare=tune)
+
+
+def time_torch(backend: str, token_counts: list[int], repeats: int, dtype: torch.dtype) -> list[dict]:
+    """torch's semi-structured tensors (the baseline that missed on an H100, see BENCHMARKS.md)."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
-    torch.manual_seed(0)
-    weights = {}
-    for name, (out_f, in_f) in SHAPES.items():
-        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.float16)
-        w = w.masked_fill(magnitude_mask(w, 0.5, (2, 4)), 0)
-        weights[name] = (w, to_sparse_semi_structured(w))
-    rows = []
-    for tokens in token_counts:
-        total = {"dense_ms": 0.0, "sparse_ms": 0.0}
-        for name, (w, sparse) in weights.items():
-            x = torch.randn(tokens, w.shape[1], device="cuda", dtype=torch.float16)
-            torch.testing.assert_close(F.linear(x, sparse), F.linear(x, w), atol=0.5, rtol=1e-2)
-            dense_ms = time_ms(lambda: F.linear(x, w), repeats, 10)
-            sparse_ms = time_ms(lambda: F.linear(x, sparse), repeats, 10)
-            calls = 2 if name == "gate/up" else 1
-            total["dense_ms"] += calls * dense_ms
-            total["sparse_ms"] += calls * sparse_ms
-            rows.append({"backend": backend, "matmul": name, "tokens": tokens, "dense_ms": dense_ms,
-                         "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms})
-        rows.append({"backend": backend, "matmul": "mlp", "tokens": tokens, **total,
-                     "speedup": total["dense_ms"] / total["sparse_ms"]})
-    return rows
+    return time_matmuls(backend, to_sparse_semi_structured, F.linear, token_counts, repeats, dtype)
+
+
+def mlp_totals(rows: list[dict]) -> list[dict]:
+    totals = []
+    for tokens in sorted({r["tokens"] for r in rows}):
+        parts = [r for r in rows if r["tokens"] == tokens]
+        total = {key: sum(CALLS[r["matmul"]] * r[key] for r in parts)
+                 for key in ("dense_ms", "sparse_ms", "dense_graph_ms", "sparse_graph_ms")}
+        totals.append({"backend": parts[0]["backend"], "matmul": "mlp", "tokens": tokens, **total})
+    for row in rows + totals:
+        row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+        row["speedup_graph"] = row["dense_graph_ms"] / row["sparse_graph_ms"]
+    return totals
+
+
+def time_decode(layers: int, new_tokens: int) -> dict:
+    """A Llama-1B-shaped model, dense vs 2:4, through leanlm's compiled loop (CUDA graphs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leanlm.core.bench import BenchConfig, benchmark
+    from leanlm.core.models import LoadedModel
+    from leanlm.prune import MagnitudeConfig, prune_, sparse24_
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)
+    bench = BenchConfig(prompt_tokens=512, decode_prompt_tokens=64, new_tokens=new_tokens, batch=16, repeats=3,
+                        warmup=2, compile=True)
+    results = {}
+    for variant in ("dense", "2:4"):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        prune_(model, MagnitudeConfig(pattern="2:4"))
+        if variant == "2:4":
+            sparse24_(model)
+        start = time.perf_counter()
+        results[variant] = benchmark(LoadedModel(model=model, tokenizer=None, source="llama-1b-random", path=Path("."),
+                                                 disk_bytes=0), bench)
+        print(f"  {variant}: {time.perf_counter() - start:.0f} s", flush=True)
+        del model
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/gpu_sparse24.json")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 512, 2048])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    parser.add_argument("--torch-backends", action="store_true", help="also time torch's semi-structured tensors")
+    parser.add_argument("--decode", action="store_true", help="also time a whole 2:4 model's compiled decode")
+    parser.add_argument("--layers", type=int, default=16)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    rows, unsupported, decode = time_leanlm(args.tokens, args.repeats, dtype), {}, None
+    print_rows(rows)
+    for backend in (["cutlass", "cusparselt"] if args.torch_backends else []):
+        try:
+            rows += time_torch(backend, args.tokens, args.repeats, dtype)
+        except (RuntimeError, TypeError, AttributeError) as err:  # CUTLASS's 2:4 kernels exist for sm8x only
+            unsupported[backend] = str(err).splitlines()[0]
+            print(f"{backend}: not available on this GPU: {unsupported[backend]}")
+    print_rows([r for r in rows if r["backend"] != "leanlm-triton"])
+    if args.decode:
+        decode = time_decode(args.layers, 64)
+        print_decode(decode)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(),
+                                          "torch": torch.__version__, "dtype": args.dtype, "rows": rows,
+                                          "unsupported": unsupported, "decode": decode}, indent=2))
+
+
+def print_rows(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"{'backend':14s} {'matmul':8s} {'tokens':>6s} {'dense ms':>9s} {'2:4 ms':>9s} {'speedup':>8s} "
+          f"{'graph dense':>11s} {'graph 2:4':>10s} {'speedup':>8s}   ({torch.cuda.get_device_name()}, torch {torch.__version__})")
+    for r in rows:
+        print(f"{r['backend']:14s} {r['matmul']:8s} {r['tokens']:6d} {r['dense_ms']:9.4f} {r['sparse_ms']:9.4f} "
+              f"{r['speedup']:7.2f}x {r['dense_graph_ms']:11.4f} {r['sparse_graph_ms']:10.4f} {r['speedup_graph']:7.2f}x")
+
+
+def print_decode(decode: dict) -> None:
+    base = decode["dense"]
+    for variant, r in decode.items():
+        print(f"decode {variant:6s} batch 1: {r['decode_tps']:8.1f} tok/s ({r['decode_tps'] / base['decode_tps']:.2f}x)  "
+              f"batch 16: {r['decode_tps_batch']:8.1f} tok/s ({r['decode_tps_batch'] / base['decode_tps_batch']:.2f}x)  "
+              f"prefill {r['prefill_tps']:8.0f} tok/s  peak {r['peak_mem_bytes'] / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ def _scheme_key(module: nn.Module) -> tuple:
         return ("int8", module.group_size, module.symmetric, False)
     if scheme == "w8a8_dynamic":
         return ("int8", None, True, True)
-    raise UnsupportedModelError(f"no compressed-tensors scheme for leanlm's {scheme!r} layers")
+    raise UnsupportedModelError(f"no compressed-tensors scheme for leanlm's {scheme!r} layers; "
+                                "`leanlm export --format hf` writes them as dense weights")
 
 
 def _qparams(module: nn.Module, key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.models import DTYPES, QUANTIZED_MODULES
 from leanlm.core.structure import replace_module
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, warn_w8
     for name, module in packed:
         weight = module.dequantized_weight(torch.float32)
         bias = getattr(module, "bias", None)
-        out_dtype = dtype or (bias.dtype if bias is not None else torch.float32)
+        # the layer's own compute dtype, so a half-precision model does not come out with float32 layers
+        own = DTYPES.get(module.manifest().get("dtype"), torch.float32)
+        out_dtype = dtype or (bias.dtype if bias is not None else own)
         linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, dtype=out_dtype,
                            device=weight.device)
         with torch.no_grad():

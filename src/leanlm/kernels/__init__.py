@@ -1,5 +1,6 @@
 """leanlm's native CPU kernels for batch-1 decode: int8 and int4 weight-only matmuls (`cpu_gemv.cpp`)
-and the activation-sparse matrix-vector product (`sparse_gemv.cpp`).
+and the activation-sparse matrix-vector product (`sparse_gemv.cpp`). The GPU's 2:4 matmul is a Triton
+kernel in `sparse24.py`.
 
 They are compiled on first use with this machine's C++ compiler (torch.utils.cpp_extension, about
 10 s once, then cached) for its own instruction set. `cpu_kernels()` says whether they can be used:

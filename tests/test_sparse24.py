@@ -1,0 +1,150 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanlm.core.models import load_model, parameter_count, save_model
+from leanlm.errors import ConfigError
+from leanlm.pipeline.recipe import parse_recipe
+from leanlm.prune import MagnitudeConfig, Sparse24Config, Sparse24Linear, prune_, sparse24_
+from leanlm.prune.prune_ops import magnitude_mask
+from leanlm.prune.sparse24_ops import compress_24, compressed_bytes, decompress_24, violations_24
+from tests.conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def two_of_four(rows=12, cols=64, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w = w.masked_fill(magnitude_mask(w, 0.5, (2, 4)), 0)
+    w[0, :8] = 0
+    w[1, 4:8] = torch.tensor([0.0, 0.0, 2.0, 0.0])
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compress_round_trip_is_exact_and_half_the_bytes(dtype):
+    w = two_of_four(dtype=dtype)
+    values, meta = compress_24(w)
+    assert values.shape == (2, 12, 16) and meta.shape == (12, 8) and meta.dtype == torch.uint8
+    assert torch.equal(decompress_24(values, meta), w)
+    dense_bytes = w.numel() * w.element_size()
+    assert compressed_bytes(values, meta) == dense_bytes // 2 + w.numel() // 8
+
+
+def test_compress_refuses_what_is_not_2of4():
+    w = two_of_four()
+    w[3, 0:4] = 1.0
+    assert violations_24(w) == 1
+    with pytest.raises(ValueError, match="not 2:4: 1 groups"):
+        compress_24(w)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        compress_24(torch.zeros(4, 12))
+    with pytest.raises(ValueError, match="do not match"):
+        decompress_24(torch.zeros(2, 4, 8), torch.zeros(4, 3, dtype=torch.uint8))
+
+
+def test_triton_kernel_under_the_interpreter():
+    """The GPU kernel's own code, run by Triton's CPU interpreter: tiles, split-K, odd shapes, a whole model."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-m", "tests.sparse24_interpreted"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith("ok")
+
+
+@pytest.fixture
+def pruned_24(tiny):
+    prune_(tiny.model, MagnitudeConfig(pattern="2:4"))
+    return tiny
+
+
+def test_sparse24_keeps_the_pruned_model_and_warns_off_gpu(pruned_24, tmp_path):
+    model, ids = pruned_24.model, torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+    count = parameter_count(model)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with pytest.warns(RuntimeWarning, match="no 2:4 kernel"):
+        report = sparse24_(model)
+    assert report["layers"] == 14 and report["kernel"] == "none (expand per call)"
+    assert report["weight_bytes_2of4"] / report["weight_bytes_dense"] == pytest.approx(0.5 + 1 / 32)
+    assert isinstance(model.get_submodule("model.layers.1.self_attn.o_proj"), Sparse24Linear)
+    assert parameter_count(model) == count
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want)
+    save_model(model, pruned_24.tokenizer, tmp_path / "m")
+    back = load_model(tmp_path / "m", device="cpu")
+    assert isinstance(back.model.get_submodule("model.layers.0.mlp.gate_proj"), Sparse24Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(input_ids=ids).logits, want)
+    out = back.model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_hf_export_of_a_2of4_model_is_dense_and_keeps_the_dtype(pruned_24, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from leanlm.export import export
+
+    model = pruned_24.model.half()
+    with pytest.warns(RuntimeWarning):
+        sparse24_(model)
+    save_model(model, pruned_24.tokenizer, tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "hf", format="hf")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    weight = plain.get_submodule("model.layers.0.mlp.down_proj").weight
+    assert weight.dtype == torch.float16 and violations_24(weight) == 0 and (weight == 0).float().mean() >= 0.5
+
+
+def test_sparse24_refuses_dense_layers_and_unknown_keys(tiny):
+    with pytest.raises(ConfigError, match=r"14 of 14 selected layers are not 2:4 .*pattern '2:4'"):
+        sparse24_(tiny.model)
+    with pytest.raises(ConfigError, match="no linear layer matches"):
+        sparse24_(tiny.model, Sparse24Config(targets=["nothing*"]))
+    with pytest.raises(ConfigError, match="bogus"):
+        parse_recipe({"steps": [{"type": "sparse24", "bogus": 1}]}, "recipe.yaml")
+
+
+def test_sparse24_refuses_a_width_the_kernel_cannot_tile():
+    model = tiny_llama(96, hidden=48)
+    prune_(model, MagnitudeConfig(pattern="2:4"))
+    with pytest.raises(ConfigError, match="multiples of 32: model.layers.0.self_attn.q_proj \\(48\\)"):
+        sparse24_(model)
+
+
+def compile_for_gpu(capability: int, dtype: str, config):
+    """The kernel compiled ahead of time to a cubin for an NVIDIA GPU (triton's own ptxas; no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from leanlm.kernels import sparse24 as kernel
+
+    signature = {"x_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "meta_ptr": "*u8",
+                 "out_ptr": "*fp32" if config.split_k > 1 else f"*{dtype}",
+                 **dict.fromkeys(["M", "N", "K", "plane_stride", "stride_xm", "stride_vn", "stride_meta", "stride_om"],
+                                 "i32"),
+                 **dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "PREFETCH"], "constexpr")}
+    constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                  "SPLIT_K": config.split_k, "PREFETCH": config.prefetch}
+    source = ASTSource(fn=kernel._sparse24_kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernel_compiles_for_ampere_and_hopper(capability):
+    """Codegen the interpreter cannot check (layouts, tensor-core instructions, register allocation)."""
+    pytest.importorskip("triton")
+    from leanlm.kernels.sparse24 import candidates
+
+    small, large = candidates(16), candidates(512)
+    chosen = [small[0], next(c for c in small if c.split_k > 1), next(c for c in small if not c.prefetch), large[0],
+              small[-1]]
+    for dtype in ("fp16", "bf16"):
+        for config in chosen:
+            ptx = compile_for_gpu(capability, dtype, config).asm["ptx"]
+            assert "mma" in ptx, f"{config} {dtype}: no tensor-core instruction for sm_{capability}"
