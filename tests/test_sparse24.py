@@ -99,6 +99,22 @@ def test_hf_export_of_a_2of4_model_is_dense_and_keeps_the_dtype(pruned_24, tmp_p
     assert weight.dtype == torch.float16 and violations_24(weight) == 0 and (weight == 0).float().mean() >= 0.5
 
 
+def test_gguf_export_of_a_2of4_model_runs_the_pruned_weights(pruned_24, tmp_path):
+    from leanlm.export import export
+
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = pruned_24.model(input_ids=ids).logits
+    with pytest.warns(RuntimeWarning):
+        sparse24_(pruned_24.model)
+    save_model(pruned_24.model, pruned_24.tokenizer, tmp_path / "m")
+    info = export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    assert info["tensor_types"] == {"F32": 20}
+    back = load_model(tmp_path / "m.gguf", device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
 def test_sparse24_refuses_dense_layers_and_unknown_keys(tiny):
     with pytest.raises(ConfigError, match=r"14 of 14 selected layers are not 2:4 .*pattern '2:4'"):
         sparse24_(tiny.model)

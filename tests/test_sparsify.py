@@ -78,6 +78,11 @@ def test_act_sparsity_step_round_trips_and_keeps_quality_close(tiny_dir, tmp_pat
         sparse = m.model(input_ids=IDS).logits
     assert 0 < (sparse - dense).abs().max() < dense.abs().max()
     assert_round_trip(m.model, m.tokenizer, tmp_path / "s", sparse)
+    # GGUF has no thresholds: llama.cpp gets the dense weights, i.e. the model before the step
+    export(tmp_path / "s", tmp_path / "s.gguf", "gguf", weight_type="f32", embeddings="f32")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "s.gguf", device="cpu").model(input_ids=IDS).logits, dense,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_allocation_reaches_the_target_and_spares_sensitive_layers(tiny_dir, calibration):

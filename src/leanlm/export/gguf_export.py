@@ -235,4 +235,6 @@ def _linear_tensor(module: nn.Module, weight_type, name: str,
         target = QT.F16 if weight_type is None else weight_type
         log.warning("layer %s is re-rounded from its dequantized weights to %s", name, target.name)
         return _float_tensor(module.dequantized_weight(torch.float32), target, importance)
-    return _float_tensor(module.weight, QT.F16 if weight_type is None else weight_type, importance)
+    # other runtime modules (2:4 compressed, activation-sparse) hold float weights in their own layout
+    weight = module.dequantized_weight(torch.float32) if hasattr(module, "dequantized_weight") else module.weight
+    return _float_tensor(weight, QT.F16 if weight_type is None else weight_type, importance)
