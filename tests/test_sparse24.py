@@ -1,3 +1,5 @@
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,21 @@ def test_triton_kernel_under_the_interpreter():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().endswith("ok")
+
+
+def test_gpu_benchmark_script_runs_on_cpu_under_the_interpreter(tmp_path):
+    """`benchmarks/gpu_sparse24.py --smoke`: every code path of the GPU benchmark bar CUDA timing, so a GPU
+    session's few minutes are not lost to a bug in the script."""
+    pytest.importorskip("triton")
+    out = tmp_path / "smoke.json"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_sparse24.py", "--smoke", "--decode", "--layers", "1",
+                           "--tokens", "1", "80", "--repeats", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {r["matmul"] for r in report["rows"]} == {"gate/up", "down", "mlp"}
+    assert all(r["rel_error"] < 1e-2 for r in report["rows"] if "rel_error" in r)
+    assert report["decode"]["conversion"]["layers"] == 7 and report["decode"]["2:4"]["decode_tps"] > 0
 
 
 @pytest.fixture
