@@ -89,6 +89,8 @@ class Sparse24Config(StepConfig):
 def sparse24_(model: nn.Module, config: Sparse24Config | None = None) -> dict:
     """Replace the selected 2:4 linear layers by `Sparse24Linear`; returns what changed and the bytes."""
     config = config or Sparse24Config()
+    if not isinstance(config, Sparse24Config):
+        raise ConfigError(f"sparse24_ takes a Sparse24Config, got {type(config).__name__}")
     layers = select_layers(model, config.targets, config.skip, verb="convert to 2:4")
     dense = {n: m for n, m in layers.items() if violations_24(m.weight)}
     if dense:
