@@ -91,7 +91,13 @@ def choose(rows: int, values: torch.Tensor, meta: torch.Tensor) -> TileConfig:
         fitting = [c for c in candidates(rows) if c.fits(k)]
         if not fitting:
             raise ValueError(f"no 2:4 tile fits K={k}: it must be a multiple of {K_MULTIPLE}")
-        _tuned[key] = fitting[0] if INTERPRETED or len(fitting) == 1 else tune(rows, values, meta, fitting)
+        if INTERPRETED or len(fitting) == 1:
+            return _tuned.setdefault(key, fitting[0])
+        if torch.cuda.is_current_stream_capturing():  # timing would synchronize inside a CUDA graph capture
+            log.warning("2:4 kernel: first call for %d rows (N=%d, K=%d) inside a CUDA graph capture; using %s "
+                        "untuned for it (call the model once outside capture to tune)", rows, n, k, fitting[0])
+            return fitting[0]
+        _tuned[key] = tune(rows, values, meta, fitting)
     return _tuned[key]
 
 
