@@ -67,6 +67,9 @@ def main() -> None:
     for rows, n, k in [(1, 64, 256), (5, 48, 512), (70, 64, 256), (3, 40, 64), (2, 24, 32)]:
         check(rows, n, k, torch.float16)
     check(4, 32, 128, torch.float32)
+    values, meta = compress_24(pruned(32, 64, torch.float16, seed=0))
+    if kernel.sparse24_mm(torch.empty(2, 0, 64, dtype=torch.float16), values, meta).shape != (2, 0, 32):
+        sys.exit("an empty input must give an empty output")
     # every tile shape the tuner may pick, split-K included, on a shape each of them fits
     for config in kernel.candidates(16) + kernel.candidates(200):
         rows = 16 if config.block_m <= 16 else 80

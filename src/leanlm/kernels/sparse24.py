@@ -79,6 +79,8 @@ def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, confi
     if x.shape[-1] != k or x.dtype != values.dtype:
         raise ValueError(f"input [..., {x.shape[-1]}] {x.dtype} does not match the 2:4 weight [{n}, {k}] {values.dtype}")
     flat, values, meta = x.reshape(-1, k).contiguous(), values.contiguous(), meta.contiguous()
+    if flat.shape[0] == 0:  # a launch grid cannot be empty
+        return x.new_empty(*x.shape[:-1], n)
     config = config or choose(flat.shape[0], values, meta)
     out = _launch(flat, values, meta, config)
     return out.reshape(*x.shape[:-1], n)
