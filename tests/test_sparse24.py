@@ -12,7 +12,7 @@ from leanlm.errors import ConfigError
 from leanlm.pipeline.recipe import parse_recipe
 from leanlm.prune import MagnitudeConfig, Sparse24Config, Sparse24Linear, prune_, sparse24_
 from leanlm.prune.prune_ops import magnitude_mask
-from leanlm.prune.sparse24_ops import compress_24, compressed_bytes, decompress_24, violations_24
+from leanlm.prune.sparse24_ops import compress_24, compressed_bytes, decompress_24, expand_words, violations_24
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +31,25 @@ def two_of_four(rows=12, cols=64, seed=0, dtype=torch.float32):
 def test_compress_round_trip_is_exact_and_half_the_bytes(dtype):
     w = two_of_four(dtype=dtype)
     values, meta = compress_24(w)
-    assert values.shape == (2, 12, 16) and meta.shape == (12, 8) and meta.dtype == torch.uint8
+    assert values.shape == (12, 32) and meta.shape == (12, 8) and meta.dtype == torch.uint8
     assert torch.equal(decompress_24(values, meta), w)
     dense_bytes = w.numel() * w.element_size()
     assert compressed_bytes(values, meta) == dense_bytes // 2 + w.numel() // 8
+
+
+def test_the_kernels_word_expansion_gives_every_pattern():
+    """The flags turn each group's 32-bit word into its two output words, for all 6 position pairs and
+    for groups with fewer nonzeros: the math `kernels/sparse24.py` does in registers."""
+    rows = torch.tensor([[1.5, -2.0, 0, 0], [1.5, 0, -2.0, 0], [1.5, 0, 0, -2.0], [0, 1.5, -2.0, 0],
+                         [0, 1.5, 0, -2.0], [0, 0, 1.5, -2.0], [0, 0, 0, 0], [0, 0, 3.0, 0]])
+    w = rows.repeat(1, 2).half()
+    values, meta = compress_24(w)
+    pairs = values.view(torch.int16).to(torch.int64).reshape(8, -1, 2) & 0xFFFF
+    words = pairs[..., 0] | pairs[..., 1] << 16
+    flags = torch.stack([meta & 15, meta >> 4], -1).reshape(8, -1).to(torch.int64)
+    pos01, pos23 = expand_words(words, flags)
+    halves = torch.stack([pos01 & 0xFFFF, pos01 >> 16, pos23 & 0xFFFF, pos23 >> 16], -1)
+    assert torch.equal(halves.reshape(8, -1).to(torch.int16).view(torch.float16), w)
 
 
 def test_compress_refuses_what_is_not_2of4():
@@ -46,7 +61,7 @@ def test_compress_refuses_what_is_not_2of4():
     with pytest.raises(ValueError, match="multiple of 8"):
         compress_24(torch.zeros(4, 12))
     with pytest.raises(ValueError, match="do not match"):
-        decompress_24(torch.zeros(2, 4, 8), torch.zeros(4, 3, dtype=torch.uint8))
+        decompress_24(torch.zeros(4, 16), torch.zeros(4, 3, dtype=torch.uint8))
 
 
 def test_triton_kernel_under_the_interpreter():
@@ -150,36 +165,30 @@ def test_sparse24_refuses_a_width_the_kernel_cannot_tile():
         sparse24_(model)
 
 
-def compile_for_gpu(capability: int, dtype: str, config):
-    """The kernel compiled ahead of time to a cubin for an NVIDIA GPU (triton's own ptxas; no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from leanlm.kernels import sparse24 as kernel
-
-    signature = {"x_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "meta_ptr": "*u8",
-                 "out_ptr": "*fp32" if config.split_k > 1 else f"*{dtype}",
-                 **dict.fromkeys(["M", "N", "K", "plane_stride", "stride_xm", "stride_vn", "stride_meta", "stride_om"],
-                                 "i32"),
-                 **dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "PREFETCH"], "constexpr")}
-    constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "SPLIT_K": config.split_k, "PREFETCH": config.prefetch}
-    source = ASTSource(fn=kernel._sparse24_kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-
-
 @pytest.mark.parametrize("capability", [80, 90])
 def test_kernel_compiles_for_ampere_and_hopper(capability):
     """Codegen the interpreter cannot check (layouts, tensor-core instructions, register allocation)."""
     pytest.importorskip("triton")
-    from leanlm.kernels.sparse24 import candidates
+    from leanlm.kernels.sparse24 import candidates, compile_for
 
     small, large = candidates(16), candidates(512)
-    chosen = [small[0], next(c for c in small if c.split_k > 1), next(c for c in small if not c.prefetch), large[0],
+    chosen = [small[0], next(c for c in small if c.split_k > 1), next(c for c in small if c.num_stages > 1), large[0],
               small[-1]]
     for dtype in ("fp16", "bf16"):
         for config in chosen:
-            ptx = compile_for_gpu(capability, dtype, config).asm["ptx"]
+            ptx = compile_for(config, capability, dtype).asm["ptx"]
             assert "mma" in ptx, f"{config} {dtype}: no tensor-core instruction for sm_{capability}"
+
+
+def test_sass_benchmark_counts_the_main_loop(tmp_path):
+    """`benchmarks/sass_sparse24.py`: the instruction counts BENCHMARKS.md reports come from real cubins."""
+    pytest.importorskip("triton")
+    out = tmp_path / "sass.json"
+    done = subprocess.run([sys.executable, "benchmarks/sass_sparse24.py", "--arch", "90", "--rows", "16", "--limit", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["swap_ab"] and r["stack_bytes"] == 0 for r in rows)
+    # the decode tiles' loop: tensor-core work plus an expansion of a few instructions per weight
+    assert all(0 < r["tensor_core_per_weight"] and 2 < r["instructions_per_weight"] < 8 for r in rows)

@@ -1,12 +1,14 @@
 """GPU matmul with a compressed 2:4 weight (Triton): y = x @ Wᵀ reading 56% of W's bytes.
 
 At the batch sizes of decoding and small-batch serving the matmul is bound by reading the weight, so
-a 2:4 weight stored compressed (`prune.sparse24_ops`: the kept values as two planes plus a 4-bit code
-per group of 4) can be read in about half the time. Each program loads a [BLOCK_N, BLOCK_K] tile of
-the compressed weight, expands it in registers (each of the 4 positions of a group takes the first
-or second kept value, or zero) and feeds the dense tile to the tensor cores. This does not use the
-sparse tensor cores (torch's semi-structured tensors do; on an H100 with torch 2.11 they ran 2-20x
-slower than dense, see BENCHMARKS.md): the gain here is bytes, so it is largest at small batch.
+a 2:4 weight stored compressed (`prune.sparse24_ops`: each group's two kept values as one 32-bit word
+plus 4 flag bits) can be read in about half the time. Each program loads a [BLOCK_N, BLOCK_K] tile
+of the compressed weight, expands each group's word into its two output words in registers (a shift,
+a select and a mask each) and feeds the dense tile to the tensor cores. This does not use the sparse
+tensor cores (torch's semi-structured tensors do; on an H100 with torch 2.11 they ran 2-20x slower
+than dense, see BENCHMARKS.md): the gain here is bytes, so it is largest at small batch, and the
+expansion must cost less than the bytes it saves (about 4-6 instructions per weight on sm_90, by the
+SASS; see BENCHMARKS.md).
 
 Tile sizes are chosen per (rows bucket, N, K, dtype) by timing the candidates once on the device
 (`tune`), as triton.autotune does, but over whole calls, so split-K's reduction is counted. On CPU
@@ -39,8 +41,10 @@ class TileConfig:
     block_k: int
     split_k: int = 1
     num_warps: int = 4
-    num_stages: int = 3
-    prefetch: bool = True  # load the next tile before expanding this one (Triton does not pipeline these loads)
+    num_stages: int = 1
+    # the weight tile as the tensor cores' M side and the rows as their N side: at a few rows no MMA
+    # work is spent on padding rows, and on Hopper the expanded weight feeds wgmma directly
+    swap_ab: bool = False
 
     def fits(self, k: int) -> bool:
         return k % (self.block_k * self.split_k) == 0
@@ -51,21 +55,27 @@ def rows_bucket(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
+# (block_n, block_k, split_k, warps, stages), roughly fewest SASS instructions per weight first (sm_90: 4.1-7.0,
+# benchmarks/sass_sparse24.py);
+# split-K gives the narrow down projection enough programs to fill the GPU
+DECODE_TILES = [(128, 64, 1, 4, 1), (256, 64, 1, 8, 1), (128, 128, 1, 8, 1), (64, 128, 1, 4, 1),
+                (64, 64, 1, 4, 1), (128, 64, 1, 8, 1), (256, 128, 1, 8, 1), (64, 256, 1, 4, 1),
+                (128, 128, 1, 4, 2), (64, 128, 1, 4, 2), (32, 256, 1, 4, 2),
+                (128, 64, 8, 4, 1), (128, 128, 4, 8, 1), (64, 128, 4, 4, 1), (64, 128, 8, 4, 1),
+                (64, 256, 4, 4, 1), (32, 256, 4, 4, 2)]
+# (block_m, block_n, block_k, warps, stages); larger ones spill registers on sm_80
+PROMPT_TILES = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),
+                (128, 128, 32, 4, 3)]
+
+
 def candidates(rows: int) -> list[TileConfig]:
     """Tiles to time, best guesses first; the last ones only fit narrow layers (K of 32 or 64)."""
     narrow = [TileConfig(min(rows_bucket(rows), 64), 32, bk, 1, 4, 2) for bk in (64, 32)]
     if rows <= 64:  # weight-bound: many programs over N (and over K for the narrow down projection)
-        block_m = rows_bucket(rows)
-        tiles = [(16, 256, 1, 4), (32, 128, 1, 4), (32, 256, 1, 4), (64, 128, 1, 4), (64, 256, 1, 8), (128, 128, 1, 8),
-                 (16, 256, 2, 4), (32, 128, 2, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 2, 8), (64, 256, 4, 8),
-                 (16, 128, 4, 4)]
-        return [TileConfig(block_m, bn, bk, split, warps, 3, prefetch)
-                for prefetch in (True, False) for bn, bk, split, warps in tiles] + narrow
-    # prompts: compute-bound, dense-GEMM-like tiles (larger ones spill registers in the expansion)
-    return [TileConfig(bm, bn, bk, 1, warps, stages, prefetch=False)
-            for bm, bn, bk, warps, stages in [
-                (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
-                (64, 128, 128, 8, 3)]] + narrow
+        return [TileConfig(rows_bucket(rows), bn, bk, split, warps, stages, swap_ab=True)
+                for bn, bk, split, warps, stages in DECODE_TILES] + narrow
+    # prompts: compute-bound, dense-GEMM-like tiles
+    return [TileConfig(bm, bn, bk, 1, warps, stages) for bm, bn, bk, warps, stages in PROMPT_TILES] + narrow
 
 
 _tuned: dict[tuple, TileConfig] = {}
@@ -75,9 +85,11 @@ def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, confi
     """x [..., K] @ W.T with W [N, K] given compressed; returns [..., N] in x's dtype."""
     if triton is None:
         raise RuntimeError("the 2:4 kernel needs triton (it comes with CUDA builds of torch: pip install triton)")
-    n, k = values.shape[1], values.shape[2] * 4
+    n, k = values.shape[0], values.shape[1] * 2
     if x.shape[-1] != k or x.dtype != values.dtype:
         raise ValueError(f"input [..., {x.shape[-1]}] {x.dtype} does not match the 2:4 weight [{n}, {k}] {values.dtype}")
+    if values.element_size() != 2:
+        raise ValueError(f"the 2:4 kernel multiplies float16 or bfloat16 weights, got {values.dtype}")
     flat, values, meta = x.reshape(-1, k).contiguous(), values.contiguous(), meta.contiguous()
     if flat.shape[0] == 0:  # a launch grid cannot be empty
         return x.new_empty(*x.shape[:-1], n)
@@ -87,7 +99,7 @@ def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, confi
 
 
 def choose(rows: int, values: torch.Tensor, meta: torch.Tensor) -> TileConfig:
-    n, k = values.shape[1], values.shape[2] * 4
+    n, k = values.shape[0], values.shape[1] * 2
     key = (rows_bucket(rows), n, k, values.dtype, values.device)
     if key not in _tuned:
         fitting = [c for c in candidates(rows) if c.fits(k)]
@@ -106,7 +118,7 @@ def choose(rows: int, values: torch.Tensor, meta: torch.Tensor) -> TileConfig:
 def tune(rows: int, values: torch.Tensor, meta: torch.Tensor, configs: list[TileConfig]) -> TileConfig:
     """The fastest config on this device for this shape, each timed as a whole call (do_bench: median of
     repeats, L2 flushed between them)."""
-    n, k = values.shape[1], values.shape[2] * 4
+    n, k = values.shape[0], values.shape[1] * 2
     x = torch.randn(rows_bucket(rows), k, device=values.device, dtype=values.dtype)
     timings, failures = {}, {}
     for config in configs:
@@ -126,16 +138,38 @@ def tune(rows: int, values: torch.Tensor, meta: torch.Tensor, configs: list[Tile
 
 def _launch(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: TileConfig) -> torch.Tensor:
     rows, k = x.shape
-    n = values.shape[1]
+    n = values.shape[0]
+    words, flags = values.view(torch.int32), meta.view(torch.int32)  # a group's pair, 8 groups' flags
     # split-K partial sums meet in float32 through atomics, then one cast
     out = torch.zeros(rows, n, device=x.device, dtype=torch.float32) if config.split_k > 1 else \
         torch.empty(rows, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(rows, config.block_m), config.split_k)
-    _sparse24_kernel[grid](x, values, meta, out, rows, n, k, values.stride(0), x.stride(0), values.stride(1),
-                           meta.stride(0), out.stride(0), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                           BLOCK_K=config.block_k, SPLIT_K=config.split_k, PREFETCH=config.prefetch,
+    _sparse24_kernel[grid](x, words, flags, out, rows, n, k, x.stride(0), words.stride(0), flags.stride(0),
+                           out.stride(0), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                           SPLIT_K=config.split_k, SWAP_AB=config.swap_ab, EVEN_N=n % config.block_n == 0,
                            num_warps=config.num_warps, num_stages=config.num_stages)
     return out.to(x.dtype) if config.split_k > 1 else out
+
+
+def compile_for(config: TileConfig, arch: int, dtype: str = "fp16"):
+    """The kernel compiled ahead of time for an NVIDIA GPU (sm_`arch`; `dtype` "fp16" or "bf16") with
+    triton's own ptxas, no GPU needed: for tests and `benchmarks/sass_sparse24.py` to inspect the
+    code a GPU would run. Assumes what the launcher assumes of aligned tensors and sizes that are
+    multiples of 16."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "meta_ptr": "*i32",
+                 "out_ptr": "*fp32" if config.split_k > 1 else f"*{dtype}",
+                 **dict.fromkeys(["M", "N", "K", "stride_xm", "stride_wn", "stride_meta", "stride_om"], "i32"),
+                 **dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "EVEN_N"], "constexpr")}
+    constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                  "SPLIT_K": config.split_k, "SWAP_AB": config.swap_ab, "EVEN_N": True}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_sparse24_kernel.arg_names)
+               if signature[name] != "constexpr"}
+    source = ASTSource(fn=_sparse24_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 if triton is not None:
@@ -146,59 +180,59 @@ if triton is not None:
 
     @sparse24_op.register_fake
     def _(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(*x.shape[:-1], values.shape[1])
+        return x.new_empty(*x.shape[:-1], values.shape[0])
 
     @triton.jit
-    def _load_tile(x_ptr, v_ptr, meta_ptr, k0, rm, rn, row_ok, col_ok, plane_stride, stride_xm, stride_vn,
-                   stride_meta, BLOCK_K: tl.constexpr):
-        """Inputs [BLOCK_M, BLOCK_K] and the compressed weight tile at k0."""
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=row_ok, other=0.0)
-        offsets = rn[:, None] * stride_vn + (k0 // 4 + tl.arange(0, BLOCK_K // 4))[None, :]
-        first_value = tl.load(v_ptr + offsets, mask=col_ok, other=0.0)
-        second_value = tl.load(v_ptr + plane_stride + offsets, mask=col_ok, other=0.0)
-        packed = tl.load(meta_ptr + rn[:, None] * stride_meta + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
-                         mask=col_ok, other=0)
-        return x, first_value, second_value, packed
+    def _expand(words, flags, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The dense [BLOCK_N, BLOCK_K] tile from words [BLOCK_N, BLOCK_K/32, 8] (a group's `first |
+        second << 16`) and their flags (the group's 4 bits at the bottom; see prune.sparse24_ops)."""
+        # positions (0, 1): the pair, or the first value moved up; then the high half cleared unless used
+        pos01 = tl.where((flags & 1) != 0, words, words << 16)
+        pos01 = tl.where((flags & 2) != 0, pos01, pos01 & 0xFFFF)
+        # positions (2, 3): the pair, or the second value moved down; then the low half cleared unless used
+        pos23 = tl.where((flags & 4) != 0, words, words >> 16)
+        pos23 = tl.where((flags & 8) != 0, pos23, pos23 & 0xFFFF0000)
+        out_words = tl.join(pos01, pos23)
+        halves = tl.join((out_words & 0xFFFF).to(tl.uint16), (out_words >> 16).to(tl.uint16))
+        return tl.reshape(halves, (BLOCK_N, BLOCK_K))
 
     @triton.jit
-    def _expand(first_value, second_value, packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The dense [BLOCK_N, BLOCK_K] weight tile: each position takes the first or second kept value, or 0."""
-        codes = tl.interleave(packed & 15, packed >> 4)
-        first, second = codes & 3, codes >> 2
-        zero = tl.zeros_like(first_value)
-        # positions ascend within a group: 0 can only be the first kept, 3 only the second
-        at0 = tl.where(first == 0, first_value, zero)
-        at1 = tl.where(first == 1, first_value, tl.where(second == 1, second_value, zero))
-        at2 = tl.where(first == 2, first_value, tl.where(second == 2, second_value, zero))
-        at3 = tl.where(second == 3, second_value, zero)
-        return tl.reshape(tl.join(tl.join(at0, at2), tl.join(at1, at3)), (BLOCK_N, BLOCK_K))
-
-    @triton.jit
-    def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, M, N, K, plane_stride, stride_xm, stride_vn, stride_meta,
-                         stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+    def _sparse24_kernel(x_ptr, w_ptr, meta_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_meta, stride_om,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_N: tl.constexpr):
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rm[:, None] < M
-        col_ok = rn[:, None] < N
-        strides = (plane_stride, stride_xm, stride_vn, stride_meta)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        start = tl.program_id(2) * (K // SPLIT_K)
-        end = start + K // SPLIT_K
-        if PREFETCH:
-            x, a, b, codes = _load_tile(x_ptr, v_ptr, meta_ptr, start, rm, rn, row_ok, col_ok, *strides, BLOCK_K)
-            for k0 in range(start, end, BLOCK_K):
-                # the last iteration reloads its own tile rather than read past its span
-                nxt = tl.minimum(k0 + BLOCK_K, end - BLOCK_K)
-                nx, na, nb, ncodes = _load_tile(x_ptr, v_ptr, meta_ptr, nxt, rm, rn, row_ok, col_ok, *strides, BLOCK_K)
-                acc += tl.dot(x, tl.trans(_expand(a, b, codes, BLOCK_N, BLOCK_K)))
-                x, a, b, codes = nx, na, nb, ncodes
+        n3 = rn[:, None, None]
+        word = tl.arange(0, BLOCK_K // 32)[None, :, None]  # flag words of the tile (8 groups each)
+        group = tl.arange(0, 8)[None, None, :]
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
-            for k0 in range(start, end, BLOCK_K):
-                x, a, b, codes = _load_tile(x_ptr, v_ptr, meta_ptr, k0, rm, rn, row_ok, col_ok, *strides, BLOCK_K)
-                acc += tl.dot(x, tl.trans(_expand(a, b, codes, BLOCK_N, BLOCK_K)))
-        o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-        o_mask = row_ok & (rn[None, :] < N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        start = tl.program_id(2) * (K // SPLIT_K)
+        for k0 in range(start, start + K // SPLIT_K, BLOCK_K):
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=row_ok, other=0.0)
+            w_ptrs = w_ptr + n3 * stride_wn + k0 // 4 + word * 8 + group
+            m_ptrs = meta_ptr + n3 * stride_meta + k0 // 32 + word
+            if EVEN_N:
+                words, flag_words = tl.load(w_ptrs), tl.load(m_ptrs)
+            else:
+                words = tl.load(w_ptrs, mask=n3 < N, other=0)
+                flag_words = tl.load(m_ptrs, mask=n3 < N, other=0)
+            # a logical shift for the words' high halves
+            tile = _expand(words.to(tl.uint32, bitcast=True), flag_words >> (group * 4), BLOCK_N, BLOCK_K)
+            tile = tile.to(x_ptr.dtype.element_ty, bitcast=True)
+            if SWAP_AB:
+                acc += tl.dot(tile, tl.trans(x))
+            else:
+                acc += tl.dot(x, tl.trans(tile))
+        if SWAP_AB:
+            o_ptrs = out_ptr + rn[:, None] + rm[None, :] * stride_om
+            o_mask = (rn[:, None] < N) & (rm[None, :] < M)
+        else:
+            o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+            o_mask = row_ok & (rn[None, :] < N)
         if SPLIT_K == 1:
             tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
         else:

@@ -38,7 +38,7 @@ class Sparse24Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float16, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.values = packed_tensor(torch.empty(2, out_features, in_features // 4, dtype=dtype, device=device))
+        self.values = packed_tensor(torch.empty(out_features, in_features // 2, dtype=dtype, device=device))
         self.meta = packed_tensor(torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 

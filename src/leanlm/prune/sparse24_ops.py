@@ -1,11 +1,15 @@
 """Pure tensor math of the compressed 2:4 weight format that leanlm's GPU kernel reads.
 
 A 2:4 weight [N, K] keeps at most 2 of every 4 consecutive inputs of a row. It is stored as
-- `values` [2, N, K/4]: the first and the second kept value of each group of 4, as two planes (so the
-  kernel loads each with one contiguous read), and
-- `meta` [N, K/8] uint8: per group a 4-bit code `first | second << 2` of the two kept positions
-  (first < second; a group with fewer than 2 nonzeros keeps zeros at unused positions), two groups per
-  byte, the even group in the low nibble.
+- `values` [N, K/2]: the first and the second kept value of each group of 4, side by side, so one
+  32-bit word holds a half-precision group (`first | second << 16`), and
+- `meta` [N, K/8] uint8: 4 flag bits per group, two groups per byte (the even group in the low nibble;
+  read as little-endian 32-bit words, group j of a word sits at bits 4j..4j+3). The flags say how the
+  word becomes the group's two output words, positions (0, 1) and (2, 3), with a shift, a select and
+  a mask each (see `expand_words`):
+    bit 0: position 0 holds the first value      bit 1: position 1 holds a value
+    bit 2: position 3 holds the second value     bit 3: position 2 holds a value
+  A group with fewer than 2 nonzeros keeps zeros at unused positions.
 That is 2 + 0.25 bytes per 2 kept half-precision weights: 56% of the dense bytes.
 """
 
@@ -33,7 +37,7 @@ def check_shape(weight: torch.Tensor) -> None:
 
 
 def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [2, N, K/4], meta [N, K/8] uint8) of a 2:4 weight; raises if it is not 2:4."""
+    """(values [N, K/2], meta [N, K/8] uint8) of a 2:4 weight; raises if it is not 2:4."""
     bad = violations_24(weight)
     if bad:
         raise ValueError(f"weight {tuple(weight.shape)} is not 2:4: {bad} groups of 4 inputs hold more than "
@@ -42,24 +46,40 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = weight.reshape(rows, -1, GROUP)
     # nonzeros first; ties (zeros) broken towards low positions so each group's two picks are distinct
     rank = (groups != 0).to(torch.float32) * GROUP - torch.arange(GROUP, device=weight.device)
-    picks = rank.topk(2, dim=-1).indices.sort(dim=-1).values
-    kept = groups.gather(-1, picks)
-    values = kept.permute(2, 0, 1).contiguous()
-    codes = (picks[..., 0] | (picks[..., 1] << 2)).to(torch.uint8)
-    meta = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    return values, meta.contiguous()
+    first, second = rank.topk(2, dim=-1).indices.sort(dim=-1).values.unbind(-1)
+    values = torch.stack([groups.gather(-1, first[..., None]), groups.gather(-1, second[..., None])], -1)
+    flags = ((first == 0).int() | ((first == 1) | (second == 1)).int() << 1 | (second == 3).int() << 2
+             | ((first == 2) | (second == 2)).int() << 3).to(torch.uint8)
+    meta = flags[:, 0::2] | (flags[:, 1::2] << 4)
+    return values.reshape(rows, -1).contiguous(), meta.contiguous()
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The dense [N, K] weight back from its compressed form (exact)."""
-    planes, rows, groups = values.shape
-    if planes != 2 or meta.shape != (rows, groups // GROUPS_PER_BYTE):
+    rows, kept = values.shape if values.dim() == 2 else (0, 0)
+    groups = kept // 2
+    if values.dim() != 2 or kept % 2 or meta.shape != (rows, groups // GROUPS_PER_BYTE):
         raise ValueError(f"compressed 2:4 tensors do not match: values {tuple(values.shape)}, meta {tuple(meta.shape)}")
-    codes = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(rows, groups).long()
+    flags = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(rows, groups).long()
+    # a position-1 value is the first kept one unless position 0 holds it; likewise for position 2
+    first = torch.where(flags & 1 > 0, 0, torch.where(flags & 2 > 0, 1, 2))
+    second = torch.where(flags & 4 > 0, 3, torch.where(flags & 8 > 0, 2, 1))
+    pairs = values.reshape(rows, groups, 2)
     dense = values.new_zeros(rows, groups, GROUP)
-    dense.scatter_(-1, (codes & 3)[..., None], values[0][..., None])
-    dense.scatter_(-1, (codes >> 2)[..., None], values[1][..., None])
+    dense.scatter_(-1, first[..., None], pairs[..., :1])
+    dense.scatter_(-1, second[..., None], pairs[..., 1:])
     return dense.reshape(rows, groups * GROUP)
+
+
+def expand_words(words: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's expansion on int64 tensors holding 32-bit words, for tests: each group's word
+    `first | second << 16` and its 4 flag bits give its output words for positions (0, 1) and (2, 3)."""
+    low, high = words & 0xFFFF, words >> 16
+    pos01 = torch.where(flags & 1 > 0, words, (low << 16))
+    pos01 = torch.where(flags & 2 > 0, pos01, pos01 & 0xFFFF)
+    pos23 = torch.where(flags & 4 > 0, words, high)
+    pos23 = torch.where(flags & 8 > 0, pos23, pos23 & 0xFFFF0000)
+    return pos01, pos23
 
 
 def compressed_bytes(values: torch.Tensor, meta: torch.Tensor) -> int:
