@@ -192,3 +192,25 @@ def test_sass_benchmark_counts_the_main_loop(tmp_path):
     assert len(rows) == 2 and all(r["swap_ab"] and r["stack_bytes"] == 0 for r in rows)
     # the decode tiles' loop: tensor-core work plus an expansion of a few instructions per weight
     assert all(0 < r["tensor_core_per_weight"] and 2 < r["instructions_per_weight"] < 8 for r in rows)
+
+
+def test_tuner_drops_a_tile_that_computes_wrong_results(monkeypatch, caplog):
+    """A tile that a GPU or compiler gets wrong must not win the timing: each is checked first."""
+    pytest.importorskip("triton")
+    from leanlm.kernels import sparse24 as kernel
+
+    values, meta = compress_24(two_of_four(rows=32, cols=64, dtype=torch.float16))
+    wrong, right = kernel.TileConfig(16, 32, 32), kernel.TileConfig(16, 32, 64)
+
+    def launch(x, values, meta, config):
+        y = x.float() @ decompress_24(values, meta).float().T
+        return (y * 1.5 if config == wrong else y).to(x.dtype)
+
+    times = iter([1.0, 2.0])  # whichever tile is timed first looks fastest
+    monkeypatch.setattr(kernel, "_launch", launch)
+    monkeypatch.setattr(kernel.triton.testing, "do_bench", lambda fn, **kwargs: (fn(), next(times))[1])
+    with caplog.at_level("WARNING", logger="leanlm.kernels.sparse24"):
+        assert kernel.tune(16, values, meta, [wrong, right]) == right
+    assert "1 tiles computed wrong results" in caplog.text
+    with pytest.raises(RuntimeError, match="0 failed to run, 1 computed wrong"):
+        kernel.tune(16, values, meta, [wrong])

@@ -32,6 +32,7 @@ except ImportError:  # triton ships with CUDA builds of torch; CPU-only installs
 log = logging.getLogger(__name__)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 K_MULTIPLE = 32  # the narrowest tile's BLOCK_K
+WRONG = 2e-2  # relative error of a tile that computes something else (half precision rounding: ~1e-3)
 
 
 @dataclass(frozen=True)
@@ -117,18 +118,31 @@ def choose(rows: int, values: torch.Tensor, meta: torch.Tensor) -> TileConfig:
 
 def tune(rows: int, values: torch.Tensor, meta: torch.Tensor, configs: list[TileConfig]) -> TileConfig:
     """The fastest config on this device for this shape, each timed as a whole call (do_bench: median of
-    repeats, L2 flushed between them)."""
+    repeats, L2 flushed between them). Each is first checked against the dense product: a tile that
+    this GPU or compiler gets wrong is dropped, with a warning, rather than chosen for its speed."""
+    from leanlm.prune.sparse24_ops import decompress_24  # the format's reference math (prune imports this module)
+
     n, k = values.shape[0], values.shape[1] * 2
     x = torch.randn(rows_bucket(rows), k, device=values.device, dtype=values.dtype)
-    timings, failures = {}, {}
+    want = x.float() @ decompress_24(values, meta).float().T
+    scale = want.abs().max().clamp_min(1e-6)
+    timings, failures, wrong = {}, {}, {}
     for config in configs:
         try:
+            error = ((_launch(x, values, meta, config).float() - want).abs().max() / scale).item()
+            if not error < WRONG:
+                wrong[config] = error
+                continue
             timings[config] = triton.testing.do_bench(lambda: _launch(x, values, meta, config), warmup=5, rep=20)
         except Exception as exc:  # a tile this GPU cannot hold (shared memory, registers) is not a candidate
             failures[config] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    if wrong:
+        log.warning("2:4 kernel, N=%d, K=%d: %d tiles computed wrong results on this device and were dropped, "
+                    "e.g. %s (relative error %.2g)", n, k, len(wrong), *next(iter(wrong.items())))
     if not timings:
-        raise RuntimeError(f"no 2:4 kernel config runs for N={n}, K={k} on this GPU; first failure: "
-                           f"{next(iter(failures.values()))}")
+        raise RuntimeError(f"no 2:4 kernel config runs correctly for N={n}, K={k} on this GPU; "
+                           f"{len(failures)} failed to run, {len(wrong)} computed wrong results"
+                           + (f"; first failure: {next(iter(failures.values()))}" if failures else ""))
     best = min(timings, key=timings.get)
     log.info("2:4 kernel, %d rows, N=%d, K=%d: %s (%.4f ms; %d tiles timed, %d could not run%s)", rows_bucket(rows), n,
              k, best, timings[best], len(timings), len(failures),
