@@ -56,14 +56,17 @@ def rows_bucket(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
-# (block_n, block_k, split_k, warps, stages), roughly fewest SASS instructions per weight first (sm_90: 4.1-7.0,
-# benchmarks/sass_sparse24.py);
-# split-K gives the narrow down projection enough programs to fill the GPU
-DECODE_TILES = [(128, 64, 1, 4, 1), (256, 64, 1, 8, 1), (128, 128, 1, 8, 1), (64, 128, 1, 4, 1),
-                (64, 64, 1, 4, 1), (128, 64, 1, 8, 1), (256, 128, 1, 8, 1), (64, 256, 1, 4, 1),
-                (128, 128, 1, 4, 2), (64, 128, 1, 4, 2), (32, 256, 1, 4, 2),
-                (128, 64, 8, 4, 1), (128, 128, 4, 8, 1), (64, 128, 4, 4, 1), (64, 128, 8, 4, 1),
-                (64, 256, 4, 4, 1), (32, 256, 4, 4, 2)]
+# (block_n, block_k, split_k, warps, stages). Reading HBM at full speed needs ~2 MB in flight on an
+# H100 (3.35 TB/s x ~0.7 us), while a 64x128 tile is 9 KB and a Llama-1B projection makes only 16-128
+# such tiles; hence pipelined tiles (2-4 stages in flight each), unpipelined ones (fewest instructions,
+# 4.1-4.8 per weight on sm_90 by benchmarks/sass_sparse24.py; several programs per SM hide latency) and
+# split-K (more programs, at the cost of a zeroed float32 output and a cast)
+DECODE_TILES = [(64, 128, 1, 4, 3), (128, 64, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 1, 4, 3), (32, 256, 1, 4, 3),
+                (32, 256, 1, 4, 4), (32, 512, 1, 4, 2),
+                (128, 64, 1, 4, 1), (256, 64, 1, 8, 1), (128, 128, 1, 8, 1), (64, 128, 1, 4, 1), (64, 64, 1, 4, 1),
+                (64, 256, 1, 4, 1),
+                (128, 64, 8, 4, 1), (128, 128, 4, 8, 1), (64, 128, 4, 4, 1), (64, 128, 8, 4, 1), (64, 256, 4, 4, 1),
+                (32, 256, 4, 4, 2)]
 # (block_m, block_n, block_k, warps, stages); larger ones spill registers on sm_80
 PROMPT_TILES = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),
                 (128, 128, 32, 4, 3)]
