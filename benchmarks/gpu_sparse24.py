@@ -135,11 +135,15 @@ def time_matmuls(backend: str, convert, multiply, token_counts: list[int], repea
                 raise SystemExit(f"{backend} disagrees with the dense matmul: {name}, {tokens} tokens, error {err:.2e}")
             dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
             sparse_fns = [lambda s=s: multiply(x, s) for s in sparse]
-            rows.append({"backend": backend, "matmul": name, "tokens": tokens, "rel_error": err, **extra,
-                         "dense_ms": events_ms(dense_fns, repeats), "sparse_ms": events_ms(sparse_fns, repeats),
-                         "dense_graph_ms": graph_ms(dense_fns, repeats), "sparse_graph_ms": graph_ms(sparse_fns, repeats)})
+            rows.append(with_speedups({
+                "backend": backend, "matmul": name, "tokens": tokens, "rel_error": err, **extra,
+                "dense_ms": events_ms(dense_fns, repeats), "sparse_ms": events_ms(sparse_fns, repeats),
+                "dense_graph_ms": graph_ms(dense_fns, repeats), "sparse_graph_ms": graph_ms(sparse_fns, repeats)}))
+            print_rows(rows[-1:], header=len(rows) == 1)
         del dense, sparse
-    return rows + mlp_totals(rows)
+    totals = mlp_totals(rows)
+    print_rows(totals, header=False)
+    return rows + totals
 
 
 def time_leanlm(token_counts: list[int], repeats: int, dtype: torch.dtype, setup: Setup) -> list[dict]:
@@ -166,11 +170,13 @@ def mlp_totals(rows: list[dict]) -> list[dict]:
         parts = [r for r in rows if r["tokens"] == tokens]
         total = {key: sum(CALLS[r["matmul"]] * r[key] for r in parts)
                  for key in ("dense_ms", "sparse_ms", "dense_graph_ms", "sparse_graph_ms")}
-        totals.append({"backend": parts[0]["backend"], "matmul": "mlp", "tokens": tokens, **total})
-    for row in rows + totals:
-        row["speedup"] = row["dense_ms"] / row["sparse_ms"]
-        row["speedup_graph"] = row["dense_graph_ms"] / row["sparse_graph_ms"]
+        totals.append(with_speedups({"backend": parts[0]["backend"], "matmul": "mlp", "tokens": tokens, **total}))
     return totals
+
+
+def with_speedups(row: dict) -> dict:
+    return {**row, "speedup": row["dense_ms"] / row["sparse_ms"],
+            "speedup_graph": row["dense_graph_ms"] / row["sparse_graph_ms"]}
 
 
 def time_decode(setup: Setup, layers: int, dtype: torch.dtype) -> dict:
@@ -206,7 +212,7 @@ def time_decode(setup: Setup, layers: int, dtype: torch.dtype) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/gpu_sparse24.json")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 512, 2048])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 512, 2048])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     parser.add_argument("--torch-backends", action="store_true", help="also time torch's semi-structured tensors")
@@ -220,36 +226,41 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (or --smoke to check the script on CPU)")
     dtype = getattr(torch, args.dtype)
-    rows, unsupported, decode = time_leanlm(args.tokens, args.repeats, dtype, setup), {}, None
-    print_rows(rows)
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "torch": torch.__version__,
+              "dtype": args.dtype, "rows": [], "unsupported": {}, "decode": None}
+    # written after each part, so a run cut short by a time limit still leaves what it measured
+    result["rows"] = time_leanlm(args.tokens, args.repeats, dtype, setup)
+    save(args.out, result)
     for backend in (["cutlass", "cusparselt"] if args.torch_backends else []):
         try:
-            rows += time_torch(backend, args.tokens, args.repeats, dtype, setup)
+            result["rows"] += time_torch(backend, args.tokens, args.repeats, dtype, setup)
         except (RuntimeError, TypeError, AttributeError) as err:  # CUTLASS's 2:4 kernels exist for sm8x only
-            unsupported[backend] = str(err).splitlines()[0]
-            print(f"{backend}: not available on this GPU: {unsupported[backend]}")
-    print_rows([r for r in rows if r["backend"] != "leanlm-triton"])
+            result["unsupported"][backend] = str(err).splitlines()[0]
+            print(f"{backend}: not available on this GPU: {result['unsupported'][backend]}")
+        save(args.out, result)
     if args.decode:
-        decode = time_decode(setup, args.layers, dtype)
-        print_decode(decode)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": device_name(),
-                                          "torch": torch.__version__, "dtype": args.dtype, "rows": rows,
-                                          "unsupported": unsupported, "decode": decode}, indent=2))
+        result["decode"] = time_decode(setup, args.layers, dtype)
+        print_decode(result["decode"])
+        save(args.out, result)
+
+
+def save(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
 
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (Triton interpreter)"
 
 
-def print_rows(rows: list[dict]) -> None:
-    if not rows:
-        return
-    print(f"{'backend':14s} {'matmul':8s} {'tokens':>6s} {'dense ms':>9s} {'2:4 ms':>9s} {'speedup':>8s} "
-          f"{'graph dense':>11s} {'graph 2:4':>10s} {'speedup':>8s}   ({device_name()}, torch {torch.__version__})")
+def print_rows(rows: list[dict], header: bool = True) -> None:
+    if header:
+        print(f"{'backend':14s} {'matmul':8s} {'tokens':>6s} {'dense ms':>9s} {'2:4 ms':>9s} {'speedup':>8s} "
+              f"{'graph dense':>11s} {'graph 2:4':>10s} {'speedup':>8s}  tile   ({device_name()}, torch {torch.__version__})")
     for r in rows:
         print(f"{r['backend']:14s} {r['matmul']:8s} {r['tokens']:6d} {r['dense_ms']:9.4f} {r['sparse_ms']:9.4f} "
-              f"{r['speedup']:7.2f}x {r['dense_graph_ms']:11.4f} {r['sparse_graph_ms']:10.4f} {r['speedup_graph']:7.2f}x")
+              f"{r['speedup']:7.2f}x {r['dense_graph_ms']:11.4f} {r['sparse_graph_ms']:10.4f} {r['speedup_graph']:7.2f}x  "
+              f"{r.get('config', '')}", flush=True)
 
 
 def print_decode(decode: dict) -> None:
