@@ -59,7 +59,8 @@ def measure(config: kernel.TileConfig, arch: int, dtype: str) -> dict:
     ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in loop)
     per_weight = config.num_warps * 32 / (config.block_n * config.block_k)  # threads over a k-step's weights
     return {"tile": f"{config.block_m}x{config.block_n}x{config.block_k}", "split_k": config.split_k,
-            "warps": config.num_warps, "stages": config.num_stages, "swap_ab": config.swap_ab, "arch": arch,
+            "warps": config.num_warps, "stages": config.num_stages, "swap_ab": config.swap_ab,
+            "prefetch": config.prefetch, "arch": arch,
             "dtype": dtype, "instructions_per_weight": round(len(loop) * per_weight, 2),
             "tensor_core_per_weight": round((ops["HMMA"] + ops["HGMMA"]) * per_weight, 3),
             "registers": int(usage.group(1)), "stack_bytes": int(usage.group(2)),
@@ -75,16 +76,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/sass_sparse24.json")
     args = parser.parse_args()
     rows = []
-    print(f"{'arch':>4} {'tile':>11} {'split':>5} {'warps':>5} {'stages':>6} {'swap':>5} {'instr/weight':>12} "
-          f"{'regs':>4} {'stack':>5}")
+    print(f"{'arch':>4} {'tile':>11} {'split':>5} {'warps':>5} {'stages':>6} {'swap':>5} {'prefetch':>8} "
+          f"{'instr/weight':>12} {'regs':>4} {'stack':>5}")
     for arch in args.arch:
         for count in args.rows:
             for config in kernel.candidates(count)[:args.limit]:
                 row = measure(config, arch, args.dtype)
                 rows.append(row)
                 print(f"{arch:>4} {row['tile']:>11} {row['split_k']:>5} {row['warps']:>5} {row['stages']:>6} "
-                      f"{str(row['swap_ab']):>5} {row['instructions_per_weight']:>12} {row['registers']:>4} "
-                      f"{row['stack_bytes']:>5}", flush=True)
+                      f"{str(row['swap_ab']):>5} {str(row['prefetch']):>8} {row['instructions_per_weight']:>12} "
+                      f"{row['registers']:>4} {row['stack_bytes']:>5}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -172,7 +172,7 @@ def test_kernel_compiles_for_ampere_and_hopper(capability):
     from leanlm.kernels.sparse24 import candidates, compile_for
 
     small, large = candidates(16), candidates(512)
-    chosen = [small[0], next(c for c in small if c.split_k > 1), next(c for c in small if c.num_stages > 1), large[0],
+    chosen = [small[0], next(c for c in small if c.split_k > 1), next(c for c in small if c.prefetch), large[0],
               small[-1]]
     for dtype in ("fp16", "bf16"):
         for config in chosen:

@@ -46,6 +46,9 @@ class TileConfig:
     # the weight tile as the tensor cores' M side and the rows as their N side: at a few rows no MMA
     # work is spent on padding rows, and on Hopper the expanded weight feeds wgmma directly
     swap_ab: bool = False
+    # load the next tile's weights into registers before expanding this one: bytes in flight without
+    # the shared-memory traffic of Triton's own pipelining (num_stages > 1)
+    prefetch: bool = False
 
     def fits(self, k: int) -> bool:
         return k % (self.block_k * self.split_k) == 0
@@ -56,17 +59,19 @@ def rows_bucket(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
-# (block_n, block_k, split_k, warps, stages). Reading HBM at full speed needs ~2 MB in flight on an
-# H100 (3.35 TB/s x ~0.7 us), while a 64x128 tile is 9 KB and a Llama-1B projection makes only 16-128
-# such tiles; hence pipelined tiles (2-4 stages in flight each), unpipelined ones (fewest instructions,
-# 4.1-4.8 per weight on sm_90 by benchmarks/sass_sparse24.py; several programs per SM hide latency) and
-# split-K (more programs, at the cost of a zeroed float32 output and a cast)
-DECODE_TILES = [(64, 128, 1, 4, 3), (128, 64, 1, 4, 3), (128, 128, 1, 8, 3), (64, 256, 1, 4, 3), (32, 256, 1, 4, 3),
-                (32, 256, 1, 4, 4), (32, 512, 1, 4, 2),
-                (128, 64, 1, 4, 1), (256, 64, 1, 8, 1), (128, 128, 1, 8, 1), (64, 128, 1, 4, 1), (64, 64, 1, 4, 1),
-                (64, 256, 1, 4, 1),
-                (128, 64, 8, 4, 1), (128, 128, 4, 8, 1), (64, 128, 4, 4, 1), (64, 128, 8, 4, 1), (64, 256, 4, 4, 1),
-                (32, 256, 4, 4, 2)]
+# (block_n, block_k, split_k, warps, stages, prefetch). Reading HBM at full speed needs ~2 MB in flight
+# on an H100 (3.35 TB/s x ~0.7 us), while a 64x128 tile is 9 KB and a Llama-1B projection makes only
+# 16-128 such tiles. Hence: pipelined tiles (2-3 stages in flight, 5.6-6.8 SASS instructions per weight
+# on sm_90 by benchmarks/sass_sparse24.py), register-prefetched and plain unpipelined ones (4.1-4.8;
+# several programs per SM hide latency), and split-K (more programs, at the cost of a zeroed float32
+# output and a cast). Which is fastest depends on latency, so the tuner decides on the device.
+DECODE_TILES = [(64, 128, 1, 4, 3, False), (128, 64, 1, 4, 3, False), (128, 128, 1, 8, 3, False),
+                (64, 256, 1, 4, 3, False), (32, 256, 1, 4, 3, False), (32, 512, 1, 4, 2, False),
+                (128, 64, 1, 4, 1, True), (256, 64, 1, 8, 1, True), (128, 128, 1, 8, 1, True), (64, 128, 1, 4, 1, True),
+                (128, 64, 1, 4, 1, False), (256, 64, 1, 8, 1, False), (128, 128, 1, 8, 1, False),
+                (64, 128, 1, 4, 1, False), (64, 256, 1, 4, 1, False),
+                (128, 64, 8, 4, 1, False), (128, 128, 4, 8, 1, False), (64, 128, 4, 4, 1, False),
+                (64, 128, 8, 4, 1, False), (32, 256, 4, 4, 2, False)]
 # (block_m, block_n, block_k, warps, stages); larger ones spill registers on sm_80
 PROMPT_TILES = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 3),
                 (128, 128, 32, 4, 3)]
@@ -76,8 +81,8 @@ def candidates(rows: int) -> list[TileConfig]:
     """Tiles to time, best guesses first; the last ones only fit narrow layers (K of 32 or 64)."""
     narrow = [TileConfig(min(rows_bucket(rows), 64), 32, bk, 1, 4, 2) for bk in (64, 32)]
     if rows <= 64:  # weight-bound: many programs over N (and over K for the narrow down projection)
-        return [TileConfig(rows_bucket(rows), bn, bk, split, warps, stages, swap_ab=True)
-                for bn, bk, split, warps, stages in DECODE_TILES] + narrow
+        return [TileConfig(rows_bucket(rows), bn, bk, split, warps, stages, swap_ab=True, prefetch=prefetch)
+                for bn, bk, split, warps, stages, prefetch in DECODE_TILES] + narrow
     # prompts: compute-bound, dense-GEMM-like tiles
     return [TileConfig(bm, bn, bk, 1, warps, stages) for bm, bn, bk, warps, stages in PROMPT_TILES] + narrow
 
@@ -164,7 +169,7 @@ def _launch(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: T
     _sparse24_kernel[grid](x, words, flags, out, rows, n, k, x.stride(0), words.stride(0), flags.stride(0),
                            out.stride(0), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                            SPLIT_K=config.split_k, SWAP_AB=config.swap_ab, EVEN_N=n % config.block_n == 0,
-                           num_warps=config.num_warps, num_stages=config.num_stages)
+                           PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages)
     return out.to(x.dtype) if config.split_k > 1 else out
 
 
@@ -179,9 +184,10 @@ def compile_for(config: TileConfig, arch: int, dtype: str = "fp16"):
     signature = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "meta_ptr": "*i32",
                  "out_ptr": "*fp32" if config.split_k > 1 else f"*{dtype}",
                  **dict.fromkeys(["M", "N", "K", "stride_xm", "stride_wn", "stride_meta", "stride_om"], "i32"),
-                 **dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "EVEN_N"], "constexpr")}
+                 **dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "EVEN_N", "PREFETCH"],
+                                 "constexpr")}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "SPLIT_K": config.split_k, "SWAP_AB": config.swap_ab, "EVEN_N": True}
+                  "SPLIT_K": config.split_k, "SWAP_AB": config.swap_ab, "EVEN_N": True, "PREFETCH": config.prefetch}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_sparse24_kernel.arg_names)
                if signature[name] != "constexpr"}
     source = ASTSource(fn=_sparse24_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
@@ -214,9 +220,18 @@ if triton is not None:
         return tl.reshape(halves, (BLOCK_N, BLOCK_K))
 
     @triton.jit
+    def _load_weights(w_ptr, meta_ptr, k0, n3, word, group, N, stride_wn, stride_meta, EVEN_N: tl.constexpr):
+        """The tile's words [BLOCK_N, BLOCK_K/32, 8] and flag words [BLOCK_N, BLOCK_K/32, 1] at column k0."""
+        w_ptrs = w_ptr + n3 * stride_wn + k0 // 4 + word * 8 + group
+        m_ptrs = meta_ptr + n3 * stride_meta + k0 // 32 + word
+        if EVEN_N:
+            return tl.load(w_ptrs), tl.load(m_ptrs)
+        return tl.load(w_ptrs, mask=n3 < N, other=0), tl.load(m_ptrs, mask=n3 < N, other=0)
+
+    @triton.jit
     def _sparse24_kernel(x_ptr, w_ptr, meta_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_meta, stride_om,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_N: tl.constexpr):
+                         SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_N: tl.constexpr, PREFETCH: tl.constexpr):
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rm[:, None] < M
@@ -228,15 +243,18 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         start = tl.program_id(2) * (K // SPLIT_K)
-        for k0 in range(start, start + K // SPLIT_K, BLOCK_K):
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=row_ok, other=0.0)
-            w_ptrs = w_ptr + n3 * stride_wn + k0 // 4 + word * 8 + group
-            m_ptrs = meta_ptr + n3 * stride_meta + k0 // 32 + word
-            if EVEN_N:
-                words, flag_words = tl.load(w_ptrs), tl.load(m_ptrs)
+        end = start + K // SPLIT_K
+        if PREFETCH:
+            words, flag_words = _load_weights(w_ptr, meta_ptr, start, n3, word, group, N, stride_wn, stride_meta, EVEN_N)
+        for k0 in range(start, end, BLOCK_K):
+            if PREFETCH:  # the next tile's loads go out before this one's expansion (the last reloads its own)
+                ahead = tl.minimum(k0 + BLOCK_K, end - BLOCK_K)
+                next_words, next_flags = _load_weights(w_ptr, meta_ptr, ahead, n3, word, group, N, stride_wn,
+                                                       stride_meta, EVEN_N)
             else:
-                words = tl.load(w_ptrs, mask=n3 < N, other=0)
-                flag_words = tl.load(m_ptrs, mask=n3 < N, other=0)
+                words, flag_words = _load_weights(w_ptr, meta_ptr, k0, n3, word, group, N, stride_wn, stride_meta,
+                                                  EVEN_N)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=row_ok, other=0.0)
             # a logical shift for the words' high halves
             tile = _expand(words.to(tl.uint32, bitcast=True), flag_words >> (group * 4), BLOCK_N, BLOCK_K)
             tile = tile.to(x_ptr.dtype.element_ty, bitcast=True)
@@ -244,6 +262,8 @@ if triton is not None:
                 acc += tl.dot(tile, tl.trans(x))
             else:
                 acc += tl.dot(x, tl.trans(tile))
+            if PREFETCH:
+                words, flag_words = next_words, next_flags
         if SWAP_AB:
             o_ptrs = out_ptr + rn[:, None] + rm[None, :] * stride_om
             o_mask = (rn[:, None] < N) & (rm[None, :] < M)
