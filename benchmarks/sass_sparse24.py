@@ -81,6 +81,8 @@ def main() -> None:
     for arch in args.arch:
         for count in args.rows:
             for config in kernel.candidates(count)[:args.limit]:
+                if config.expand_first:  # no loop: one tile per program, then cuBLAS
+                    continue
                 row = measure(config, arch, args.dtype)
                 rows.append(row)
                 print(f"{arch:>4} {row['tile']:>11} {row['split_k']:>5} {row['warps']:>5} {row['stages']:>6} "

@@ -178,6 +178,8 @@ def test_kernel_compiles_for_ampere_and_hopper(capability):
         for config in chosen:
             ptx = compile_for(config, capability, dtype).asm["ptx"]
             assert "mma" in ptx, f"{config} {dtype}: no tensor-core instruction for sm_{capability}"
+        expand = next(c for c in large if c.expand_first)  # the weight expanded for cuBLAS: vector stores
+        assert "st.global.v4" in compile_for(expand, capability, dtype).asm["ptx"]
 
 
 def test_sass_benchmark_counts_the_main_loop(tmp_path):

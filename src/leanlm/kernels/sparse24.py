@@ -49,6 +49,9 @@ class TileConfig:
     # load the next tile's weights into registers before expanding this one: bytes in flight without
     # the shared-memory traffic of Triton's own pipelining (num_stages > 1)
     prefetch: bool = False
+    # expand the whole weight (block_n x block_k tiles), then one dense matmul: for prompts, where the
+    # tensor cores' speed counts more than bytes and cuBLAS may beat the fused tiles
+    expand_first: bool = False
 
     def fits(self, k: int) -> bool:
         return k % (self.block_k * self.split_k) == 0
@@ -83,8 +86,9 @@ def candidates(rows: int) -> list[TileConfig]:
     if rows <= 64:  # weight-bound: many programs over N (and over K for the narrow down projection)
         return [TileConfig(rows_bucket(rows), bn, bk, split, warps, stages, swap_ab=True, prefetch=prefetch)
                 for bn, bk, split, warps, stages, prefetch in DECODE_TILES] + narrow
-    # prompts: compute-bound, dense-GEMM-like tiles
-    return [TileConfig(bm, bn, bk, 1, warps, stages) for bm, bn, bk, warps, stages in PROMPT_TILES] + narrow
+    # prompts: compute-bound, dense-GEMM-like tiles, or the weight expanded for cuBLAS
+    expand = [TileConfig(rows_bucket(rows), bn, bk, expand_first=True) for bn, bk in ((64, 128), (64, 64))]
+    return [TileConfig(bm, bn, bk, 1, warps, stages) for bm, bn, bk, warps, stages in PROMPT_TILES] + expand + narrow
 
 
 _tuned: dict[tuple, TileConfig] = {}
@@ -158,7 +162,19 @@ def tune(rows: int, values: torch.Tensor, meta: torch.Tensor, configs: list[Tile
     return best
 
 
+def expand_24(values: torch.Tensor, meta: torch.Tensor, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """The dense [N, K] weight from its compressed form, on the GPU (the kernel's own expansion)."""
+    n, k = values.shape[0], values.shape[1] * 2
+    words, flags = values.contiguous().view(torch.int32), meta.contiguous().view(torch.int32)
+    dense = torch.empty(n, k, device=values.device, dtype=values.dtype)
+    _expand_kernel[(triton.cdiv(n, block_n), k // block_k)](words, flags, dense, n, words.stride(0), flags.stride(0),
+                                                             BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=n % block_n == 0)
+    return dense
+
+
 def _launch(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, config: TileConfig) -> torch.Tensor:
+    if config.expand_first:
+        return torch.nn.functional.linear(x, expand_24(values, meta, config.block_n, config.block_k))
     rows, k = x.shape
     n = values.shape[0]
     words, flags = values.view(torch.int32), meta.view(torch.int32)  # a group's pair, 8 groups' flags
@@ -181,16 +197,20 @@ def compile_for(config: TileConfig, arch: int, dtype: str = "fp16"):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "meta_ptr": "*i32",
-                 "out_ptr": "*fp32" if config.split_k > 1 else f"*{dtype}",
-                 **dict.fromkeys(["M", "N", "K", "stride_xm", "stride_wn", "stride_meta", "stride_om"], "i32"),
-                 **dict.fromkeys(["BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP_AB", "EVEN_N", "PREFETCH"],
-                                 "constexpr")}
-    constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "SPLIT_K": config.split_k, "SWAP_AB": config.swap_ab, "EVEN_N": True, "PREFETCH": config.prefetch}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_sparse24_kernel.arg_names)
-               if signature[name] != "constexpr"}
-    source = ASTSource(fn=_sparse24_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    if config.expand_first:
+        kernel, signature = _expand_kernel, {"w_ptr": "*i32", "meta_ptr": "*i32", "out_ptr": f"*{dtype}", "N": "i32",
+                                             "stride_wn": "i32", "stride_meta": "i32"}
+        constexprs = {"BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "EVEN_N": True}
+    else:
+        out = "*fp32" if config.split_k > 1 else f"*{dtype}"
+        kernel, signature = _sparse24_kernel, {
+            "x_ptr": f"*{dtype}", "w_ptr": "*i32", "meta_ptr": "*i32", "out_ptr": out,
+            **dict.fromkeys(["M", "N", "K", "stride_xm", "stride_wn", "stride_meta", "stride_om"], "i32")}
+        constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                      "SPLIT_K": config.split_k, "SWAP_AB": config.swap_ab, "EVEN_N": True, "PREFETCH": config.prefetch}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in signature}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
@@ -227,6 +247,23 @@ if triton is not None:
         if EVEN_N:
             return tl.load(w_ptrs), tl.load(m_ptrs)
         return tl.load(w_ptrs, mask=n3 < N, other=0), tl.load(m_ptrs, mask=n3 < N, other=0)
+
+    @triton.jit
+    def _expand_kernel(w_ptr, meta_ptr, out_ptr, N, stride_wn, stride_meta, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        n3 = rn[:, None, None]
+        group = tl.arange(0, 8)[None, None, :]
+        words, flag_words = _load_weights(w_ptr, meta_ptr, k0, n3, tl.arange(0, BLOCK_K // 32)[None, :, None], group, N,
+                                          stride_wn, stride_meta, EVEN_N)
+        tile = _expand(words.to(tl.uint32, bitcast=True), flag_words >> (group * 4), BLOCK_N, BLOCK_K)
+        out_ptrs = out_ptr + rn[:, None] * (4 * stride_wn) + k0 + tl.arange(0, BLOCK_K)[None, :]
+        tile = tile.to(out_ptr.dtype.element_ty, bitcast=True)
+        if EVEN_N:
+            tl.store(out_ptrs, tile)
+        else:
+            tl.store(out_ptrs, tile, mask=rn[:, None] < N)
 
     @triton.jit
     def _sparse24_kernel(x_ptr, w_ptr, meta_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_meta, stride_om,
