@@ -56,10 +56,9 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The dense [N, K] weight back from its compressed form (exact)."""
-    rows, kept = values.shape if values.dim() == 2 else (0, 0)
-    groups = kept // 2
-    if values.dim() != 2 or kept % 2 or meta.shape != (rows, groups // GROUPS_PER_BYTE):
+    if values.dim() != 2 or values.shape[1] % 4 or meta.shape != (values.shape[0], values.shape[1] // 4):
         raise ValueError(f"compressed 2:4 tensors do not match: values {tuple(values.shape)}, meta {tuple(meta.shape)}")
+    rows, groups = values.shape[0], values.shape[1] // 2
     flags = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(rows, groups).long()
     # a position-1 value is the first kept one unless position 0 holds it; likewise for position 2
     first = torch.where(flags & 1 > 0, 0, torch.where(flags & 2 > 0, 1, 2))
@@ -74,10 +73,9 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 def expand_words(words: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's expansion on int64 tensors holding 32-bit words, for tests: each group's word
     `first | second << 16` and its 4 flag bits give its output words for positions (0, 1) and (2, 3)."""
-    low, high = words & 0xFFFF, words >> 16
-    pos01 = torch.where(flags & 1 > 0, words, (low << 16))
+    pos01 = torch.where(flags & 1 > 0, words, (words & 0xFFFF) << 16)
     pos01 = torch.where(flags & 2 > 0, pos01, pos01 & 0xFFFF)
-    pos23 = torch.where(flags & 4 > 0, words, high)
+    pos23 = torch.where(flags & 4 > 0, words, words >> 16)
     pos23 = torch.where(flags & 8 > 0, pos23, pos23 & 0xFFFF0000)
     return pos01, pos23
 
