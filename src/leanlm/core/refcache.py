@@ -33,8 +33,8 @@ class LogitCache:
     def create(cls, key: str, shape: tuple[int, int, int]) -> "LogitCache":
         path = cache_root() / key
         shutil.rmtree(path, ignore_errors=True)
+        _evict(keep=KEEP - 1)  # before the new entry exists: without meta.json it would rank oldest
         path.mkdir(parents=True)
-        _evict(keep=KEEP - 1)
         return cls(path, shape, "w+")
 
     @classmethod
