@@ -85,10 +85,30 @@ def test_task_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"t\.jsonl:1: malformed JSON"):
         load_tasks(f)
     f.write_text(json.dumps({"question": "q", "choices": "ab", "answer": 0}))
-    with pytest.raises(DataError, match="list of at least two strings"):
+    with pytest.raises(DataError, match="list of at least two non-blank strings"):
+        load_tasks(f)
+    f.write_text(json.dumps({"question": "q", "choices": ["a", " "], "answer": 0}))
+    with pytest.raises(DataError, match="non-blank strings"):
+        load_tasks(f)
+    f.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": True}))
+    with pytest.raises(DataError, match="'answer' must be an index into choices .0..1., got True"):
+        load_tasks(f)
+    f.write_text(json.dumps({"question": None, "choices": ["a", "b"], "answer": 0}))
+    with pytest.raises(DataError, match="'question' must be a string, got NoneType"):
         load_tasks(f)
 
 
 def test_evaluate_collects_everything(tiny):
     out = evaluate(tiny, eval_windows(tiny.tokenizer, default_corpus().eval[:8_000], 64), prompts=["def"])
     assert out["windows"] >= 1 and out["perplexity"] > 1 and "def" in out["generations"]
+
+
+def test_logit_cache_keeps_the_newest_entries_when_full():
+    from leanlm.core.refcache import KEEP, LogitCache, cache_root
+
+    for i in range(KEEP + 2):
+        cache = LogitCache.create(f"entry{i}", (1, 3, 5))
+        cache.write(0, torch.log_softmax(torch.randn(3, 5), -1))
+        cache.finish({"perplexity": float(i)})
+        assert LogitCache.open(f"entry{i}") is not None  # a new entry survives a full cache
+    assert sorted(p.name for p in cache_root().iterdir()) == [f"entry{i}" for i in range(2, KEEP + 2)]

@@ -127,12 +127,15 @@ def _parse_task(line: str, where: str) -> Task:
         raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(rec, dict) or not {"question", "choices", "answer"} <= set(rec):
         raise DataError(f"{where}: a task needs 'question' (str), 'choices' (list of str) and 'answer' (index)")
-    choices, answer = rec["choices"], rec["answer"]
-    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-        raise DataError(f"{where}: 'choices' must be a list of at least two strings")
-    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+    question, choices, answer = rec["question"], rec["choices"], rec["answer"]
+    if not isinstance(question, str):
+        raise DataError(f"{where}: 'question' must be a string, got {type(question).__name__}")
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c.strip() for c in choices)):
+        raise DataError(f"{where}: 'choices' must be a list of at least two non-blank strings")
+    # JSON true/false are Python ints; an answer of `true` is a mistake, not index 1
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise DataError(f"{where}: 'answer' must be an index into choices (0..{len(choices) - 1}), got {answer!r}")
-    return Task(str(rec["question"]), choices, answer)
+    return Task(question, choices, answer)
 
 
 @torch.inference_mode()
