@@ -28,7 +28,7 @@ def test_group_size_must_divide():
 
 
 @pytest.mark.parametrize("symmetric,group_size", [(True, None), (False, None), (True, 16)])
-@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("rows", [1, 12, 40])  # leanlm's kernel, torch's packed kernel, dequantize + matmul
 def test_int8_linear_matches_dequantized_matmul(symmetric, group_size, rows):
     torch.manual_seed(0)
     lin = nn.Linear(64, 32, bias=True)
@@ -39,6 +39,23 @@ def test_int8_linear_matches_dequantized_matmul(symmetric, group_size, rows):
     # the packed kernel computes with bfloat16 activations
     torch.testing.assert_close(q(x), want, atol=3e-2, rtol=2e-2)
     assert q.qweight.dtype in (torch.int8, torch.uint8)
+
+
+def test_int8_linear_with_misaligned_codes_does_not_crash():
+    """torch's packed int8 kernel segfaults on codes that are not 64-byte aligned, as safetensors can
+    load them; the layer must not hand it such codes."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64, bias=False)
+    codes, scale, zero = rtn_ops.rtn(lin.weight.data, 8, None, True)
+    q = Int8Linear.from_codes(lin, codes, scale, zero, None, True)
+    buffer = torch.zeros(q.qweight.numel() + 64, dtype=q.qweight.dtype)
+    start = next(i for i in range(1, 64) if (buffer.data_ptr() + i) % 64)
+    buffer[start:start + q.qweight.numel()] = q.qweight.reshape(-1)
+    q.qweight = nn.Parameter(buffer[start:start + q.qweight.numel()].view_as(q.qweight), requires_grad=False)
+    assert q.qweight.data_ptr() % 64
+    x = torch.randn(12, 64)
+    want = torch.nn.functional.linear(x, rtn_ops.dequantize(codes, scale, zero, None))
+    torch.testing.assert_close(q(x), want, atol=3e-2, rtol=2e-2)
 
 
 def test_quantize_replaces_layers_and_shrinks(tiny):
@@ -76,6 +93,10 @@ def test_quantized_checkpoint_round_trip(tmp_path, tiny, config, module):
     assert back.model.lm_head.weight.data_ptr() == back.model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(generate(back.model, ids, 8), before)
     assert back.disk_bytes < tiny.disk_bytes
+    # torch's packed CPU kernels need 64-byte aligned codes; safetensors does not promise them
+    assert all(t.data_ptr() % 64 == 0 for t in back.model.state_dict().values() if t.numel())
+    long = torch.arange(3, 15)[None]  # 12 rows: torch's packed int8 kernel
+    torch.testing.assert_close(back.model(long).logits, tiny.model(long).logits)
 
 
 def test_plain_transformers_refuses_a_leanlm_checkpoint(tmp_path, tiny):

@@ -289,6 +289,9 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
         module = cls.wrap(model.get_submodule(name), **spec) if hasattr(cls, "wrap") else cls.empty(**spec)
         replace_module(model, name, module)
     state = unpack_state(load_file(path / LEANLM_WEIGHTS), manifest.get("sparse", {}))
+    # safetensors can hand back tensors only 8-byte aligned, and torch's packed CPU kernels
+    # (_weight_int8pack_mm) crash on those; a copy gets the allocator's 64-byte alignment
+    state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
     for alias, key in manifest.get("aliases", {}).items():
         state[alias] = state[key]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -104,7 +104,9 @@ class Int8Linear(nn.Module):
         return self._kernel_scales[torch.bfloat16]
 
     def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL
+        # torch's kernel segfaults on codes that are not 64-byte aligned (leanlm's loader aligns them)
+        return (x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL
+                and self.qweight.data_ptr() % 64 == 0)
 
     def _apply(self, fn, *args, **kwargs):
         self._kernel_scales = {}  # device/dtype moves invalidate the cached kernel scales
