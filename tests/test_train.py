@@ -153,3 +153,11 @@ def test_a_time_limit_stop_still_judges_the_last_steps(tiny):
     _, stats = finetune_(tiny.model, tiny.tokenizer, config, TEXT)
     assert stats["stopped_by"] == "max_minutes" and stats["steps"] == 1
     assert [h["step"] for h in stats["history"]] == [0, 1]  # evaluated at the stop, not only every 40 steps
+
+
+def test_held_out_split_too_short_names_the_option(tiny):
+    from leanlm.cli_train import _eval_ppl
+
+    assert _eval_ppl(tiny.model, tiny.tokenizer, TEXT[:4000], 32) > 1
+    with pytest.raises(DataError, match=r"held-out 10% of the data.*fewer than one 4096-token window.*--seq-len"):
+        _eval_ppl(tiny.model, tiny.tokenizer, TEXT[:4000], 4096)

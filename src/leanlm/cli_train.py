@@ -98,10 +98,17 @@ def _setup(args):
     return out, train, acc, loaded, corpus, chat
 
 
-def _eval_ppl(model, tokenizer, text: str) -> float:
+def _eval_ppl(model, tokenizer, text: str, window: int) -> float:
+    """Perplexity on the held-out split, in windows of the training length."""
     from leanlm.core.evaluate import eval_windows, score_windows
+    from leanlm.errors import DataError
 
-    return score_windows(model, eval_windows(tokenizer, text, 512), desc="eval split")["perplexity"]
+    try:
+        windows = eval_windows(tokenizer, text, window)
+    except DataError as err:
+        raise DataError(f"the held-out 10% of the data, measured before and after training, is too short: {err} "
+                        "(--seq-len sets the window)") from err
+    return score_windows(model, windows, desc="eval split")["perplexity"]
 
 
 def _finish(acc, out: Path, overwrite: bool, save, report: dict) -> None:
@@ -131,13 +138,15 @@ def cmd_finetune(args) -> int:
     if args.no_merge and any(type(m) in QUANTIZED_MODULES.values() for m in loaded.model.modules()):
         raise ConfigError(f"{args.model} is a leanlm-quantized model: its LoRA is merged and requantized "
                           "(--requantize); saving an unmerged adapter over packed layers is not supported")
-    before = None if chat or not acc.is_main_process else _eval_ppl(loaded.model, loaded.tokenizer, corpus.eval)
+    measure = not chat and acc.is_main_process
+    before = _eval_ppl(loaded.model, loaded.tokenizer, corpus.eval, train.seq_len) if measure else None
     model, stats = finetune_(loaded.model, loaded.tokenizer, config, None if chat else corpus.train,
                              out.parent / f".{out.name}.work", accelerator=acc, source=str(loaded.path),
                              resume=args.resume, device=loaded.device,
                              calibration=lambda: calibration_samples(loaded.tokenizer, corpus.train, 128, 512))
     if before is not None:
-        stats.update(eval_perplexity_before=before, eval_perplexity_after=_eval_ppl(model, loaded.tokenizer, corpus.eval))
+        stats.update(eval_perplexity_before=before,
+                     eval_perplexity_after=_eval_ppl(model, loaded.tokenizer, corpus.eval, train.seq_len))
 
     def save(tmp: Path) -> None:
         if config.merge:
@@ -164,14 +173,15 @@ def cmd_distill(args) -> int:
                           "options")
     config.train = train
     teacher = Teacher(source=args.teacher, device="cpu" if acc.device.type == "cpu" else str(acc.device))
-    before = None if chat or not acc.is_main_process else _eval_ppl(loaded.model, loaded.tokenizer, corpus.eval)
+    measure = not chat and acc.is_main_process
+    before = _eval_ppl(loaded.model, loaded.tokenizer, corpus.eval, train.seq_len) if measure else None
     stats = distill_(loaded.model, loaded.tokenizer, teacher, config=config, text=None if chat else corpus.train,
                      work_dir=out.parent / f".{out.name}.work", accelerator=acc, resume=args.resume)
     if before is not None:
         stats.update(eval_perplexity_before=before,
-                     eval_perplexity_after=_eval_ppl(loaded.model, loaded.tokenizer, corpus.eval))
+                     eval_perplexity_after=_eval_ppl(loaded.model, loaded.tokenizer, corpus.eval, train.seq_len))
         if teacher.model is not None:  # not loaded at all when the cached logits served
-            stats["teacher_eval_perplexity"] = _eval_ppl(teacher.model, teacher.tokenizer, corpus.eval)
+            stats["teacher_eval_perplexity"] = _eval_ppl(teacher.model, teacher.tokenizer, corpus.eval, train.seq_len)
     _finish(acc, out, args.overwrite, lambda tmp: save_model(loaded.model, loaded.tokenizer, tmp),
             {"command": "distill", "student": args.model, "teacher": args.teacher, **stats})
     return 0
