@@ -233,6 +233,26 @@ def test_moefy_bad_inputs(tiny_dir, calibration):
     m = load_model(tiny_dir, device="cpu")
     with pytest.raises(ConfigError, match="does not split into 7 equal experts"):
         moefy_(m.model, MoefyConfig(experts=7, top_k=2), calibration)
+    m.model.config.__dict__["intermediate_size"] = None  # as in GPT-2 (n_inner; OPT has ffn_dim)
+    with pytest.raises(UnsupportedModelError, match="no integer hidden_size and intermediate_size; MoE-fication"):
+        moefy_(m.model, MoefyConfig(experts=4, top_k=2), calibration)
+
+
+def test_moefy_ignores_attention_biases_and_refuses_ffn_biases(calibration):
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # q/k/v have biases, the FFN none
+
+    def qwen2():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+
+    model = qwen2()
+    stats = moefy_(model, MoefyConfig(experts=4, top_k=2, rows=128), calibration[:4, :64])
+    assert len(stats["router_recall"]) == 2 and type(model.model.layers[1].mlp) is MoEFFN
+    model = qwen2()
+    model.model.layers[0].mlp.down_proj = torch.nn.Linear(128, 64, bias=True)
+    with pytest.raises(UnsupportedModelError, match=r"without bias; these have one: \['mlp.down_proj'\]"):
+        moefy_(model, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
 
 
 def test_exporting_a_moe_model_is_refused(tiny_dir, tmp_path, calibration):

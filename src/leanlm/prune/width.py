@@ -117,7 +117,7 @@ def shrink_ffn(block: nn.Module, ffn: FFN, kept: torch.Tensor, down_weight: torc
 
 @register_pruner(WidthConfig)
 def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor, device=None) -> dict:
-    hidden, intermediate = _dims(model)
+    hidden, intermediate = ffn_dims(model)
     keep = keep_count(intermediate, config)
     params_before = sum(p.numel() for p in model.parameters())
 
@@ -140,12 +140,13 @@ def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor
             "max_slice_diff": max(c["max_slice_diff"] for c in checks)}
 
 
-def _dims(model: nn.Module) -> tuple[int, int]:
+def ffn_dims(model: nn.Module, purpose: str = "width pruning") -> tuple[int, int]:
+    """(hidden_size, intermediate_size) from the config, which the FFN's linears are recognised by."""
     hidden = getattr(model.config, "hidden_size", None)
     intermediate = getattr(model.config, "intermediate_size", None)
     if not isinstance(hidden, int) or not isinstance(intermediate, int):
         raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer hidden_size and "
-                                    "intermediate_size; width pruning needs both to find the FFN")
+                                    f"intermediate_size; {purpose} needs both to find the FFN")
     find_structure(model)  # fails clearly when the blocks can't be found
     return hidden, intermediate
 

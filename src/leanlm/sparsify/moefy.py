@@ -18,7 +18,7 @@ from leanlm.core.layerwise import process_layerwise
 from leanlm.core.structure import find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.prune.width import FFN, find_ffn
+from leanlm.prune.width import FFN, ffn_dims, find_ffn
 from leanlm.sparsify.moe_ffn import MoEFFN
 from leanlm.sparsify.moe_ops import cluster_channels, expert_contributions, fit_router, top_recall
 
@@ -121,12 +121,14 @@ def build_moe(ffn: FFN, gate: nn.Linear, up: nn.Linear | None, assign: torch.Ten
 
 
 def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, device=None) -> dict:
-    hidden, intermediate = model.config.hidden_size, model.config.intermediate_size
+    hidden, intermediate = ffn_dims(model, "MoE-fication")
     activation = getattr(model.config, "hidden_act", None)
     if intermediate % config.experts:
         raise ConfigError(f"intermediate size {intermediate} does not split into {config.experts} equal experts")
-    if any(getattr(m, "bias", None) is not None for m in find_structure(model).blocks[0].modules() if isinstance(m, nn.Linear)):
-        raise UnsupportedModelError("MoE-fication supports FFN linears without bias")
+    ffn = find_ffn(find_structure(model).blocks[0], hidden, intermediate)
+    with_bias = [n for n, m in [*ffn.expanders.items(), ffn.reducer] if m.bias is not None]
+    if with_bias:  # attention biases (Qwen2) do not matter; an expert split of a biased FFN is not built
+        raise UnsupportedModelError(f"MoE-fication supports FFN linears without bias; these have one: {with_bias}")
     per_call = -(-config.rows // -(-calibration.shape[0] // config.batch_size))
 
     def one_block(index: int, block: nn.Module, observe) -> dict:
