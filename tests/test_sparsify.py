@@ -255,6 +255,22 @@ def test_moefy_ignores_attention_biases_and_refuses_ffn_biases(calibration):
         moefy_(model, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
 
 
+def test_moefy_reads_gemmas_activation_name(calibration):
+    from transformers import Gemma2Config, Gemma2ForCausalLM  # hidden_activation, not hidden_act
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    with torch.no_grad():
+        dense = model(input_ids=IDS).logits
+    moefy_(model, MoefyConfig(experts=4, top_k=4 - 1, rows=128), calibration[:4, :64])
+    assert model.model.layers[0].mlp.activation == "gelu_pytorch_tanh"
+    for block in model.model.layers:
+        block.mlp.top_k = 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, dense, atol=1e-4, rtol=1e-4)
+
+
 def test_exporting_a_moe_model_is_refused(tiny_dir, tmp_path, calibration):
     m = load_model(tiny_dir, device="cpu")
     moefy_(m.model, MoefyConfig(experts=8, top_k=4, rows=128), calibration)

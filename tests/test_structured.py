@@ -208,3 +208,26 @@ def test_head_pruning_bad_inputs(tokenizer, calibration):
         prune_(tiny_llama(len(tokenizer)), HeadsConfig(kv_groups=3), calibration=calibration)
     with pytest.raises(ConfigError, match="removes nothing"):
         prune_(tiny_llama(len(tokenizer)), HeadsConfig(kv_groups=2, heads_per_group=2), calibration=calibration)
+
+
+def family_model(name: str, **extra):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(name, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
+                                  eos_token_id=0, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_width_pruning_on_gemma2_and_a_clear_refusal_of_phi3s_fused_ffn(tokenizer, calibration, tmp_path):
+    model = family_model("gemma2", head_dim=16)
+    prune_(model, WidthConfig(ffn_keep=0.5, multiple_of=16), calibration=calibration)
+    save_model(model, tokenizer, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert plain.config.intermediate_size == 64
+    torch.testing.assert_close(logits(plain), logits(model))
+    # Phi-3 fuses gate and up; its fused qkv (64 -> 64 + 2 x 32 = 128) has the FFN's shape here and
+    # must not be taken for the FFN's expanding layer
+    with pytest.raises(UnsupportedModelError, match=r"64 -> 128 \(found none\)"):
+        prune_(family_model("phi3"), WidthConfig(ffn_keep=0.5, multiple_of=16), calibration=calibration)

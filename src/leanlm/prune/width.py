@@ -53,6 +53,9 @@ def find_ffn(block: nn.Module, hidden: int, intermediate: int) -> FFN:
                  and m.in_features == hidden and m.out_features == intermediate}
     reducers = [(n, m) for n, m in linears.items() if isinstance(m, nn.Linear)
                 and m.in_features == intermediate and m.out_features == hidden]
+    if len(reducers) == 1:  # an attention projection of the same shape (fused qkv) is not part of the FFN
+        parent = reducers[0][0].rpartition(".")[0]
+        expanders = {n: m for n, m in expanders.items() if n.rpartition(".")[0] == parent}
     if not expanders or len(reducers) != 1:
         raise UnsupportedModelError(
             f"could not find the FFN of {type(block).__name__}: looked for nn.Linear layers {hidden} -> {intermediate} "

@@ -83,6 +83,18 @@ def mlp_of(block: nn.Module, ffn: FFN) -> tuple[str, nn.Module]:
     return name, block.get_submodule(name)
 
 
+def ffn_activation(config) -> str:
+    """The FFN's activation by its config name (Gemma calls it hidden_activation, most others hidden_act)."""
+    from transformers.activations import ACT2FN
+
+    for key in ("hidden_activation", "hidden_act"):
+        name = getattr(config, key, None)
+        if isinstance(name, str) and name in ACT2FN:
+            return name
+    raise UnsupportedModelError(f"{type(config).__name__} names no known FFN activation in hidden_act or "
+                                "hidden_activation; MoE-fication needs it to rebuild the FFN as experts")
+
+
 def gate_and_up(ffn: FFN, activation: str, x: torch.Tensor, h: torch.Tensor) -> tuple[nn.Linear, nn.Linear | None]:
     """Which expander is the gate: the assignment that reproduces the recorded activations."""
     from transformers.activations import ACT2FN
@@ -122,7 +134,7 @@ def build_moe(ffn: FFN, gate: nn.Linear, up: nn.Linear | None, assign: torch.Ten
 
 def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, device=None) -> dict:
     hidden, intermediate = ffn_dims(model, "MoE-fication")
-    activation = getattr(model.config, "hidden_act", None)
+    activation = ffn_activation(model.config)
     if intermediate % config.experts:
         raise ConfigError(f"intermediate size {intermediate} does not split into {config.experts} equal experts")
     ffn = find_ffn(find_structure(model).blocks[0], hidden, intermediate)
