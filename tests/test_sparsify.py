@@ -253,6 +253,12 @@ def test_moefy_ignores_attention_biases_and_refuses_ffn_biases(calibration):
     model.model.layers[0].mlp.down_proj = torch.nn.Linear(128, 64, bias=True)
     with pytest.raises(UnsupportedModelError, match=r"without bias; these have one: \['mlp.down_proj'\]"):
         moefy_(model, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"does not split a fused gate/up projection \(mlp.gate_up_proj\)"):
+        moefy_(phi3, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
 
 
 def test_moefy_reads_gemmas_activation_name(calibration):

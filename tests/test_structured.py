@@ -220,14 +220,16 @@ def family_model(name: str, **extra):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_width_pruning_on_gemma2_and_a_clear_refusal_of_phi3s_fused_ffn(tokenizer, calibration, tmp_path):
-    model = family_model("gemma2", head_dim=16)
+@pytest.mark.parametrize("family,extra", [("gemma2", {"head_dim": 16}), ("phi3", {})])
+def test_width_pruning_on_other_families(tokenizer, calibration, tmp_path, family, extra):
+    """Gemma-2 (GeGLU, extra norms) and Phi-3, whose gate and up are one fused linear and whose fused
+    qkv (64 -> 64 + 2 x 32 = 128) has the FFN's shape here: it must not be taken for the FFN."""
+    model = family_model(family, **extra)
     prune_(model, WidthConfig(ffn_keep=0.5, multiple_of=16), calibration=calibration)
     save_model(model, tokenizer, tmp_path / "m")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert plain.config.intermediate_size == 64
     torch.testing.assert_close(logits(plain), logits(model))
-    # Phi-3 fuses gate and up; its fused qkv (64 -> 64 + 2 x 32 = 128) has the FFN's shape here and
-    # must not be taken for the FFN's expanding layer
-    with pytest.raises(UnsupportedModelError, match=r"64 -> 128 \(found none\)"):
-        prune_(family_model("phi3"), WidthConfig(ffn_keep=0.5, multiple_of=16), calibration=calibration)
+    if family == "phi3":
+        assert plain.model.layers[0].mlp.gate_up_proj.out_features == 128
+        assert plain.model.layers[0].self_attn.qkv_proj.out_features == 128

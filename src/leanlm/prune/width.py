@@ -43,14 +43,22 @@ class WidthConfig(StepConfig):
 
 @dataclass
 class FFN:
-    expanders: dict[str, nn.Linear]  # hidden -> intermediate (gate and up)
+    expanders: dict[str, nn.Linear]  # hidden -> intermediate (gate and up), or 2 x intermediate when fused
     reducer: tuple[str, nn.Linear]  # intermediate -> hidden (down)
+    intermediate: int = 0
+
+    def fused(self) -> list[str]:
+        """Expanders that compute gate and up in one (Phi-3's gate_up_proj: gate rows, then up rows)."""
+        return [n for n, m in self.expanders.items() if m.out_features == 2 * self.intermediate]
+
+    def expander_rows(self, name: str, kept: torch.Tensor) -> torch.Tensor:
+        return torch.cat([kept, kept + self.intermediate]) if name in self.fused() else kept
 
 
 def find_ffn(block: nn.Module, hidden: int, intermediate: int) -> FFN:
     linears = {n: m for n, m in block.named_modules() if is_linear(m)}
     expanders = {n: m for n, m in linears.items() if isinstance(m, nn.Linear)
-                 and m.in_features == hidden and m.out_features == intermediate}
+                 and m.in_features == hidden and m.out_features in (intermediate, 2 * intermediate)}
     reducers = [(n, m) for n, m in linears.items() if isinstance(m, nn.Linear)
                 and m.in_features == intermediate and m.out_features == hidden]
     if len(reducers) == 1:  # an attention projection of the same shape (fused qkv) is not part of the FFN
@@ -59,9 +67,9 @@ def find_ffn(block: nn.Module, hidden: int, intermediate: int) -> FFN:
     if not expanders or len(reducers) != 1:
         raise UnsupportedModelError(
             f"could not find the FFN of {type(block).__name__}: looked for nn.Linear layers {hidden} -> {intermediate} "
-            f"(found {sorted(expanders) or 'none'}) and exactly one {intermediate} -> {hidden} (found "
-            f"{[n for n, _ in reducers] or 'none'}); fused or expert FFNs are not supported")
-    return FFN(expanders, reducers[0])
+            f"(or -> {2 * intermediate}, gate and up fused; found {sorted(expanders) or 'none'}) and exactly one {intermediate} -> {hidden} (found "
+            f"{[n for n, _ in reducers] or 'none'}); expert FFNs are not supported")
+    return FFN(expanders, reducers[0], intermediate)
 
 
 def keep_count(intermediate: int, config: WidthConfig) -> int:
@@ -109,7 +117,7 @@ def shrink_ffn(block: nn.Module, ffn: FFN, kept: torch.Tensor, down_weight: torc
     name, down = ffn.reducer
     expected, masked = zeroed_output(down, kept, down_weight, observe)
     for n, m in ffn.expanders.items():
-        replace_module(block, n, sliced(m, kept, 0))
+        replace_module(block, n, sliced(m, ffn.expander_rows(n, kept), 0))
     replace_module(block, name, sliced(down, kept, 1, masked))
     diff, bad = slice_error(expected, observe)
     if bad:

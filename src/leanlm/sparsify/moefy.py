@@ -138,6 +138,8 @@ def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, dev
     if intermediate % config.experts:
         raise ConfigError(f"intermediate size {intermediate} does not split into {config.experts} equal experts")
     ffn = find_ffn(find_structure(model).blocks[0], hidden, intermediate)
+    if ffn.fused():
+        raise UnsupportedModelError(f"MoE-fication does not split a fused gate/up projection ({ffn.fused()[0]})")
     with_bias = [n for n, m in [*ffn.expanders.items(), ffn.reducer] if m.bias is not None]
     if with_bias:  # attention biases (Qwen2) do not matter; an expert split of a biased FFN is not built
         raise UnsupportedModelError(f"MoE-fication supports FFN linears without bias; these have one: {with_bias}")
