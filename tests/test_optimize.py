@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -79,8 +82,6 @@ def test_overwrite_replaces(tmp_path, tiny_dir, eval_text):
 
 def test_sigterm_mid_run_leaves_no_partial_output(tmp_path, tiny_dir, eval_text):
     import signal
-    import subprocess
-    import sys
     import time
 
     recipe = tmp_path / "r.yaml"
@@ -154,3 +155,18 @@ def test_structured_and_conditional_steps_report(tmp_path, tiny_dir, eval_text, 
     assert report["result"]["quality"]["kld"] > 0
     assert f"| {step['type']} |" in (tmp_path / "out" / "report.md").read_text()
     load_model(tmp_path / "out" / "model", device="cpu")
+
+
+def test_partial_outputs_of_dead_processes_are_removed(tmp_path, caplog):
+    from leanlm.core.paths import atomic_dir
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".out.partial-{done.stdout.strip()}-abc"
+    alive = tmp_path / f".out.partial-{os.getpid()}-def"  # another run still writing
+    unknown = tmp_path / ".out.partial-xyz"
+    for d in (dead, alive, unknown):
+        (d / "model").mkdir(parents=True)
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert not dead.exists() and alive.exists() and unknown.exists() and (tmp_path / "out" / "f").exists()
+    assert "left by process" in caplog.text
