@@ -11,7 +11,7 @@ from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import export
 from leanlm.pipeline.recipe import parse_recipe
-from leanlm.prune import DepthConfig, WidthConfig, prune_
+from leanlm.prune import DepthConfig, HeadsConfig, WidthConfig, prune_
 from leanlm.prune import structured_ops
 from leanlm.prune.depth import remove_blocks
 from leanlm.prune.width import find_ffn
@@ -173,7 +173,6 @@ def test_scan_cli_writes_table_chart_and_json(tiny_dir, tmp_path, capsys, unit, 
 @pytest.mark.parametrize("keep", [{"heads_per_group": 1}, {"kv_groups": 1}])
 def test_head_pruning_gives_a_smaller_hf_model_that_exports(tokenizer, calibration, tmp_path, keep):
     from leanlm.core.models import load_model
-    from leanlm.prune import HeadsConfig
 
     model = tiny_llama(len(tokenizer), layers=2)  # 4 query heads in 2 KV groups, head_dim 16
     stats = prune_(model, HeadsConfig(**keep), calibration=calibration)
@@ -189,7 +188,6 @@ def test_head_pruning_gives_a_smaller_hf_model_that_exports(tokenizer, calibrati
 
 
 def test_head_importance_prefers_the_heads_that_reach_the_output(tokenizer, calibration):
-    from leanlm.prune import HeadsConfig
 
     model = tiny_llama(len(tokenizer), layers=2)
     with torch.no_grad():  # head 1 of every block writes nothing to the residual stream
@@ -200,7 +198,6 @@ def test_head_importance_prefers_the_heads_that_reach_the_output(tokenizer, cali
 
 
 def test_head_pruning_bad_inputs(tokenizer, calibration):
-    from leanlm.prune import HeadsConfig
 
     with pytest.raises(ConfigError, match="needs kv_groups and/or heads_per_group"):
         parse_recipe({"steps": [{"type": "heads"}]})
@@ -233,3 +230,13 @@ def test_width_pruning_on_other_families(tokenizer, calibration, tmp_path, famil
     if family == "phi3":
         assert plain.model.layers[0].mlp.gate_up_proj.out_features == 128
         assert plain.model.layers[0].self_attn.qkv_proj.out_features == 128
+
+
+@pytest.mark.parametrize("family,message", [
+    ("olmo2", r"self_attn\.q_norm\.weight \(\[64\]\) spans all heads"),  # q/k norms over all heads at once
+    ("stablelm", r"model\.layers\.0\.self_attn\.q_proj\.weight is \[32, 64\] but the model its config describes "
+                 r"has \[64, 64\]"),  # head_dim = hidden_size / heads, whatever head_dim says
+])
+def test_head_pruning_refuses_what_it_cannot_keep_valid(calibration, family, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        prune_(family_model(family), HeadsConfig(heads_per_group=1), calibration=calibration)

@@ -105,3 +105,21 @@ def matches(name: str, patterns: list[str]) -> bool:
     """Glob match (`*.mlp.*`), also against the last name component (`lm_head`)."""
     last = name.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
+
+
+def check_config_describes(model: nn.Module, what: str) -> None:
+    """After a structural change: a model built from the updated config must have the pruned model's
+    parameter shapes, or the saved model would not load. Some architectures derive sizes from other
+    config keys (head_dim from hidden_size / heads) or keep cross-head parameters; say so, not save."""
+    import torch
+
+    with torch.device("meta"):
+        rebuilt = type(model)(model.config)
+    shapes = {n: p.shape for n, p in rebuilt.named_parameters()}
+    for name, param in model.named_parameters():
+        want = shapes.get(name)
+        if want is not None and want != param.shape:
+            raise UnsupportedModelError(
+                f"{what} is not supported for {type(model).__name__}: after it, {name} is {list(param.shape)} but "
+                f"the model its config describes has {list(want)} (the architecture derives that size from other "
+                "config keys), so the saved model would not load")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector, process_layerwise
-from leanlm.core.structure import find_structure, replace_module
+from leanlm.core.structure import check_config_describes, find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.prune.base import prune_, register_pruner
@@ -116,6 +116,19 @@ def find_attention(block: nn.Module, collector: HessianCollector, counts: Heads,
     return Attention(block.get_submodule(parent) if parent else block, q, [n for n in qkv if n != q], o)
 
 
+def check_per_head(block: nn.Module, attn: Attention, counts: Heads) -> None:
+    """Refuse attention modules with parameters beside q/k/v/o that span all heads at once (OLMo-2
+    normalises q and k over every head together): removing heads would change what the rest compute."""
+    sliced = (attn.q, *attn.kv, attn.o)
+    prefix = attn.q.rpartition(".")[0]
+    widths = {counts.heads * counts.head_dim, counts.kv * counts.head_dim} - {counts.head_dim}
+    for name, param in attn.module.named_parameters():
+        full = f"{prefix}.{name}" if prefix else name
+        if not any(full == s or full.startswith(s + ".") for s in sliced) and param.shape[-1] in widths:
+            raise UnsupportedModelError(f"{type(block).__name__}'s {full} ({list(param.shape)}) spans all heads, so "
+                                        "removing heads would change the others' outputs; head pruning is not supported")
+
+
 def rows_of(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
@@ -161,6 +174,7 @@ def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor
         with HessianCollector(block, linears) as collector:
             observe()
         attn = find_attention(block, collector, counts, hidden)
+        check_per_head(block, attn, counts)
         o = block.get_submodule(attn.o)
         H = collector.hessian(attn.o).to(o.weight.device)
         scores = head_importance(o.weight.data, H, counts.head_dim)
@@ -175,6 +189,7 @@ def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor
                              desc="head pruning", autocast=autocast)
     model.config.num_attention_heads, model.config.num_key_value_heads = target.heads, target.kv
     model.config.head_dim = counts.head_dim
+    check_config_describes(model, "head pruning")
     return {"heads_before": counts.heads, "heads_after": target.heads, "kv_heads_before": counts.kv,
             "kv_heads_after": target.kv, "refit": config.refit, "kept_heads": [d["kept_heads"] for d in done],
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector, process_layerwise
-from leanlm.core.structure import find_structure, is_linear, replace_module
+from leanlm.core.structure import check_config_describes, find_structure, is_linear, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.prune.base import prune_, register_pruner
@@ -146,6 +146,7 @@ def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor
     checks = process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
                                desc="width pruning", autocast=autocast)
     model.config.intermediate_size = keep
+    check_config_describes(model, "width pruning")
     return {"intermediate_before": intermediate, "intermediate_after": keep, "refit": config.refit,
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
             "max_slice_diff": max(c["max_slice_diff"] for c in checks)}
