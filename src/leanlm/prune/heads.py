@@ -125,8 +125,9 @@ def check_per_head(block: nn.Module, attn: Attention, counts: Heads) -> None:
     for name, param in attn.module.named_parameters():
         full = f"{prefix}.{name}" if prefix else name
         if not any(full == s or full.startswith(s + ".") for s in sliced) and param.shape[-1] in widths:
-            raise UnsupportedModelError(f"{type(block).__name__}'s {full} ({list(param.shape)}) spans all heads, so "
-                                        "removing heads would change the others' outputs; head pruning is not supported")
+            raise UnsupportedModelError(
+                f"{type(block).__name__}'s {full} ({list(param.shape)}) spans all heads, so removing heads would "
+                "change the others' outputs; head pruning is not supported")
 
 
 def rows_of(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -67,8 +67,8 @@ def find_ffn(block: nn.Module, hidden: int, intermediate: int) -> FFN:
     if not expanders or len(reducers) != 1:
         raise UnsupportedModelError(
             f"could not find the FFN of {type(block).__name__}: looked for nn.Linear layers {hidden} -> {intermediate} "
-            f"(or -> {2 * intermediate}, gate and up fused; found {sorted(expanders) or 'none'}) and exactly one {intermediate} -> {hidden} (found "
-            f"{[n for n, _ in reducers] or 'none'}); expert FFNs are not supported")
+            f"(or -> {2 * intermediate}, gate and up fused; found {sorted(expanders) or 'none'}) and exactly one "
+            f"{intermediate} -> {hidden} (found {[n for n, _ in reducers] or 'none'}); expert FFNs are not supported")
     return FFN(expanders, reducers[0], intermediate)
 
 
