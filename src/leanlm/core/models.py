@@ -291,7 +291,9 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
     state = unpack_state(load_file(path / LEANLM_WEIGHTS), manifest.get("sparse", {}))
     # safetensors can hand back tensors only 8-byte aligned, and torch's packed CPU kernels
     # (_weight_int8pack_mm) crash on those; a copy gets the allocator's 64-byte alignment
-    state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
+    for key, tensor in state.items():  # one at a time: the original is freed before the next copy
+        if tensor.data_ptr() % 64:
+            state[key] = tensor.clone()
     for alias, key in manifest.get("aliases", {}).items():
         state[alias] = state[key]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
