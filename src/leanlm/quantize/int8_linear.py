@@ -104,9 +104,10 @@ class Int8Linear(nn.Module):
         return self._kernel_scales[torch.bfloat16]
 
     def _packed_kernel_ok(self, x: torch.Tensor) -> bool:
-        # torch's kernel segfaults on codes that are not 64-byte aligned (leanlm's loader aligns them)
-        return (x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL
-                and self.qweight.data_ptr() % 64 == 0)
+        # torch's kernel segfaults on codes that are not 64-byte aligned (leanlm's loader aligns them);
+        # a compiled graph cannot read data_ptr; there the loader's alignment is relied on
+        aligned = torch.compiler.is_compiling() or self.qweight.data_ptr() % 64 == 0
+        return x.device.type == "cpu" and self.symmetric and self.group_size is None and HAS_INT8_KERNEL and aligned
 
     def _apply(self, fn, *args, **kwargs):
         self._kernel_scales = {}  # device/dtype moves invalidate the cached kernel scales
