@@ -15,12 +15,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch, request):
         monkeypatch.setenv("LEANLM_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-def build_tokenizer(vocab_size: int = 320):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 320, split: str | None = None):
+    """A byte-level BPE trained on the corpus; `split` is a regex that pre-splits the text as Llama 3's
+    and Qwen's tokenizers do (then, as theirs, it ignores merges for words already in the vocabulary)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = Tokenizer(models.BPE(unk_token=None, ignore_merges=split is not None))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    tok.pre_tokenizer = byte_level if split is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -80,15 +80,95 @@ def test_gguf_bad_inputs(tiny_dir, tmp_path):
     assert (tmp_path / "m.gguf").read_bytes() == b"keep me"
 
 
-def test_gguf_refuses_other_architectures(tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _tiny_config(model_type: str, **extra):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, **extra)
+
+
+@pytest.mark.parametrize("model_type,extra", [("qwen2", {}), ("qwen3", {"head_dim": 128})])
+def test_gguf_round_trip_of_qwen_models(tokenizer, tmp_path, model_type, extra):
+    # transformers' qwen3 GGUF reader assumes 128-wide heads; llama.cpp reads any (tested there)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(model_type, **extra)).eval()
+    for p in model.parameters():
+        if p.ndim == 1:
+            p.data.normal_(0.1, 0.5)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == model_type
+    assert ("blk.0.attn_q.bias" in {t.name for t in reader.tensors}) == (model_type == "qwen2")
+    torch.testing.assert_close(logits(load_model(tmp_path / "m.gguf", device="cpu").model), logits(model),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,extra,match", [
+    ("gpt_neox", {}, r"GGUF export supports .*qwen3.* not 'gpt_neox'"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, "sliding-window"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                   "original_max_position_embeddings": 64}}, "cannot write 'yarn' rope scaling"),
+    ("qwen2", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+     "none for this architecture"),
+])
+def test_gguf_refuses_what_llama_cpp_would_run_differently(tmp_path, model_type, extra, match):
+    from transformers import AutoModelForCausalLM
 
     from leanlm.export.gguf_export import export_gguf
 
-    config = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1)
-    with pytest.raises(UnsupportedModelError, match="GGUF export supports .*llama.* not 'qwen2'"):
-        export_gguf(AutoModelForCausalLM.from_config(config), None, tmp_path / "x.gguf")
+    model = AutoModelForCausalLM.from_config(_tiny_config(model_type, **extra))
+    with pytest.raises(UnsupportedModelError, match=match):
+        export_gguf(model, None, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_llama3_rope_is_written_as_factors_that_transformers_would_drop(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}
+    AutoModelForCausalLM.from_config(_tiny_config("llama", rope_parameters=rope)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32")
+    factors = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "rope_freqs.weight")
+    # high frequencies keep their speed, the lowest are slowed by the full factor, the middle in between
+    assert factors.data[0] == 1.0 and factors.data[-1] == pytest.approx(8.0) and len(factors.data) == 8
+    with pytest.raises(UnsupportedModelError, match="rope scaling factors .*rope_freqs.*--runtime llama.cpp"):
+        load_model(tmp_path / "m.gguf", device="cpu")
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+RAW_BYTES = {**BYTES, "use_regex": False}
+
+
+def test_pre_tokenizers_are_named_for_llama_cpp_or_refused():
+    from leanlm.export.gguf_export import SPLIT_RULES, _pre_tokenizer
+
+    def name(*parts, normalizer=None):
+        return _pre_tokenizer({"normalizer": normalizer, "pre_tokenizer": {"type": "Sequence", "pretokenizers": parts}})
+
+    assert _pre_tokenizer({"pre_tokenizer": BYTES}) == "gpt-2"
+    assert name({"type": "Digits", "individual_digits": True}, BYTES) == "smollm"
+    for regex, expected in SPLIT_RULES.items():
+        assert name(_split(regex), RAW_BYTES, normalizer={"type": "NFC"}) == expected
+    llama3 = next(r for r, n in SPLIT_RULES.items() if n == "llama-bpe")
+    for parts, match in [((_split(llama3.replace("{1,3}", "{1,4}")), RAW_BYTES), "split rules"),
+                         ((_split(llama3), BYTES), "split rules"),  # the byte-level regex would split again
+                         (({"type": "Digits", "individual_digits": False}, BYTES), "split rules"),
+                         (({**BYTES, "add_prefix_space": True},), "prefix space"),
+                         (({"type": "Metaspace", "replacement": "_"},), "byte-level BPE")]:
+        with pytest.raises(UnsupportedModelError, match=match):
+            name(*parts)
+    with pytest.raises(UnsupportedModelError, match="NFKC normalizer"):
+        name(BYTES, normalizer={"type": "NFKC"})
 
 
 def test_hf_export_of_a_quantized_model_loads_in_transformers(tiny_dir, tmp_path):

@@ -7,6 +7,7 @@ from leanlm.cli import main
 from leanlm.core.evaluate import prepare_reference, score_windows
 from leanlm.core.models import load_model, save_model
 from leanlm.export import export
+from leanlm.export.gguf_export import SPLIT_RULES
 from leanlm.quantize import RTNConfig, quantize_
 
 llama_cpp = pytest.importorskip(
@@ -53,3 +54,61 @@ def test_llama_cpp_reads_our_k_quants_as_we_wrote_them(tokenizer, tmp_path):
     ref = prepare_reference(load_model(tmp_path / "k.gguf", device="cpu"), WINDOWS)
     got = score_windows(LlamaCppLM(tmp_path / "k.gguf"), WINDOWS, reference=ref)
     assert got["kld"] < 5e-3
+
+
+def _random_model(model_type: str, vocab_size: int, **extra):
+    """A tiny model whose attention is sharp enough that any rotary or head-layout slip shows in its output."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=True, **extra)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.data.normal_(0.1, 0.5)  # biases and norm weights that are neither zero nor one
+        else:
+            p.data.mul_(10 if name.endswith(("q_proj.weight", "k_proj.weight")) else 3)
+    return model
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("qwen2", {}),
+    ("qwen3", {"head_dim": 24}),
+    ("llama", {"attention_bias": True}),
+    ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
+], ids=["qwen2", "qwen3-head-dim", "llama-bias", "llama3-rope", "linear-rope"])
+def test_llama_cpp_reproduces_each_architecture(tokenizer, tmp_path, model_type, extra):
+    # a rotary layout written in the wrong order or rope factors left out give KLD ~1e-3 and top-1 < 0.95 here
+    _random_model(model_type, len(tokenizer), **extra).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    windows = torch.randint(3, 300, (2, 128), generator=torch.Generator().manual_seed(1))
+    ref = prepare_reference(load_model(tmp_path / "m", device="cpu"), windows)
+    got = score_windows(LlamaCppLM(tmp_path / "m.gguf"), windows, reference=ref)
+    assert got["kld"] < 1e-5 and got["top1"] > 0.99
+
+
+TRICKY = ["I'll pay 1234567 dollars, won't you?\n\n  x = 3.14159  # it's\tDONE'S",
+          "def f(a, b):\n    return a**2 + 10000*b\r\n", "Ünïcödé naïve café 東京 2024年",
+          "   leading spaces and trailing   ", "HELLO'LL 'S 99bottles\n\n\n"]
+
+
+@pytest.mark.parametrize("split", [None, *SPLIT_RULES], ids=["gpt-2", *SPLIT_RULES.values()])
+def test_llama_cpp_tokenizes_like_the_hf_tokenizer(tmp_path, split):
+    # named gpt-2, the llama-bpe and qwen2 tokenizers split these texts differently in llama.cpp
+    from tests.conftest import build_tokenizer, tiny_llama
+
+    tok = build_tokenizer(600, split)
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    for text in TRICKY:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)

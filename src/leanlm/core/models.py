@@ -166,6 +166,7 @@ def load_gguf(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     arch = gguf_architecture(path)
+    _refuse_dropped_rope_factors(path)
     kwargs = dict(gguf_file=path.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
@@ -186,6 +187,18 @@ def _gguf_reader(path: Path):
         return GGUFReader(path)
     except Exception as err:  # the reader raises bare ValueErrors/struct errors on junk
         raise UnsupportedModelError(f"{path} is not a readable GGUF file: {err}") from err
+
+
+def _refuse_dropped_rope_factors(path: Path) -> None:
+    """transformers' GGUF loader drops per-frequency rope factors (Llama 3's rope scaling) without a word,
+    which would rotate positions unlike the file's own model."""
+    names = {t.name for t in _gguf_reader(path).tensors}
+    dropped = sorted(names & {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+    if dropped:
+        raise UnsupportedModelError(
+            f"{path} carries rope scaling factors ({', '.join(dropped)}) that transformers' GGUF loader ignores, "
+            "so the loaded model would not be this file's model. Load the model's Hugging Face directory instead, "
+            "or run the file in llama.cpp (--runtime llama.cpp).")
 
 
 def gguf_architecture(path: Path) -> str:

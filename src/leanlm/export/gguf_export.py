@@ -1,7 +1,10 @@
-"""GGUF export for llama.cpp: Llama-architecture models, float or quantized by leanlm.
+"""GGUF export for llama.cpp: Llama (1-3), Mistral, Qwen2 and Qwen3 models, float or quantized by leanlm.
 
 Tensor names come from the `gguf` package's own HF -> GGUF name map, hyperparameters from the
-model config, and the tokenizer (byte-level BPE) from the HF tokenizer files. Layers leanlm has
+model config, and the tokenizer (byte-level BPE) from the HF tokenizer files; its pre-tokenizer is
+named from its split rules, and one llama.cpp does not know by name is refused rather than guessed.
+Llama 3's rope scaling is written as per-frequency factors (rope_freqs), computed by transformers'
+own rope code so both runtimes rotate alike. Layers leanlm has
 quantized are written from their integer codes without re-rounding (int8 -> Q8_0, symmetric
 int4 -> Q4_0, asymmetric int4 -> Q4_1; groups must be multiples of 32). Float linear layers are
 quantized to `weight_type` with gguf's quantizers, or, for the K-quants (q4_k, q6_k), with
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,26 @@ from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import gguf_ops, kquant_ops
 
 log = logging.getLogger(__name__)
-ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What llama.cpp's graph for an architecture expects beyond the tensors themselves."""
+    arch: gguf.MODEL_ARCH
+    interleave_rope: bool  # llama.cpp's Llama rotates adjacent pairs, HF (and llama.cpp's Qwen) rotates halves
+    rope_factors: bool  # the graph reads per-frequency factors (rope_freqs), so static rope scaling can be written
+
+
+ARCHITECTURES = {"llama": Target(gguf.MODEL_ARCH.LLAMA, True, True),
+                 "mistral": Target(gguf.MODEL_ARCH.LLAMA, True, True),
+                 "qwen2": Target(gguf.MODEL_ARCH.QWEN2, False, False),
+                 "qwen3": Target(gguf.MODEL_ARCH.QWEN3, False, False)}
+# the split rules of tokenizer.json's pre-tokenizers, by the name llama.cpp gives them
+_LETTERS_AND = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_THEN = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLIT_RULES = {_LETTERS_AND + r"\p{N}{1,3}" + _THEN: "llama-bpe", _LETTERS_AND + r"\p{N}" + _THEN: "qwen2"}
+# rope types that only rescale frequencies, position-independently, which rope_freqs expresses exactly
+FACTOR_ROPE = ("llama3", "linear")
 WEIGHT_TYPES = {"auto": None, "f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q4_0": QT.Q4_0,
                 "q4_1": QT.Q4_1, "q4_k": QT.Q4_K, "q6_k": QT.Q6_K}
 FILE_TYPES = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -46,19 +69,20 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, weight_type: str = 
     """Write `model` as one GGUF file at `out`; returns what each tensor became, for the log.
     `importance` (layer name -> per-input-column weights) steers the K-quants' scale search."""
     config = model.config
-    arch = ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise UnsupportedModelError(f"GGUF export supports {sorted(ARCHITECTURES)} models, not "
-                                    f"{config.model_type!r}; export --format hf and use llama.cpp's converter")
+    target = _target(config)
+    factors = _rope_factors(config, target)
     for name, choice in (("weight type", weight_type), ("embeddings type", embeddings)):
         if choice not in WEIGHT_TYPES or (name == "embeddings type" and choice == "auto"):
             raise ConfigError(f"unknown GGUF {name} {choice!r}; choose from {', '.join(WEIGHT_TYPES)}")
     if importance and WEIGHT_TYPES[weight_type] not in K_QUANTS:
         raise ConfigError(f"an importance matrix steers the K-quants only (q4_k, q6_k), not {weight_type!r}")
-    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[target.arch])
     _write_hparams(writer, config)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
-    counts = _write_tensors(writer, model, arch, WEIGHT_TYPES[weight_type], WEIGHT_TYPES[embeddings], importance or {})
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, raw_dtype=QT.F32)
+    counts = _write_tensors(writer, model, target, WEIGHT_TYPES[weight_type], WEIGHT_TYPES[embeddings],
+                            importance or {})
     main = max((t for t in counts if t not in ("F32",)), key=counts.get, default="F32")
     writer.add_file_type(FILE_TYPES.get(QT[main], gguf.LlamaFileType.GUESSED))
     writer.write_header_to_file()
@@ -68,11 +92,45 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, weight_type: str = 
     return counts
 
 
+def _target(config) -> Target:
+    target = ARCHITECTURES.get(config.model_type)
+    if target is None:
+        raise UnsupportedModelError(f"GGUF export supports {sorted(ARCHITECTURES)} models, not "
+                                    f"{config.model_type!r}; export --format hf and use llama.cpp's converter")
+    if _rope_params(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedModelError("GGUF export writes models that rotate whole heads, not a partial_rotary_factor")
+    if getattr(config, "use_sliding_window", False):
+        raise UnsupportedModelError(f"this {config.model_type} model uses sliding-window attention, which "
+                                    "llama.cpp does not run for it; export --format hf instead")
+    return target
+
+
+def _rope_params(config) -> dict:
+    return getattr(config, "rope_parameters", None) or {}
+
+
 def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default":
-        raise UnsupportedModelError(f"GGUF export does not write rope scaling ({params.get('rope_type')!r}) yet")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(_rope_params(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _rope_factors(config, target: Target) -> np.ndarray | None:
+    """llama.cpp divides each rotary frequency by its factor: the default frequencies over the scaled."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind = _rope_params(config).get("rope_type", "default")
+    if kind == "default":
+        return None
+    if kind not in FACTOR_ROPE or not target.rope_factors:
+        supported = f"{', '.join(FACTOR_ROPE)} on Llama" if target.rope_factors else "none for this architecture"
+        raise UnsupportedModelError(f"GGUF export cannot write {kind!r} rope scaling (supported: {supported}); "
+                                    "export --format hf and use llama.cpp's converter")
+    scaled, attention_factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    if attention_factor != 1.0:
+        raise UnsupportedModelError(f"{kind!r} rope scaling also scales attention ({attention_factor}); "
+                                    "rope_freqs cannot express that")
+    dim = scaled.numel() * 2
+    default = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (default / scaled).float().numpy()
 
 
 def _write_hparams(writer: gguf.GGUFWriter, config) -> None:
@@ -93,14 +151,39 @@ def _write_hparams(writer: gguf.GGUFWriter, config) -> None:
 
 
 def _pre_tokenizer(spec: dict) -> str:
-    """llama.cpp's name for the split rules: plain GPT-2 byte-level, or digits split one by one first."""
+    """llama.cpp's name for the tokenizer's split rules; one it has no name for is an error, not a guess,
+    since a wrong name tokenizes digits, contractions or newlines differently from the model's training."""
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre])
     kinds = [p.get("type") for p in parts]
-    if "ByteLevel" not in kinds:
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    if not byte_level:
         raise UnsupportedModelError(f"GGUF export writes byte-level BPE tokenizers; this one pre-tokenizes with {kinds}")
-    digits = any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts)
-    return "smollm" if digits else "gpt-2"
+    if byte_level[0].get("add_prefix_space"):
+        raise UnsupportedModelError("GGUF export cannot write a tokenizer that adds a prefix space (llama.cpp's BPE "
+                                    "does not); export --format hf and use llama.cpp's converter")
+    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    digits = [p for p in parts if p.get("type") == "Digits"]
+    name, own_regex = None, byte_level[0].get("use_regex", True)
+    if own_regex and not splits:
+        if not digits:
+            name = "gpt-2"
+        elif len(digits) == 1 and digits[0].get("individual_digits") and kinds[0] == "Digits":
+            name = "smollm"
+    elif not own_regex and len(splits) == 1 and not digits:
+        name = SPLIT_RULES.get(splits[0])
+    if name is None or set(kinds) - {"ByteLevel", "Split", "Digits"}:
+        raise UnsupportedModelError(f"GGUF export does not know llama.cpp's name for this tokenizer's split rules "
+                                    f"({json.dumps(pre)[:300]}); export --format hf and use llama.cpp's converter")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise UnsupportedModelError(f"llama.cpp's BPE does not apply this tokenizer's {normalizer} normalizer")
+    return name
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
@@ -114,8 +197,10 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -
         writer.add_tokenizer_pre(_pre_tokenizer(spec))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        writer.add_add_bos_token(False)
-        gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
+        # what the HF tokenizer does, whatever its config files say
+        special.add_special_token["bos"] = _adds_bos(tokenizer)
+        special.add_to_gguf(writer)
 
 
 def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -143,10 +228,10 @@ def _warn_fallbacks(linear_types: dict[str, int], weight_type) -> None:
                         linear_types.get(weight_type.name, 0), weight_type.name)
 
 
-def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch, weight_type, embed_type,
+def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, target: Target, weight_type, embed_type,
                    importance: dict[str, torch.Tensor]) -> dict[str, int]:
     config = model.config
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(target.arch, config.num_hidden_layers)
     embed = model.get_input_embeddings()
     tied = getattr(config, "tie_word_embeddings", False)
     counts: dict[str, int] = {}
@@ -159,6 +244,8 @@ def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch, weight_type,
         elif is_linear(module) or type(module) in QUANTIZED_MODULES.values():
             tensors = [("weight", *_linear_tensor(module, weight_type, hf_name, importance.get(hf_name)))]
             linear_types[tensors[0][2].name] = linear_types.get(tensors[0][2].name, 0) + 1
+            if getattr(module, "bias", None) is not None:
+                tensors.append(("bias", module.bias.detach().float().numpy(), QT.F32))
         elif is_norm(module):
             tensors = [(k, p.detach().float().numpy(), QT.F32) for k, p in module.named_parameters(recurse=False)]
         else:
@@ -167,7 +254,8 @@ def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch, weight_type,
             gguf_name = names.get_name(f"{hf_name}.{suffix}", try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise UnsupportedModelError(f"no GGUF tensor name for {hf_name}.{suffix}")
-            data = _rope_order(data, hf_name, config)
+            if target.interleave_rope:
+                data = _rope_order(data, hf_name, config)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
     _warn_fallbacks(linear_types, weight_type)
