@@ -95,5 +95,9 @@ def test_gguf_q8_0_export_in_llama_cpp_stays_within_kld_target(smol, windows, tm
 
     export("smollm2-135m", tmp_path / "q8.gguf", "gguf", weight_type="q8_0", embeddings="q8_0")
     ref = prepare_reference(smol, windows)
-    got = score_windows(LlamaCppLM(tmp_path / "q8.gguf"), windows[:6], reference=ref)
+    lm = LlamaCppLM(tmp_path / "q8.gguf")
+    got = score_windows(lm, windows[:6], reference=ref)
     assert got["kld"] <= 0.005
+    # the tokenizer travels too: llama.cpp splits the held-out text into the same tokens, paragraph by paragraph
+    for text in default_corpus().eval.split("\n\n")[:300]:
+        assert lm.llm.tokenize(text.encode(), add_bos=False, special=False) == smol.tokenizer.encode(text), text
