@@ -45,6 +45,15 @@ def test_bench_and_eval_in_llama_cpp(tiny_dir, tmp_path, capsys):
     assert '"kld"' in capsys.readouterr().out
 
 
+def test_timing_reads_the_same_last_logits_without_computing_the_others(tiny_dir, tmp_path):
+    export(tiny_dir, tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    ids = WINDOWS[0].tolist()
+    every = LlamaCppLM(tmp_path / "m.gguf")(input_ids=WINDOWS[:1]).logits[0, -1]
+    lean = LlamaCppLM(tmp_path / "m.gguf", logits_all=False)
+    lean.llm.eval(ids)
+    torch.testing.assert_close(torch.from_numpy(lean.last_logits().copy()), every, atol=1e-4, rtol=1e-4)
+
+
 def test_llama_cpp_reads_our_k_quants_as_we_wrote_them(tokenizer, tmp_path):
     from tests.test_export import wide_tiny_dir
 

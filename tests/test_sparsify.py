@@ -233,8 +233,8 @@ def test_moefy_bad_inputs(tiny_dir, calibration):
     m = load_model(tiny_dir, device="cpu")
     with pytest.raises(ConfigError, match="does not split into 7 equal experts"):
         moefy_(m.model, MoefyConfig(experts=7, top_k=2), calibration)
-    m.model.config.__dict__["intermediate_size"] = None  # as in GPT-2 (n_inner; OPT has ffn_dim)
-    with pytest.raises(UnsupportedModelError, match="no integer hidden_size and intermediate_size; MoE-fication"):
+    m.model.config.__dict__["hidden_size"] = None
+    with pytest.raises(UnsupportedModelError, match="no integer hidden_size; MoE-fication needs it"):
         moefy_(m.model, MoefyConfig(experts=4, top_k=2), calibration)
 
 

@@ -14,7 +14,7 @@ from leanlm.pipeline.recipe import parse_recipe
 from leanlm.prune import DepthConfig, HeadsConfig, WidthConfig, prune_
 from leanlm.prune import structured_ops
 from leanlm.prune.depth import remove_blocks
-from leanlm.prune.width import find_ffn
+from leanlm.prune.width import ffn_width, find_ffn
 from tests.conftest import tiny_llama
 
 IDS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -128,6 +128,8 @@ def test_width_bad_inputs(tokenizer, calibration):
     block = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     with pytest.raises(UnsupportedModelError, match="looked for nn.Linear layers 8 -> 32"):
         find_ffn(block, 8, 32)
+    with pytest.raises(UnsupportedModelError, match=r"no intermediate_size and Sequential's module graph shows no FFN"):
+        ffn_width(block, 8, "width pruning")
 
 
 def test_depth_pruned_model_exports_to_gguf(tokenizer, tmp_path):
@@ -240,3 +242,24 @@ def test_width_pruning_on_other_families(tokenizer, calibration, tmp_path, famil
 def test_head_pruning_refuses_what_it_cannot_keep_valid(calibration, family, message):
     with pytest.raises(UnsupportedModelError, match=message):
         prune_(family_model(family), HeadsConfig(heads_per_group=1), calibration=calibration)
+
+
+@pytest.mark.parametrize("family,config,key,width", [
+    ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=256), "n_inner", 128),  # n_inner unset: 4 x 64
+    ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
+     "ffn_dim", 64),
+])
+def test_width_pruning_finds_the_ffn_width_key_of_configs_without_intermediate_size(
+        tokenizer, calibration, tmp_path, family, config, key, width):
+    from transformers import AutoConfig
+
+    from leanlm.core.conv1d import linearize
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=320, **config)).eval()
+    linearize(model)  # as load_model does: GPT-2's Conv1D layers become nn.Linear
+    stats = prune_(model, WidthConfig(ffn_keep=0.5, multiple_of=16), calibration=calibration)
+    assert stats["intermediate_after"] == width == getattr(model.config, key)
+    save_model(model, tokenizer, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(logits(plain), logits(model))

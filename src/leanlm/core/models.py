@@ -156,8 +156,11 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str = "au
         model, tokenizer = _load_leanlm(path)
     else:
         model, tokenizer = _load_hf(path, dtype)
-    model.to(dev).eval()
+    from leanlm.core.conv1d import linearize
     from leanlm.core.paths import dir_size
+
+    linearize(model)  # GPT-2 style Conv1D layers: every method reads nn.Linear; saving writes them back
+    model.to(dev).eval()
     return LoadedModel(model, tokenizer, str(source), path, dir_size(path))
 
 
@@ -212,7 +215,13 @@ def gguf_architecture(path: Path) -> str:
 def save_model(model: nn.Module, tokenizer: Any, out: str | os.PathLike) -> None:
     """Save as plain HF when nothing custom is inside, else as a leanlm checkpoint (runtime modules, or
     pruned weights stored as bitmask + values so the checkpoint is smaller)."""
-    out = Path(out)
+    from leanlm.core.conv1d import hf_layout
+
+    with hf_layout(model):
+        _save_model(model, tokenizer, Path(out))
+
+
+def _save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:
     from leanlm.core.sparse_storage import pack_state, sparse_weights
 
     out.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,9 @@ def check_config_describes(model: nn.Module, what: str) -> None:
 
     with torch.device("meta"):
         rebuilt = type(model)(model.config)
-    shapes = {n: p.shape for n, p in rebuilt.named_parameters()}
+    # a Conv1D weight is [in, out]; leanlm holds those layers as nn.Linear ([out, in])
+    shapes = {f"{mn}.{pn}" if mn else pn: p.shape[::-1] if type(mod).__name__ == "Conv1D" and pn == "weight" else p.shape
+              for mn, mod in rebuilt.named_modules() for pn, p in mod.named_parameters(recurse=False)}
     for name, param in model.named_parameters():
         want = shapes.get(name)
         if want is not None and want != param.shape:

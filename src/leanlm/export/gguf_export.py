@@ -1,12 +1,14 @@
-"""GGUF export for llama.cpp: Llama (1-3), Mistral, Qwen2 and Qwen3 models, float or quantized by leanlm.
+"""GGUF export for llama.cpp: Llama, Mistral, Qwen2 and Qwen3 models, float or quantized by leanlm.
 
 Tensor names come from the `gguf` package's own HF -> GGUF name map, hyperparameters from the
-model config, and the tokenizer (byte-level BPE) from the HF tokenizer files; its pre-tokenizer is
+model config, and the tokenizer from the HF tokenizer files (byte-level BPE ones: Llama 3, SmolLM,
+Qwen; SentencePiece ones such as Llama 2's are refused); its pre-tokenizer is
 named from its split rules, and one llama.cpp does not know by name is refused rather than guessed.
 Llama 3's rope scaling is written as per-frequency factors (rope_freqs), computed by transformers'
-own rope code so both runtimes rotate alike. Layers leanlm has
-quantized are written from their integer codes without re-rounding (int8 -> Q8_0, symmetric
-int4 -> Q4_0, asymmetric int4 -> Q4_1; groups must be multiples of 32). Float linear layers are
+own rope code so both runtimes rotate alike.
+
+Layers leanlm has quantized are written from their integer codes without re-rounding (int8 -> Q8_0,
+symmetric int4 -> Q4_0, asymmetric int4 -> Q4_1; groups must be multiples of 32). Float linear layers are
 quantized to `weight_type` with gguf's quantizers, or, for the K-quants (q4_k, q6_k), with
 kquant_ops, optionally weighted by an importance matrix (mean squared input activations per column,
 as llama.cpp's imatrix). K-quants need rows that are a multiple of 256; other rows fall back to

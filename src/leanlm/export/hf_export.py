@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanlm.core.conv1d import hf_layout
 from leanlm.core.models import DTYPES, QUANTIZED_MODULES
 from leanlm.core.structure import replace_module
 
@@ -40,6 +41,7 @@ def export_hf(model: nn.Module, tokenizer: Any, out: Path, dtype: torch.dtype | 
     count = dequantize_model(model, dtype)
     if dtype is not None:
         model.to(dtype)
-    model.save_pretrained(out)
+    with hf_layout(model):
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"dequantized_layers": count}

@@ -3,12 +3,15 @@ output on calibration data (activation norm x down-projection column norm, Minit
 the down projection by least squares so the kept channels stand in for the removed ones.
 
 The FFN is found from the module graph: the linears of a block that expand the hidden size to the
-config's `intermediate_size`, and the one that reads it back. Every block keeps the same number of
-channels, so the result is a standard HF model with a smaller `intermediate_size`.
+config's `intermediate_size` (or, without one, the only such width in the graph), and the one that
+reads it back. Every block keeps the same number of channels, so the result is a standard HF model
+whose config says the smaller width under the key that sets it (found by rebuilding a one-block
+model from the config: OPT's `ffn_dim`, GPT-2's `n_inner`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -130,6 +133,7 @@ def shrink_ffn(block: nn.Module, ffn: FFN, kept: torch.Tensor, down_weight: torc
 def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor, device=None) -> dict:
     hidden, intermediate = ffn_dims(model)
     keep = keep_count(intermediate, config)
+    width_key = ffn_width_key(model, intermediate)
     params_before = sum(p.numel() for p in model.parameters())
 
     def one_block(index: int, block: nn.Module, observe) -> dict:
@@ -145,7 +149,7 @@ def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor
     autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
     checks = process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
                                desc="width pruning", autocast=autocast)
-    model.config.intermediate_size = keep
+    setattr(model.config, width_key, keep)
     check_config_describes(model, "width pruning")
     return {"intermediate_before": intermediate, "intermediate_after": keep, "refit": config.refit,
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
@@ -153,14 +157,56 @@ def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor
 
 
 def ffn_dims(model: nn.Module, purpose: str = "width pruning") -> tuple[int, int]:
-    """(hidden_size, intermediate_size) from the config, which the FFN's linears are recognised by."""
+    """(hidden size, FFN width): the config's `intermediate_size`, or else the width of the one FFN in the
+    first block's module graph (a linear hidden -> X beside the one reading X back)."""
     hidden = getattr(model.config, "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer hidden_size; {purpose} "
+                                    "needs it to find the FFN")
+    blocks = find_structure(model).blocks  # fails clearly when the blocks can't be found
     intermediate = getattr(model.config, "intermediate_size", None)
-    if not isinstance(hidden, int) or not isinstance(intermediate, int):
-        raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer hidden_size and "
-                                    f"intermediate_size; {purpose} needs both to find the FFN")
-    find_structure(model)  # fails clearly when the blocks can't be found
-    return hidden, intermediate
+    return hidden, intermediate if isinstance(intermediate, int) else ffn_width(blocks[0], hidden, purpose)
+
+
+def ffn_width(block: nn.Module, hidden: int, purpose: str) -> int:
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    widths = {r.in_features for rn, r in linears.items() if r.out_features == hidden and r.in_features != hidden
+              and any(n.rpartition(".")[0] == rn.rpartition(".")[0] and e.in_features == hidden
+                      and e.out_features in (r.in_features, 2 * r.in_features) for n, e in linears.items())}
+    if len(widths) != 1:
+        raise UnsupportedModelError(
+            f"the config of this model has no intermediate_size and {type(block).__name__}'s module graph shows "
+            f"{'no' if not widths else len(widths)} FFN widths ({sorted(widths)}); {purpose} needs exactly one")
+    return widths.pop()
+
+
+def ffn_width_key(model: nn.Module, width: int) -> str:
+    """The config key that sets the FFN width: `intermediate_size`, or the one key (unset, or equal to the width)
+    that, changed, changes the FFN of a one-block model rebuilt from the config (OPT's ffn_dim, GPT-2's n_inner)."""
+    from leanlm.core.conv1d import linearize
+
+    config = model.config
+    if isinstance(getattr(config, "intermediate_size", None), int):
+        return "intermediate_size"
+    probe = next(p for p in (width // 2, width // 2 + 16) if p not in (config.hidden_size, width, 0))
+    tried = []
+    for key, value in config.to_dict().items():
+        if not (value is None or (type(value) is int and value == width)):
+            continue
+        tried.append(key)
+        trial = copy.deepcopy(config)
+        trial.num_hidden_layers = 1
+        setattr(trial, key, probe)
+        try:
+            with torch.device("meta"):
+                rebuilt = type(model)(trial)
+            linearize(rebuilt)
+            if ffn_width(find_structure(rebuilt).blocks[0], config.hidden_size, "width pruning") == probe:
+                return key
+        except Exception:  # a key that is not the FFN's can break the model's construction; try the next
+            continue
+    raise UnsupportedModelError(f"no config key sets {type(model).__name__}'s FFN width (tried {tried}), so a "
+                                "width-pruned model could not be saved in a form that loads")
 
 
 @register_step("width", WidthConfig)
