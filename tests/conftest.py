@@ -32,6 +32,29 @@ def build_tokenizer(vocab_size: int = 320, split: str | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+def build_spm_tokenizer(vocab_size: int = 600, metaspace: bool = False):
+    """A SentencePiece-style BPE as Llama 2's tokenizer.json has it: byte fallback, "▁" for spaces put in by
+    the normalizer (or, as newer conversions do, by a Metaspace pre-tokenizer), and BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # while training: pieces stay within words
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([default_corpus().train[:60_000]],
+                            trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    if metaspace:
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    else:
+        tok.pre_tokenizer = None
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def tiny_llama(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import gguf
@@ -150,7 +151,7 @@ RAW_BYTES = {**BYTES, "use_regex": False}
 
 
 def test_pre_tokenizers_are_named_for_llama_cpp_or_refused():
-    from leanlm.export.gguf_export import SPLIT_RULES, _pre_tokenizer
+    from leanlm.export.gguf_vocab import SPLIT_RULES, _pre_tokenizer
 
     def name(*parts, normalizer=None):
         return _pre_tokenizer({"normalizer": normalizer, "pre_tokenizer": {"type": "Sequence", "pretokenizers": parts}})
@@ -280,3 +281,39 @@ def test_k_quant_export_falls_back_on_narrow_rows_and_loads(tokenizer, tmp_path,
     assert got["kld"] < 0.02
     with pytest.raises(ConfigError, match="importance matrix is used by the GGUF K-quants only"):
         export(source, tmp_path / "x.gguf", "gguf", weight_type="q8_0", imatrix_samples=2)
+
+
+def test_sentencepiece_style_space_prefix_is_read_or_refused():
+    from leanlm.export.gguf_vocab import _space_prefix
+
+    prepend, replace = {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    assert _space_prefix({"normalizer": {"type": "Sequence", "normalizers": [prepend, replace]}}) is True
+    assert _space_prefix({"normalizer": {"type": "Sequence", "normalizers": [replace]}}) is False
+    assert _space_prefix({"pre_tokenizer": metaspace}) is True
+    assert _space_prefix({"pre_tokenizer": {**metaspace, "prepend_scheme": "never"}}) is False
+    for spec in ({"pre_tokenizer": {**metaspace, "split": True}},  # splits words apart: llama.cpp's SPM does not
+                 {"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFKC"}, prepend, replace]}}):
+        with pytest.raises(UnsupportedModelError, match="cannot write this SentencePiece-style tokenizer"):
+            _space_prefix(spec)
+
+
+def test_sentencepiece_style_tokenizer_is_written_as_llama_cpp_s_llama_model(tmp_path):
+    from tests.conftest import build_spm_tokenizer, tiny_llama
+
+    tok = build_spm_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+
+    def value(key):
+        field = fields[key]
+        return [field.contents(i) for i in range(len(field.data))] if len(field.data) > 1 else field.contents()
+
+    assert value("tokenizer.ggml.model") == "llama" and value("tokenizer.ggml.add_space_prefix") is True
+    tokens, scores, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.scores"), value("tokenizer.ggml.token_type")
+    assert types[tokens.index("<0x0A>")] == gguf.TokenType.BYTE and types[tokens.index("<unk>")] == gguf.TokenType.UNKNOWN
+    merges = json.loads((tmp_path / "m" / "tokenizer.json").read_text())["model"]["merges"]
+    pieces = ["".join(m.split(" ", 1) if isinstance(m, str) else m) for m in merges[:3]]
+    assert [scores[tokens.index(p)] for p in pieces] == [0.0, -1.0, -2.0]  # minus the merge's rank

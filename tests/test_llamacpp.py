@@ -7,7 +7,7 @@ from leanlm.cli import main
 from leanlm.core.evaluate import prepare_reference, score_windows
 from leanlm.core.models import load_model, save_model
 from leanlm.export import export
-from leanlm.export.gguf_export import SPLIT_RULES
+from leanlm.export.gguf_vocab import SPLIT_RULES
 from leanlm.quantize import RTNConfig, quantize_
 
 llama_cpp = pytest.importorskip(
@@ -104,20 +104,42 @@ def test_llama_cpp_reproduces_each_architecture(tokenizer, tmp_path, model_type,
     assert got["kld"] < 1e-5 and got["top1"] > 0.99
 
 
-TRICKY = ["I'll pay 1234567 dollars, won't you?\n\n  x = 3.14159  # it's\tDONE'S",
+TRICKY = ["The object's __dict__ attribute is a mapping.", "I'll pay 1234567 dollars, won't you?\n\n  x = 3.14159  # it's\tDONE'S",
           "def f(a, b):\n    return a**2 + 10000*b\r\n", "Ünïcödé naïve café 東京 2024年",
           "   leading spaces and trailing   ", "HELLO'LL 'S 99bottles\n\n\n"]
+
+
+def tokenizer_in_llama_cpp(tok, tmp_path):
+    """llama.cpp's reading of `tok` as leanlm's GGUF export writes it."""
+    from tests.conftest import tiny_llama
+
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    return lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)
 
 
 @pytest.mark.parametrize("split", [None, *SPLIT_RULES], ids=["gpt-2", *SPLIT_RULES.values()])
 def test_llama_cpp_tokenizes_like_the_hf_tokenizer(tmp_path, split):
     # named gpt-2, the llama-bpe and qwen2 tokenizers split these texts differently in llama.cpp
-    from tests.conftest import build_tokenizer, tiny_llama
+    from tests.conftest import build_tokenizer
 
     tok = build_tokenizer(600, split)
-    tiny_llama(len(tok)).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    tokenize = tokenizer_in_llama_cpp(tok, tmp_path)
     for text in TRICKY:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)
+        assert tokenize(text) == tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("metaspace", [False, True], ids=["normalizer-prefix", "metaspace-prefix"])
+def test_llama_cpp_tokenizes_like_a_sentencepiece_style_tokenizer(tmp_path, metaspace):
+    # with every piece scored alike (as gguf's own LlamaHfVocab writes them) 3 of these texts split differently
+    from tests.conftest import build_spm_tokenizer
+
+    tok = build_spm_tokenizer(600, metaspace)
+    tokenize = tokenizer_in_llama_cpp(tok, tmp_path)
+    for text in TRICKY + [" x"]:
+        # HF's Metaspace puts no "▁" before text that starts with a space, llama.cpp does (the export warns)
+        assert (tokenize(text) == tok.encode(text, add_special_tokens=False)) != (metaspace and text[0] == " "), text
+    bos = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    assert bos.tokenize(b"Hello there", add_bos=True) == tok("Hello there")["input_ids"]  # BOS as HF adds it

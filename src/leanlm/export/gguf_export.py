@@ -1,9 +1,7 @@
 """GGUF export for llama.cpp: Llama, Mistral, Qwen2 and Qwen3 models, float or quantized by leanlm.
 
 Tensor names come from the `gguf` package's own HF -> GGUF name map, hyperparameters from the
-model config, and the tokenizer from the HF tokenizer files (byte-level BPE ones: Llama 3, SmolLM,
-Qwen; SentencePiece ones such as Llama 2's are refused); its pre-tokenizer is
-named from its split rules, and one llama.cpp does not know by name is refused rather than guessed.
+model config, and the tokenizer from the HF tokenizer files (gguf_vocab).
 Llama 3's rope scaling is written as per-frequency factors (rope_freqs), computed by transformers'
 own rope code so both runtimes rotate alike.
 
@@ -18,9 +16,7 @@ Norms stay float32.
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +31,7 @@ from leanlm.core.models import QUANTIZED_MODULES
 from leanlm.core.structure import is_linear, is_norm
 from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import gguf_ops, kquant_ops
+from leanlm.export.gguf_vocab import write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +48,6 @@ ARCHITECTURES = {"llama": Target(gguf.MODEL_ARCH.LLAMA, True, True),
                  "mistral": Target(gguf.MODEL_ARCH.LLAMA, True, True),
                  "qwen2": Target(gguf.MODEL_ARCH.QWEN2, False, False),
                  "qwen3": Target(gguf.MODEL_ARCH.QWEN3, False, False)}
-# the split rules of tokenizer.json's pre-tokenizers, by the name llama.cpp gives them
-_LETTERS_AND = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-_THEN = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-SPLIT_RULES = {_LETTERS_AND + r"\p{N}{1,3}" + _THEN: "llama-bpe", _LETTERS_AND + r"\p{N}" + _THEN: "qwen2"}
 # rope types that only rescale frequencies, position-independently, which rope_freqs expresses exactly
 FACTOR_ROPE = ("llama3", "linear")
 WEIGHT_TYPES = {"auto": None, "f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q4_0": QT.Q4_0,
@@ -80,7 +73,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, weight_type: str = 
         raise ConfigError(f"an importance matrix steers the K-quants only (q4_k, q6_k), not {weight_type!r}")
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[target.arch])
     _write_hparams(writer, config)
-    _write_tokenizer(writer, tokenizer, config.vocab_size)
+    write_tokenizer(writer, tokenizer, config.vocab_size)
     if factors is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors, raw_dtype=QT.F32)
     counts = _write_tensors(writer, model, target, WEIGHT_TYPES[weight_type], WEIGHT_TYPES[embeddings],
@@ -150,75 +143,6 @@ def _write_hparams(writer: gguf.GGUFWriter, config) -> None:
     writer.add_key_length(head_dim)  # head-pruned models: no longer hidden_size / heads
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-
-
-def _pre_tokenizer(spec: dict) -> str:
-    """llama.cpp's name for the tokenizer's split rules; one it has no name for is an error, not a guess,
-    since a wrong name tokenizes digits, contractions or newlines differently from the model's training."""
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    kinds = [p.get("type") for p in parts]
-    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
-    if not byte_level:
-        raise UnsupportedModelError(f"GGUF export writes byte-level BPE tokenizers; this one pre-tokenizes with {kinds}")
-    if byte_level[0].get("add_prefix_space"):
-        raise UnsupportedModelError("GGUF export cannot write a tokenizer that adds a prefix space (llama.cpp's BPE "
-                                    "does not); export --format hf and use llama.cpp's converter")
-    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    digits = [p for p in parts if p.get("type") == "Digits"]
-    name, own_regex = None, byte_level[0].get("use_regex", True)
-    if own_regex and not splits:
-        if not digits:
-            name = "gpt-2"
-        elif len(digits) == 1 and digits[0].get("individual_digits") and kinds[0] == "Digits":
-            name = "smollm"
-    elif not own_regex and len(splits) == 1 and not digits:
-        name = SPLIT_RULES.get(splits[0])
-    if name is None or set(kinds) - {"ByteLevel", "Split", "Digits"}:
-        raise UnsupportedModelError(f"GGUF export does not know llama.cpp's name for this tokenizer's split rules "
-                                    f"({json.dumps(pre)[:300]}); export --format hf and use llama.cpp's converter")
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if normalizer not in (None, "NFC"):
-        raise UnsupportedModelError(f"llama.cpp's BPE does not apply this tokenizer's {normalizer} normalizer")
-    return name
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-
-
-def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        spec = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
-        if spec.get("model", {}).get("type") != "BPE":
-            raise UnsupportedModelError("GGUF export writes BPE tokenizers (gpt2 style) only")
-        tokens, types = _vocab(tokenizer, vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_pre_tokenizer(spec))
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
-        # what the HF tokenizer does, whatever its config files say
-        special.add_special_token["bos"] = _adds_bos(tokenizer)
-        special.add_to_gguf(writer)
-
-
-def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {i: tok for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-    tokens, types = [], []
-    for i in range(max(vocab_size, len(by_id))):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            special = i in added and getattr(added[i], "special", False)
-            types.append(gguf.TokenType.CONTROL if special else
-                         gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
-    return tokens, types
 
 
 def _warn_fallbacks(linear_types: dict[str, int], weight_type) -> None:
