@@ -142,6 +142,15 @@ def test_llama3_rope_is_written_as_factors_that_transformers_would_drop(tokenize
         load_model(tmp_path / "m.gguf", device="cpu")
 
 
+def test_a_sliding_window_llama_cpp_would_not_apply_is_a_warning(tokenizer, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(_tiny_config("phi3", sliding_window=16, pad_token_id=0)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32")
+    assert "sliding window of 16 tokens" in caplog.text and (tmp_path / "m.gguf").exists()
+
+
 def _split(regex: str) -> dict:
     return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
 

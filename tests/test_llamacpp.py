@@ -89,10 +89,11 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
 @pytest.mark.parametrize("model_type,extra", [
     ("qwen2", {}),
     ("qwen3", {"head_dim": 24}),
+    ("phi3", {"pad_token_id": 0}),  # fused qkv and gate/up, which llama.cpp splits as HF does
     ("llama", {"attention_bias": True}),
     ("llama", {"rope_parameters": LLAMA3_ROPE}),
     ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
-], ids=["qwen2", "qwen3-head-dim", "llama-bias", "llama3-rope", "linear-rope"])
+], ids=["qwen2", "qwen3-head-dim", "phi3", "llama-bias", "llama3-rope", "linear-rope"])
 def test_llama_cpp_reproduces_each_architecture(tokenizer, tmp_path, model_type, extra):
     # a rotary layout written in the wrong order or rope factors left out give KLD ~1e-3 and top-1 < 0.95 here
     _random_model(model_type, len(tokenizer), **extra).save_pretrained(tmp_path / "m")

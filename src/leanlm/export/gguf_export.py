@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp: Llama, Mistral, Qwen2 and Qwen3 models, float or quantized by leanlm.
+"""GGUF export for llama.cpp: Llama, Mistral, Qwen2, Qwen3 and Phi-3 models, float or quantized by leanlm.
 
 Tensor names come from the `gguf` package's own HF -> GGUF name map, hyperparameters from the
 model config, and the tokenizer from the HF tokenizer files (gguf_vocab).
@@ -47,7 +47,8 @@ class Target:
 ARCHITECTURES = {"llama": Target(gguf.MODEL_ARCH.LLAMA, True, True),
                  "mistral": Target(gguf.MODEL_ARCH.LLAMA, True, True),
                  "qwen2": Target(gguf.MODEL_ARCH.QWEN2, False, False),
-                 "qwen3": Target(gguf.MODEL_ARCH.QWEN3, False, False)}
+                 "qwen3": Target(gguf.MODEL_ARCH.QWEN3, False, False),
+                 "phi3": Target(gguf.MODEL_ARCH.PHI3, False, False)}
 # rope types that only rescale frequencies, position-independently, which rope_freqs expresses exactly
 FACTOR_ROPE = ("llama3", "linear")
 WEIGHT_TYPES = {"auto": None, "f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q5_0": QT.Q5_0, "q4_0": QT.Q4_0,
@@ -94,10 +95,19 @@ def _target(config) -> Target:
                                     f"{config.model_type!r}; export --format hf and use llama.cpp's converter")
     if _rope_params(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedModelError("GGUF export writes models that rotate whole heads, not a partial_rotary_factor")
-    if getattr(config, "use_sliding_window", False):
-        raise UnsupportedModelError(f"this {config.model_type} model uses sliding-window attention, which "
-                                    "llama.cpp does not run for it; export --format hf instead")
+    window = _sliding_window(config)
+    if window:  # none of these llama.cpp graphs applies a window (a Phi-3 file's own window key is ignored)
+        if getattr(config, "use_sliding_window", False):
+            raise UnsupportedModelError(f"this {config.model_type} model uses sliding-window attention, which "
+                                        "llama.cpp does not run for it; export --format hf instead")
+        log.warning("this model attends over a sliding window of %d tokens, llama.cpp's %s graph over the whole "
+                    "context: outputs differ once a context is longer than the window", window, config.model_type)
     return target
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and getattr(config, "use_sliding_window", True) is not False else None
 
 
 def _rope_params(config) -> dict:
