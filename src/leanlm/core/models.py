@@ -178,7 +178,8 @@ def load_gguf(path: Path) -> tuple[nn.Module, Any]:
         supported = ", ".join(sorted(_gguf_supported_architectures())) or "see transformers' GGUF docs"
         raise UnsupportedModelError(
             f"{path}: transformers' GGUF loader cannot load this file (architecture {arch!r}): {err}\n"
-            f"Architectures it supports: {supported}. Convert the model to a Hugging Face directory instead."
+            f"Architectures it supports: {supported}. Load the model's Hugging Face directory instead, or run the file "
+            "in llama.cpp (--runtime llama.cpp)."
         ) from err
     return _drop_gguf_quantizer(model), tokenizer
 
