@@ -17,7 +17,12 @@ from leanlm.errors import UnsupportedModelError
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear and GPT-2 style Conv1D (a linear layer with a transposed weight)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer storing its weight as [in, out]."""
+    return type(module).__name__ == "Conv1D"
 
 
 def is_projection(module: nn.Module) -> bool:
@@ -116,7 +121,7 @@ def check_config_describes(model: nn.Module, what: str) -> None:
     with torch.device("meta"):
         rebuilt = type(model)(model.config)
     # a Conv1D weight is [in, out]; leanlm holds those layers as nn.Linear ([out, in])
-    shapes = {f"{mn}.{pn}" if mn else pn: p.shape[::-1] if type(mod).__name__ == "Conv1D" and pn == "weight" else p.shape
+    shapes = {f"{mn}.{pn}" if mn else pn: p.shape[::-1] if is_conv1d(mod) and pn == "weight" else p.shape
               for mn, mod in rebuilt.named_modules() for pn, p in mod.named_parameters(recurse=False)}
     for name, param in model.named_parameters():
         want = shapes.get(name)

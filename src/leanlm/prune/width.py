@@ -169,10 +169,15 @@ def ffn_dims(model: nn.Module, purpose: str = "width pruning") -> tuple[int, int
 
 
 def ffn_width(block: nn.Module, hidden: int, purpose: str) -> int:
+    """The X of a linear X -> hidden (X != hidden) with a sibling hidden -> X (or 2X, gate and up fused)."""
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    widths = {r.in_features for rn, r in linears.items() if r.out_features == hidden and r.in_features != hidden
-              and any(n.rpartition(".")[0] == rn.rpartition(".")[0] and e.in_features == hidden
-                      and e.out_features in (r.in_features, 2 * r.in_features) for n, e in linears.items())}
+
+    def expands_to(width: int, parent: str) -> bool:
+        return any(n.rpartition(".")[0] == parent and m.in_features == hidden and m.out_features in (width, 2 * width)
+                   for n, m in linears.items())
+
+    widths = {m.in_features for n, m in linears.items() if m.out_features == hidden and m.in_features != hidden
+              and expands_to(m.in_features, n.rpartition(".")[0])}
     if len(widths) != 1:
         raise UnsupportedModelError(
             f"the config of this model has no intermediate_size and {type(block).__name__}'s module graph shows "
