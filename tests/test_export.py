@@ -142,6 +142,21 @@ def test_llama3_rope_is_written_as_factors_that_transformers_would_drop(tokenize
         load_model(tmp_path / "m.gguf", device="cpu")
 
 
+def test_a_gguf_whose_tensors_transformers_would_drop_is_refused(tokenizer, tmp_path):
+    # transformers reads a llama-architecture file without attention biases: it would drop blk.*.attn_q.bias
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(_tiny_config("llama", attention_bias=True))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32")
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    in_file = sum(p.numel() for p in model.parameters())
+    with pytest.raises(UnsupportedModelError, match=f"holds {in_file:,} weights but .* built a model of "
+                                                    f"{in_file - biases:,} .*attn_q.bias.*--runtime llama.cpp"):
+        load_model(tmp_path / "m.gguf", device="cpu")
+
+
 def test_a_sliding_window_llama_cpp_would_not_apply_is_a_warning(tokenizer, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
 

@@ -105,6 +105,25 @@ def test_llama_cpp_reproduces_each_architecture(tokenizer, tmp_path, model_type,
     assert got["kld"] < 1e-5 and got["top1"] > 0.99
 
 
+@pytest.mark.parametrize("model_type,extra", [("qwen2", {}), ("qwen3", {"head_dim": 16}), ("phi3", {"pad_token_id": 0})])
+def test_llama_cpp_runs_head_pruned_models(tokenizer, tmp_path, model_type, extra):
+    """After head pruning, heads x head_dim < hidden size: llama.cpp's qwen2 and phi3 graphs cannot load
+    that, so those are written for its Llama graph (Phi-3's fused qkv and gate/up split into Llama's)."""
+    from leanlm.prune import HeadsConfig, prune_
+
+    model = _random_model(model_type, len(tokenizer), **extra)
+    calibration = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(2))
+    prune_(model, HeadsConfig(kv_groups=1), calibration=calibration)
+    save_model(model, tokenizer, tmp_path / "m")
+    export(tmp_path / "m", tmp_path / "m.gguf", "gguf", weight_type="f32", embeddings="f32")
+    arch = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False).metadata
+    assert arch["general.architecture"] == ("qwen3" if model_type == "qwen3" else "llama")
+    windows = torch.randint(3, 300, (2, 128), generator=torch.Generator().manual_seed(1))
+    ref = prepare_reference(load_model(tmp_path / "m", device="cpu"), windows)
+    got = score_windows(LlamaCppLM(tmp_path / "m.gguf"), windows, reference=ref)
+    assert got["kld"] < 1e-5 and got["top1"] > 0.99
+
+
 TRICKY = ["The object's __dict__ attribute is a mapping.", "I'll pay 1234567 dollars, won't you?\n\n  x = 3.14159  # it's\tDONE'S",
           "def f(a, b):\n    return a**2 + 10000*b\r\n", "Ünïcödé naïve café 東京 2024年",
           "   leading spaces and trailing   ", "HELLO'LL 'S 99bottles\n\n\n"]

@@ -238,27 +238,88 @@ def test_moefy_bad_inputs(tiny_dir, calibration):
         moefy_(m.model, MoefyConfig(experts=4, top_k=2), calibration)
 
 
-def test_moefy_ignores_attention_biases_and_refuses_ffn_biases(calibration):
+def test_moefy_ignores_attention_biases(calibration):
     from transformers import Qwen2Config, Qwen2ForCausalLM  # q/k/v have biases, the FFN none
 
-    def qwen2():
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2)).eval()
-
-    model = qwen2()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
     stats = moefy_(model, MoefyConfig(experts=4, top_k=2, rows=128), calibration[:4, :64])
     assert len(stats["router_recall"]) == 2 and type(model.model.layers[1].mlp) is MoEFFN
-    model = qwen2()
-    model.model.layers[0].mlp.down_proj = torch.nn.Linear(128, 64, bias=True)
-    with pytest.raises(UnsupportedModelError, match=r"without bias; these have one: \['mlp.down_proj'\]"):
-        moefy_(model, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
-    from transformers import Phi3Config, Phi3ForCausalLM
+    assert not model.model.layers[1].mlp.has_bias
 
-    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
-    with pytest.raises(UnsupportedModelError, match=r"does not split a fused gate/up projection \(mlp.gate_up_proj\)"):
-        moefy_(phi3, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
+
+def _with_random_biases(model):
+    """Untrained HF models start with zero biases, which would hide a bias the experts dropped."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    return model.eval()
+
+
+def _gpt2_dir(tokenizer, path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128,
+                        bos_token_id=0, eos_token_id=0)
+    _with_random_biases(GPT2LMHeadModel(config)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_moefy_splits_a_biased_conv1d_ffn_and_round_trips(tokenizer, tmp_path, calibration):
+    m = load_model(_gpt2_dir(tokenizer, tmp_path / "gpt2"), device="cpu")  # Conv1D c_fc/c_proj, GELU, biases
+    with torch.no_grad():
+        dense = m.model(input_ids=IDS).logits
+    moefy_(m.model, MoefyConfig(experts=4, top_k=2, rows=128), calibration[:4, :64])
+    moes = [mod for mod in m.model.modules() if isinstance(mod, MoEFFN)]
+    assert len(moes) == 2 and all(mod.has_bias and mod.activation == "gelu_new" for mod in moes)
+    for mod in moes:
+        mod.top_k = mod.experts
+    with torch.no_grad():
+        torch.testing.assert_close(m.model(input_ids=IDS).logits, dense, atol=1e-4, rtol=1e-4)
+        one_token = m.model(input_ids=IDS[:1, :1]).logits  # the expert loop of batch-1 decode, biases included
+    torch.testing.assert_close(one_token, dense[:1, :1], atol=1e-4, rtol=1e-4)
+    for mod in moes:
+        mod.top_k = 2
+    with torch.no_grad():
+        routed = m.model(input_ids=IDS).logits
+    assert (routed - dense).abs().max() > 1e-3  # top-2 of 4 is not the dense FFN
+    assert_round_trip(m.model, m.tokenizer, tmp_path / "moe", routed)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "phi3"])
+def test_moefy_splits_neox_and_fused_gate_up_ffns(family, calibration):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt_neox":  # biased dense_h_to_4h / dense_4h_to_h, parallel residual
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=320, hidden_size=64, intermediate_size=256,
+                                                 num_hidden_layers=2, num_attention_heads=4))
+    else:  # gate_up_proj: gate rows, then up rows
+        model = Phi3ForCausalLM(Phi3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    model = _with_random_biases(model)
+    with torch.no_grad():
+        dense = model(input_ids=IDS).logits
+    moefy_(model, MoefyConfig(experts=4, top_k=2, rows=128), calibration[:4, :64])
+    moes = [mod for mod in model.modules() if isinstance(mod, MoEFFN)]
+    assert len(moes) == 2 and all(mod.gated == (family == "phi3") for mod in moes)
+    for mod in moes:
+        mod.top_k = mod.experts
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_moefy_refuses_an_ffn_without_its_own_module(calibration):
+    from transformers import OPTConfig, OPTForCausalLM  # fc1/fc2 sit in the decoder layer itself
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=64)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"\['fc1', 'fc2'\] of OPTDecoderLayer sit directly in the block"):
+        moefy_(model, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
 
 
 def test_moefy_reads_gemmas_activation_name(calibration):

@@ -189,6 +189,22 @@ def test_head_pruning_gives_a_smaller_hf_model_that_exports(tokenizer, calibrati
     torch.testing.assert_close(logits(back.model), logits(model), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [{"heads_per_group": 1}, {"kv_groups": 1}])
+def test_head_pruning_slices_a_fused_qkv_projection(tokenizer, calibration, tmp_path, keep):
+    """Phi-3: one qkv_proj (rows q, k, v) and an attention that reads the head count from the config as
+    it runs, so blocks pruned before the others must already compute with the new count."""
+    model = family_model("phi3")  # 4 query heads in 2 KV groups, head_dim 16
+    stats = prune_(model, HeadsConfig(**keep), calibration=calibration)
+    heads, kv = (2, 2) if "heads_per_group" in keep else (2, 1)
+    assert (stats["heads_after"], stats["kv_heads_after"]) == (heads, kv) and stats["max_slice_diff"] < 1e-4
+    attn = model.model.layers[1].self_attn
+    assert attn.config is model.config and attn.qkv_proj.out_features == (heads + 2 * kv) * 16
+    save_model(model, tokenizer, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert plain.model.layers[0].self_attn.o_proj.in_features == heads * 16
+    torch.testing.assert_close(logits(plain), logits(model))
+
+
 def test_head_importance_prefers_the_heads_that_reach_the_output(tokenizer, calibration):
 
     model = tiny_llama(len(tokenizer), layers=2)
@@ -207,6 +223,8 @@ def test_head_pruning_bad_inputs(tokenizer, calibration):
         prune_(tiny_llama(len(tokenizer)), HeadsConfig(kv_groups=3), calibration=calibration)
     with pytest.raises(ConfigError, match="removes nothing"):
         prune_(tiny_llama(len(tokenizer)), HeadsConfig(kv_groups=2, heads_per_group=2), calibration=calibration)
+    with pytest.raises(ConfigError, match="each KV group has one query head here: set kv_groups"):
+        prune_(mha_model("gpt_neox"), HeadsConfig(heads_per_group=1), calibration=calibration)
 
 
 def family_model(name: str, **extra):
@@ -236,12 +254,29 @@ def test_width_pruning_on_other_families(tokenizer, calibration, tmp_path, famil
 
 @pytest.mark.parametrize("family,message", [
     ("olmo2", r"self_attn\.q_norm\.weight \(\[64\]\) spans all heads"),  # q/k norms over all heads at once
-    ("stablelm", r"model\.layers\.0\.self_attn\.q_proj\.weight is \[32, 64\] but the model its config describes "
-                 r"has \[64, 64\]"),  # head_dim = hidden_size / heads, whatever head_dim says
+    ("stablelm", r"2 query heads in 2 KV groups, head_dim 16, has no 64 -> 32 query and 32 -> 64 output"),  # head_dim =
+    ("gpt_neox", r"1 query heads in 1 KV groups, head_dim 16, has no 64 -> 16 query"),  # hidden_size / heads, whatever
+    ("gpt2", r"1 query heads in 1 KV groups, head_dim 16, has no 64 -> 16 query"),  # head_dim says (refused before
+    ("opt", r"1 query heads in 1 KV groups, head_dim 16, has no 64 -> 16 query"),  # calibration starts)
 ])
 def test_head_pruning_refuses_what_it_cannot_keep_valid(calibration, family, message):
+    from leanlm.core.conv1d import linearize
+
+    model = family_model(family) if family in ("olmo2", "stablelm") else mha_model(family)
+    linearize(model)
+    keep = HeadsConfig(heads_per_group=1) if family in ("olmo2", "stablelm") else HeadsConfig(kv_groups=1)
     with pytest.raises(UnsupportedModelError, match=message):
-        prune_(family_model(family), HeadsConfig(heads_per_group=1), calibration=calibration)
+        prune_(model, keep, calibration=calibration)
+
+
+def mha_model(family: str):
+    """A tiny GPT-NeoX, GPT-2 or OPT: one query head per KV group, head size hidden_size / heads."""
+    from transformers import AutoConfig
+
+    sizes = {"gpt2": dict(n_embd=64, n_layer=2, n_head=4), "gpt_neox": dict(hidden_size=64, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=128), "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+             num_attention_heads=4, word_embed_proj_dim=64)}[family]
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=320, **sizes)).eval()
 
 
 @pytest.mark.parametrize("family,config,key,width", [

@@ -65,10 +65,12 @@ def _as_conv1d(linear: nn.Linear) -> nn.Module:
 @contextmanager
 def hf_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Within: float layers in the layout the architecture saves (Conv1D where it has them); packed
-    runtime modules stay as they are, since leanlm checkpoints rebuild those by name."""
+    runtime modules stay as they are, since leanlm checkpoints rebuild those by name (a MoE-fied FFN
+    replaces the module that held c_fc and c_proj, so those names are gone)."""
     originals = {}
+    present = dict(model.named_modules())
     for name in sorted(conv1d_names(model)):
-        module = model.get_submodule(name)
+        module = present.get(name)
         if type(module) is nn.Linear:
             originals[name] = module
             replace_module(model, name, _as_conv1d(module))

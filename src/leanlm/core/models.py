@@ -181,6 +181,7 @@ def load_gguf(path: Path) -> tuple[nn.Module, Any]:
             f"Architectures it supports: {supported}. Load the model's Hugging Face directory instead, or run the file "
             "in llama.cpp (--runtime llama.cpp)."
         ) from err
+    _refuse_dropped_tensors(path, model)
     return _drop_gguf_quantizer(model), tokenizer
 
 
@@ -203,6 +204,20 @@ def _refuse_dropped_rope_factors(path: Path) -> None:
             f"{path} carries rope scaling factors ({', '.join(dropped)}) that transformers' GGUF loader ignores, "
             "so the loaded model would not be this file's model. Load the model's Hugging Face directory instead, "
             "or run the file in llama.cpp (--runtime llama.cpp).")
+
+
+def _refuse_dropped_tensors(path: Path, model: nn.Module) -> None:
+    """transformers' GGUF loader builds the model its config keys describe and drops file tensors that model
+    has no place for (attention biases in a llama-architecture file) without a word; count the weights."""
+    tensors = _gguf_reader(path).tensors
+    in_file, loaded = sum(int(t.n_elements) for t in tensors), sum(p.numel() for p in model.parameters())
+    if in_file != loaded:
+        biases = [t.name for t in tensors if t.name.endswith(".bias")][:3]
+        hint = f" (the file has bias tensors such as {', '.join(biases)})" if biases else ""
+        raise UnsupportedModelError(
+            f"{path} holds {in_file:,} weights but transformers' GGUF loader built a model of {loaded:,}{hint}, so the "
+            "loaded model would not be this file's model. Load the model's Hugging Face directory instead, or run the "
+            "file in llama.cpp (--runtime llama.cpp).")
 
 
 def gguf_architecture(path: Path) -> str:

@@ -1,4 +1,6 @@
 """GGUF export for llama.cpp: Llama, Mistral, Qwen2, Qwen3 and Phi-3 models, float or quantized by leanlm.
+(A head-pruned Qwen2 or Phi-3 is written as llama.cpp's Llama architecture, whose graph takes any head
+size; Phi-3's fused projections are then split into Llama's.)
 
 Tensor names come from the `gguf` package's own HF -> GGUF name map, hyperparameters from the
 model config, and the tokenizer from the HF tokenizer files (gguf_vocab).
@@ -42,6 +44,7 @@ class Target:
     arch: gguf.MODEL_ARCH
     interleave_rope: bool  # llama.cpp's Llama rotates adjacent pairs, HF (and llama.cpp's Qwen) rotates halves
     rope_factors: bool  # the graph reads per-frequency factors (rope_freqs), so static rope scaling can be written
+    split_fused: bool = False  # write fused qkv / gate_up projections as the graph's separate q, k, v / gate, up
 
 
 ARCHITECTURES = {"llama": Target(gguf.MODEL_ARCH.LLAMA, True, True),
@@ -93,6 +96,8 @@ def _target(config) -> Target:
     if target is None:
         raise UnsupportedModelError(f"GGUF export supports {sorted(ARCHITECTURES)} models, not "
                                     f"{config.model_type!r}; export --format hf and use llama.cpp's converter")
+    if config.num_attention_heads * _head_dim(config) != config.hidden_size and target.arch in NARROW_HEADS:
+        target = _narrow_heads_target(config)
     if _rope_params(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedModelError("GGUF export writes models that rotate whole heads, not a partial_rotary_factor")
     window = _sliding_window(config)
@@ -103,6 +108,24 @@ def _target(config) -> Target:
         log.warning("this model attends over a sliding window of %d tokens, llama.cpp's %s graph over the whole "
                     "context: outputs differ once a context is longer than the window", window, config.model_type)
     return target
+
+
+# llama.cpp graphs whose attention weights have the hidden size on both sides: they load only models
+# with heads x head_dim = hidden_size, which head pruning breaks
+NARROW_HEADS = (gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.PHI3)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _narrow_heads_target(config) -> Target:
+    """Qwen2 and Phi-3 compute what llama.cpp's Llama graph computes (with biases, the rotary rows
+    reordered, and Phi-3's fused projections split), and that graph takes any head size."""
+    log.info("writing this %s model as llama.cpp's llama architecture: its %s graph needs heads x head_dim = "
+             "hidden size (%d), and this model has %d x %d", config.model_type, config.model_type, config.hidden_size,
+             config.num_attention_heads, _head_dim(config))
+    return Target(gguf.MODEL_ARCH.LLAMA, True, True, split_fused=config.model_type == "phi3")
 
 
 def _sliding_window(config) -> int | None:
@@ -139,8 +162,9 @@ def _rope_factors(config, target: Target) -> np.ndarray | None:
 
 
 def _write_hparams(writer: gguf.GGUFWriter, config) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_name(getattr(config, "_name_or_path", "") or "leanlm export")
+    head_dim = _head_dim(config)
+    # the directory's name, as llama.cpp's converter writes it (not a local path; llama.cpp matches on it)
+    writer.add_name(Path(getattr(config, "_name_or_path", "") or "").name or "leanlm export")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -186,12 +210,14 @@ def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, target: Target, we
             tensors = [(k, p.detach().float().numpy(), QT.F32) for k, p in module.named_parameters(recurse=False)]
         else:
             continue
-        for suffix, data, qtype in tensors:
-            gguf_name = names.get_name(f"{hf_name}.{suffix}", try_suffixes=(".weight", ".bias"))
+        pieces = [(name, suffix, part, qtype) for suffix, data, qtype in tensors
+                  for name, part in (_split_fused(hf_name, data, config) if target.split_fused else [(hf_name, data)])]
+        for name, suffix, data, qtype in pieces:
+            gguf_name = names.get_name(f"{name}.{suffix}", try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
-                raise UnsupportedModelError(f"no GGUF tensor name for {hf_name}.{suffix}")
+                raise UnsupportedModelError(f"no GGUF tensor name for {name}.{suffix}")
             if target.interleave_rope:
-                data = _rope_order(data, hf_name, config)
+                data = _rope_order(data, name, config)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
     _warn_fallbacks(linear_types, weight_type)
@@ -221,6 +247,19 @@ def importance_matrix(model: nn.Module, calibration: torch.Tensor, batch_size: i
         for h in handles:
             h.remove()
     return {n: sums[n] / rows[n] for n in sums}
+
+
+def _split_fused(hf_name: str, data: np.ndarray, config) -> list[tuple[str, np.ndarray]]:
+    """Phi-3's fused projections as Llama's separate ones, by rows (float or quantized blocks alike):
+    qkv_proj is q, then k, then v; gate_up_proj is gate, then up."""
+    parent, _, last = hf_name.rpartition(".")
+    if last == "qkv_proj":
+        q, kv = (n * _head_dim(config) for n in (config.num_attention_heads, config.num_key_value_heads))
+        return [(f"{parent}.q_proj", data[:q]), (f"{parent}.k_proj", data[q:q + kv]), (f"{parent}.v_proj", data[q + kv:])]
+    if last == "gate_up_proj":
+        half = data.shape[0] // 2
+        return [(f"{parent}.gate_proj", data[:half]), (f"{parent}.up_proj", data[half:])]
+    return [(hf_name, data)]
 
 
 def _rope_order(data: np.ndarray, hf_name: str, config) -> np.ndarray:

@@ -6,18 +6,21 @@ A head's importance is the energy of its share of the output projection, E||W_o[
 tr(W_o[:, h] H_hh W_o[:, h]^T) with H the output projection's input Hessian X^T X (Minitron ranks
 heads by activations too; this weighs them by what reaches the residual stream). The attention
 projections are found from the module graph: q, k and v are the linears that read one shared input
-with head-shaped outputs, the output projection is the next linear reading a head-shaped input.
-Every block keeps the same number of heads, so the result is a standard HF config (with `head_dim`
-written out, since hidden_size / heads no longer gives it).
+with head-shaped outputs (or one fused qkv linear, rows q then k then v, as Phi-3 has), the output
+projection is the next linear reading a head-shaped input. Every block keeps the same number of
+heads, so the result is a standard HF config (with `head_dim` written out, since hidden_size / heads
+no longer gives it); architectures that derive the head size from other keys are refused up front.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from leanlm.core.layerwise import HessianCollector, process_layerwise
 from leanlm.core.structure import check_config_describes, find_structure, replace_module
@@ -62,8 +65,8 @@ class Heads:
 @dataclass
 class Attention:
     module: nn.Module  # the attention module (common parent of q and o)
-    q: str
-    kv: list[str]
+    q: str  # the query projection, or the fused qkv projection
+    kv: list[str]  # key and value projections; empty when fused into q
     o: str
 
 
@@ -84,14 +87,15 @@ def target_counts(current: Heads, config: HeadsConfig) -> Heads:
         raise ConfigError(f"the model has {current.kv} KV groups of {current.per_group} query heads; cannot keep "
                           f"{kv} groups of {per_group}")
     if (kv, per_group) == (current.kv, current.per_group):
+        hint = " (each KV group has one query head here: set kv_groups to remove whole heads)" if current.per_group == 1 else ""
         raise ConfigError(f"keeping {kv} KV groups of {per_group} query heads removes nothing; lower kv_groups "
-                          "or heads_per_group")
+                          f"or heads_per_group{hint}")
     return Heads(kv * per_group, kv, current.head_dim)
 
 
 def find_attention(block: nn.Module, collector: HessianCollector, counts: Heads, hidden: int) -> Attention:
-    """q/k/v: the linears sharing one input with head-shaped outputs; o: the next linear whose input
-    is head-shaped (the call order of the collector's first batch)."""
+    """q/k/v: the linears sharing one input with head-shaped outputs, or else the first fused qkv linear;
+    o: the next linear whose input is head-shaped (the call order of the collector's first batch)."""
     order = list(collector.owner)
     layers = collector.layers
     q_out, kv_out = counts.heads * counts.head_dim, counts.kv * counts.head_dim
@@ -101,11 +105,13 @@ def find_attention(block: nn.Module, collector: HessianCollector, counts: Heads,
     qkv = next((g for g in groups.values() if len(g) == 3 and all(layers[n].in_features == hidden for n in g)
                 and sorted(layers[n].out_features for n in g) == sorted([q_out, kv_out, kv_out])), None)
     if qkv is None:
+        qkv = [n for n in order if layers[n].in_features == hidden and layers[n].out_features == q_out + 2 * kv_out][:1]
+    if not qkv:
         raise UnsupportedModelError(
             f"could not find the attention projections of {type(block).__name__}: looked for three nn.Linear "
-            f"layers reading one input, {hidden} -> {q_out} (q) and {hidden} -> {kv_out} (k, v); fused qkv "
-            "projections are not supported")
-    q = next(n for n in qkv if layers[n].out_features == q_out)
+            f"layers reading one input, {hidden} -> {q_out} (q) and {hidden} -> {kv_out} (k, v), or one fused "
+            f"{hidden} -> {q_out + 2 * kv_out}")
+    q = next(n for n in qkv if len(qkv) == 1 or layers[n].out_features == q_out)
     after = order[max(order.index(n) for n in qkv) + 1:]
     o = next((n for n in after if layers[n].in_features == q_out and layers[n].out_features == hidden), None)
     if o is None:
@@ -114,6 +120,28 @@ def find_attention(block: nn.Module, collector: HessianCollector, counts: Heads,
     if o.rpartition(".")[0] != parent:
         raise UnsupportedModelError(f"{q} and {o} are not in one attention module")
     return Attention(block.get_submodule(parent) if parent else block, q, [n for n in qkv if n != q], o)
+
+
+def check_head_size_kept(model: nn.Module, counts: Heads, target: Heads) -> None:
+    """Before any calibration: a model built from the config with the target head counts (and head_dim
+    written out) must have attention projections of the pruned shapes, or the result could not be saved."""
+    from leanlm.core.conv1d import linearize
+
+    trial = copy.deepcopy(model.config)
+    trial.num_attention_heads, trial.num_key_value_heads, trial.head_dim = target.heads, target.kv, counts.head_dim
+    with torch.device("meta"):
+        rebuilt = type(model)(trial)
+    linearize(rebuilt)
+    shapes = {(m.in_features, m.out_features) for m in find_structure(rebuilt).blocks[0].modules()
+              if isinstance(m, nn.Linear)}
+    hidden, q_out, kv_out = model.config.hidden_size, target.heads * counts.head_dim, target.kv * counts.head_dim
+    projections = {(hidden, q_out), (hidden, kv_out)} <= shapes or (hidden, q_out + 2 * kv_out) in shapes
+    if not projections or (q_out, hidden) not in shapes:
+        raise UnsupportedModelError(
+            f"head pruning is not supported for {type(model).__name__}: a model built from its config with "
+            f"{target.heads} query heads in {target.kv} KV groups, head_dim {counts.head_dim}, has no {hidden} -> {q_out} "
+            f"query and {q_out} -> {hidden} output projections (the architecture derives the head size from other "
+            "config keys), so the pruned model would not load")
 
 
 def check_per_head(block: nn.Module, attn: Attention, counts: Heads) -> None:
@@ -142,9 +170,15 @@ def shrink_attention(block: nn.Module, attn: Attention, q_heads: torch.Tensor, k
     o = block.get_submodule(attn.o)
     cols = rows_of(q_heads, counts.head_dim).to(o.weight.device)
     expected, masked = zeroed_output(o, cols, o_weight, observe)
-    replace_module(block, attn.q, sliced(block.get_submodule(attn.q), cols, 0))
-    for name in attn.kv:
-        replace_module(block, name, sliced(block.get_submodule(name), rows_of(kv_heads, counts.head_dim), 0))
+    kv_rows = rows_of(kv_heads, counts.head_dim).to(cols.device)
+    if attn.kv:
+        replace_module(block, attn.q, sliced(block.get_submodule(attn.q), cols, 0))
+        for name in attn.kv:
+            replace_module(block, name, sliced(block.get_submodule(name), kv_rows, 0))
+    else:  # fused rows: q heads, then k heads, then v heads
+        q_out, kv_out = counts.heads * counts.head_dim, counts.kv * counts.head_dim
+        rows = torch.cat([cols, q_out + kv_rows, q_out + kv_out + kv_rows])
+        replace_module(block, attn.q, sliced(block.get_submodule(attn.q), rows, 0))
     replace_module(block, attn.o, sliced(o, cols, 1, masked))
     _set_counts(attn.module, target)
     diff, bad = slice_error(expected, observe)
@@ -156,11 +190,22 @@ def shrink_attention(block: nn.Module, attn: Attention, q_heads: torch.Tensor, k
 
 def _set_counts(module: nn.Module, target: Heads) -> None:
     """Attention modules read their group ratio (and, in some architectures, head counts) from
-    attributes set at construction."""
+    attributes set at construction; some (Phi-3) read the head count from the model config as they
+    run, so a pruned block gets its own copy until every block is pruned (`_share_config`)."""
     for attr, value in (("num_key_value_groups", target.per_group), ("num_heads", target.heads),
                         ("num_attention_heads", target.heads), ("num_key_value_heads", target.kv)):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, value)
+    config = getattr(module, "config", None)
+    if isinstance(config, PretrainedConfig):
+        module.config = copy.copy(config)
+        module.config.num_attention_heads, module.config.num_key_value_heads = target.heads, target.kv
+
+
+def _share_config(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(getattr(module, "config", None), PretrainedConfig) and module.config is not model.config:
+            module.config = model.config
 
 
 @register_pruner(HeadsConfig)
@@ -168,6 +213,7 @@ def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor
     counts, hidden = head_counts(model), model.config.hidden_size
     target = target_counts(counts, config)
     find_structure(model)  # fails clearly when the blocks can't be found
+    check_head_size_kept(model, counts, target)
     params_before = sum(p.numel() for p in model.parameters())
 
     def one_block(index: int, block: nn.Module, observe) -> dict:
@@ -190,6 +236,7 @@ def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor
                              desc="head pruning", autocast=autocast)
     model.config.num_attention_heads, model.config.num_key_value_heads = target.heads, target.kv
     model.config.head_dim = counts.head_dim
+    _share_config(model)
     check_config_describes(model, "head pruning")
     return {"heads_before": counts.heads, "heads_after": target.heads, "kv_heads_before": counts.kv,
             "kv_heads_after": target.kv, "refit": config.refit, "kept_heads": [d["kept_heads"] for d in done],

@@ -3,7 +3,8 @@ contiguous slice), a linear router, and the top-k experts computed per token.
 
 One token (batch-1 decode) computes only its chosen experts' slices, so the FFN bytes read per token
 scale with top_k / experts. Many tokens compute the full FFN and zero the unchosen experts' channels,
-the same function, faster as one matmul.
+the same function, faster as one matmul. A biased FFN (GPT-2, GPT-NeoX) keeps each channel's bias
+with its expert; the output bias is added whatever the router picks, as the dense FFN adds it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from leanlm.core.models import register_module
 @register_module("moe_ffn")
 class MoEFFN(nn.Module):
     def __init__(self, hidden: int, intermediate: int, experts: int, top_k: int, gated: bool, activation: str,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, bias: bool = False):
         super().__init__()
         self.hidden, self.intermediate, self.experts, self.top_k = hidden, intermediate, experts, top_k
-        self.gated, self.activation = gated, activation
+        self.gated, self.activation, self.has_bias = gated, activation, bias
         self.act = ACT2FN[activation]
         size = intermediate // experts
         # per expert: [gate; up] rows (or up rows), and down's columns stored as rows
@@ -31,16 +32,21 @@ class MoEFFN(nn.Module):
         self.reduce_t = nn.Parameter(torch.empty(experts, size, hidden, dtype=dtype, device=device), requires_grad=False)
         self.router = nn.Parameter(torch.empty(experts, hidden, dtype=dtype, device=device), requires_grad=False)
         self.router_bias = nn.Parameter(torch.empty(experts, dtype=dtype, device=device), requires_grad=False)
+        self.expand_bias = self.reduce_bias = None
+        if bias:
+            self.expand_bias = nn.Parameter(torch.empty(experts, self.expand.shape[1], dtype=dtype, device=device),
+                                            requires_grad=False)
+            self.reduce_bias = nn.Parameter(torch.empty(hidden, dtype=dtype, device=device), requires_grad=False)
 
     @classmethod
     def empty(cls, hidden: int, intermediate: int, experts: int, top_k: int, gated: bool, activation: str,
-              dtype: str = "float32") -> "MoEFFN":
-        return cls(hidden, intermediate, experts, top_k, gated, activation, getattr(torch, dtype))
+              dtype: str = "float32", bias: bool = False) -> "MoEFFN":
+        return cls(hidden, intermediate, experts, top_k, gated, activation, getattr(torch, dtype), bias=bias)
 
     def manifest(self) -> dict:
         return {"hidden": self.hidden, "intermediate": self.intermediate, "experts": self.experts,
                 "top_k": self.top_k, "gated": self.gated, "activation": self.activation,
-                "dtype": str(self.router.dtype).removeprefix("torch.")}
+                "dtype": str(self.router.dtype).removeprefix("torch."), "bias": self.has_bias}
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of the top_k experts per row of x."""
@@ -56,16 +62,20 @@ class MoEFFN(nn.Module):
         flat = x.reshape(-1, self.hidden)
         chosen = self.route(flat)
         if flat.shape[0] == 1 and not torch.compiler.is_compiling():  # the expert loop reads ids on the host
-            out = torch.zeros_like(flat)
+            out = torch.zeros_like(flat) if self.reduce_bias is None else self.reduce_bias.expand_as(flat).clone()
             for e in chosen[0].tolist():
-                out += self.channels(F.linear(flat, self.expand[e])) @ self.reduce_t[e]
+                pre = F.linear(flat, self.expand[e], None if self.expand_bias is None else self.expand_bias[e])
+                out += self.channels(pre) @ self.reduce_t[e]
             return out.reshape(x.shape)
         size = self.intermediate // self.experts
-        pre = F.linear(flat, self.expand.reshape(-1, self.hidden)).reshape(-1, self.experts, self.expand.shape[1])
+        bias = None if self.expand_bias is None else self.expand_bias.reshape(-1)
+        pre = F.linear(flat, self.expand.reshape(-1, self.hidden), bias).reshape(-1, self.experts, self.expand.shape[1])
         h = self.channels(pre)
         keep = torch.zeros(flat.shape[0], self.experts, 1, dtype=h.dtype, device=h.device)
         keep.scatter_(1, chosen[..., None], 1)
         out = (h * keep).reshape(-1, self.experts * size) @ self.reduce_t.reshape(-1, self.hidden)
+        if self.reduce_bias is not None:
+            out += self.reduce_bias
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:

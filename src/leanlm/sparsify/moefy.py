@@ -1,7 +1,8 @@
 """MoE-fication: split each dense FFN into `experts` equal groups of channels that fire together on
 calibration data (balanced k-means of their activation patterns), fit a router that predicts each
 expert's contribution from the FFN input, and run only the `top_k` predicted experts per token
-(Switch-Transformer-style conditional compute, after MoEfication, Zhang et al. 2022).
+(Switch-Transformer-style conditional compute, after MoEfication, Zhang et al. 2022). Gated and
+plain FFNs, fused gate/up projections (Phi-3) and biased FFNs (GPT-2, GPT-NeoX) are split alike.
 
 Works block by block (core.layerwise); each block is checked to compute exactly its dense FFN when
 all experts are on before top_k is applied.
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from leanlm.core.layerwise import process_layerwise
@@ -69,7 +71,7 @@ class FFNRecorder:
 
 
 def mlp_of(block: nn.Module, ffn: FFN) -> tuple[str, nn.Module]:
-    """The smallest module of the block holding all of the FFN's linears."""
+    """The smallest module of the block holding all of the FFN's linears (and nothing else that computes)."""
     names = [*ffn.expanders, ffn.reducer[0]]
     parts = [n.split(".") for n in names]
     common = []
@@ -79,34 +81,62 @@ def mlp_of(block: nn.Module, ffn: FFN) -> tuple[str, nn.Module]:
         common.append(level[0])
     name = ".".join(common)
     if not name:
-        raise UnsupportedModelError(f"the FFN linears {names} of {type(block).__name__} share no parent module")
+        raise UnsupportedModelError(
+            f"the FFN linears {names} of {type(block).__name__} sit directly in the block, beside its attention; "
+            "MoE-fication replaces the module that holds the FFN, and this architecture has none")
     return name, block.get_submodule(name)
 
 
 def ffn_activation(config) -> str:
-    """The FFN's activation by its config name (Gemma calls it hidden_activation, most others hidden_act)."""
+    """The FFN's activation by its config name (Gemma calls it hidden_activation, GPT-2 and OPT
+    activation_function, most others hidden_act); the exactness check of each block catches a wrong one."""
     from transformers.activations import ACT2FN
 
-    for key in ("hidden_activation", "hidden_act"):
+    keys = ("hidden_activation", "hidden_act", "activation_function")
+    for key in keys:
         name = getattr(config, key, None)
         if isinstance(name, str) and name in ACT2FN:
             return name
-    raise UnsupportedModelError(f"{type(config).__name__} names no known FFN activation in hidden_act or "
-                                "hidden_activation; MoE-fication needs it to rebuild the FFN as experts")
+    raise UnsupportedModelError(f"{type(config).__name__} names no known FFN activation in any of {list(keys)}; "
+                                "MoE-fication needs it to rebuild the FFN as experts")
 
 
-def gate_and_up(ffn: FFN, activation: str, x: torch.Tensor, h: torch.Tensor) -> tuple[nn.Linear, nn.Linear | None]:
-    """Which expander is the gate: the assignment that reproduces the recorded activations."""
+@dataclass
+class Rows:
+    """The rows of an expanding linear (or one half of a fused gate/up) that feed the FFN channels."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def bias_of(self, cols: torch.Tensor) -> torch.Tensor:
+        return self.bias[cols] if self.bias is not None else self.weight.new_zeros(len(cols))
+
+
+def expander_rows(ffn: FFN) -> list[Rows]:
+    """Each expander's rows; a fused gate/up projection (Phi-3) counts as its two halves."""
+    parts = []
+    for name, linear in ffn.expanders.items():
+        halves = 2 if name in ffn.fused() else 1
+        weights = linear.weight.chunk(halves)
+        biases = linear.bias.chunk(halves) if linear.bias is not None else [None] * halves
+        parts += [Rows(w, b) for w, b in zip(weights, biases)]
+    return parts
+
+
+def gate_and_up(ffn: FFN, activation: str, x: torch.Tensor, h: torch.Tensor) -> tuple[Rows, Rows | None]:
+    """Which expander rows are the gate: the assignment that reproduces the recorded activations."""
     from transformers.activations import ACT2FN
 
     act = ACT2FN[activation]
-    linears = list(ffn.expanders.values())
-    if len(linears) == 1:
-        candidates = [(linears[0], None)]
-    elif len(linears) == 2:
-        candidates = [(linears[0], linears[1]), (linears[1], linears[0])]
+    parts = expander_rows(ffn)
+    if len(parts) == 1:
+        candidates = [(parts[0], None)]
+    elif len(parts) == 2:
+        candidates = [(parts[0], parts[1]), (parts[1], parts[0])]
     else:
-        raise UnsupportedModelError(f"an FFN with {len(linears)} expanding linears is not supported (1 or 2)")
+        raise UnsupportedModelError(f"an FFN with {len(parts)} expanding projections is not supported (1 or 2)")
     with torch.no_grad():
         for gate, up in candidates:
             rec = act(gate(x)) * up(x) if up is not None else act(gate(x))
@@ -116,17 +146,22 @@ def gate_and_up(ffn: FFN, activation: str, x: torch.Tensor, h: torch.Tensor) -> 
                                 "cannot split it into experts")
 
 
-def build_moe(ffn: FFN, gate: nn.Linear, up: nn.Linear | None, assign: torch.Tensor, router, config: MoefyConfig,
+def build_moe(ffn: FFN, gate: Rows, up: Rows | None, assign: torch.Tensor, router, config: MoefyConfig,
               activation: str) -> MoEFFN:
     down = ffn.reducer[1]
-    w = down.weight
-    moe = MoEFFN(w.shape[0], w.shape[1], config.experts, config.top_k, up is not None, activation, w.dtype, w.device)
+    w, parts = down.weight, [gate] + ([up] if up is not None else [])
+    biased = down.bias is not None or any(p.bias is not None for p in parts)
+    moe = MoEFFN(w.shape[0], w.shape[1], config.experts, config.top_k, up is not None, activation, w.dtype, w.device,
+                 bias=biased)
     with torch.no_grad():
         for e in range(config.experts):
             cols = (assign == e).nonzero().squeeze(1).to(w.device)
-            rows = [gate.weight[cols]] + ([up.weight[cols]] if up is not None else [])
-            moe.expand[e].copy_(torch.cat(rows))
+            moe.expand[e].copy_(torch.cat([p.weight[cols] for p in parts]))
             moe.reduce_t[e].copy_(w[:, cols].T)
+            if biased:
+                moe.expand_bias[e].copy_(torch.cat([p.bias_of(cols) for p in parts]))
+        if biased:
+            moe.reduce_bias.copy_(down.bias) if down.bias is not None else moe.reduce_bias.zero_()
         moe.router.copy_(router[0])
         moe.router_bias.copy_(router[1])
     return moe
@@ -137,12 +172,8 @@ def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, dev
     activation = ffn_activation(model.config)
     if intermediate % config.experts:
         raise ConfigError(f"intermediate size {intermediate} does not split into {config.experts} equal experts")
-    ffn = find_ffn(find_structure(model).blocks[0], hidden, intermediate)
-    if ffn.fused():
-        raise UnsupportedModelError(f"MoE-fication does not split a fused gate/up projection ({ffn.fused()[0]})")
-    with_bias = [n for n, m in [*ffn.expanders.items(), ffn.reducer] if m.bias is not None]
-    if with_bias:  # attention biases (Qwen2) do not matter; an expert split of a biased FFN is not built
-        raise UnsupportedModelError(f"MoE-fication supports FFN linears without bias; these have one: {with_bias}")
+    first = find_structure(model).blocks[0]
+    mlp_of(first, find_ffn(first, hidden, intermediate))  # refuse an FFN without its own module before calibrating
     per_call = -(-config.rows // -(-calibration.shape[0] // config.batch_size))
 
     def one_block(index: int, block: nn.Module, observe) -> dict:
