@@ -222,6 +222,9 @@ def cmd_eval(args) -> int:
         print(f"top-1 agreement  {result['top1']:.2%}")
     if tasks:
         print(f"task accuracy    {result['task_accuracy']:.2%}   (length-normalised {result['task_accuracy_norm']:.2%}, {result['tasks']} tasks)")
+    if "measured_act_sparsity" in result:
+        print(f"act. sparsity    {result['measured_act_sparsity']:.1%}   (inputs the activation-sparse layers skipped on "
+              "this text, weighted by layer size)")
     for p, text in gens.items():
         print(f"\n>>> {p}\n  model:     {text!r}")
         if reference is not None and p in reference.generations:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,11 +167,35 @@ def _choice_loglik(model: nn.Module, tokenizer: Any, question: str, choice: str,
     return picked.sum().item(), len(continuation)
 
 
+@contextmanager
+def tallying(model: nn.Module) -> Iterator[dict]:
+    """Layers that skip inputs by a calibrated threshold (activation sparsity) count what they skip while
+    the block runs: the sparsity this text reaches, which can differ from the calibration text's.
+    Yields a dict that holds `measured_act_sparsity` afterwards (skipped inputs weighted by each
+    layer's weight count: the share of those layers' weights a token does not need)."""
+    modules = model.modules() if isinstance(model, nn.Module) else []  # llama.cpp runs its own graph
+    layers = [m for m in modules if hasattr(m, "tally") and hasattr(m, "in_features")]
+    for layer in layers:
+        layer.tally = [0, 0]
+    found: dict = {}
+    try:
+        yield found
+        sizes = [m.in_features * m.out_features for m in layers if m.tally[1]]
+        shares = [m.tally[0] / m.tally[1] for m in layers if m.tally[1]]
+        if sizes:
+            found["measured_act_sparsity"] = sum(s * f for s, f in zip(sizes, shares)) / sum(sizes)
+    finally:
+        for layer in layers:
+            layer.tally = None
+
+
 def evaluate(loaded, windows: torch.Tensor, reference: Reference | None = None, tasks: list[Task] | None = None,
              prompts: list[str] | None = None, max_new_tokens: int = 32, desc: str = "evaluating") -> dict:
     """All quality metrics of one model on the eval windows, as a flat dict (generations under 'generations')."""
     start = time.perf_counter()
-    result = score_windows(loaded.model, windows, reference=reference, desc=desc)
+    with tallying(loaded.model) as skipped:
+        result = score_windows(loaded.model, windows, reference=reference, desc=desc)
+    result.update(skipped)
     if tasks:
         result.update(score_tasks(loaded.model, loaded.tokenizer, tasks))
     result["generations"] = {p: generate_text(loaded.model, loaded.tokenizer, p, max_new_tokens) for p in prompts or []}

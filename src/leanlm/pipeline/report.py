@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 QUALITY = [("perplexity", "perplexity", "{:.3f}"), ("kld", "mean KLD vs baseline", "{:.5f}"),
-           ("top1", "top-1 agreement", "{:.2%}"), ("task_accuracy", "task accuracy", "{:.2%}")]
+           ("top1", "top-1 agreement", "{:.2%}"), ("task_accuracy", "task accuracy", "{:.2%}"),
+           ("measured_act_sparsity", "activation sparsity on the eval text", "{:.1%}")]
 SPEED = [("prefill_tps", "prefill tokens/s", "{:.1f}"), ("decode_tps", "decode tokens/s (batch 1)", "{:.2f}"),
          ("decode_tps_batch", "decode tokens/s (batch)", "{:.2f}"), ("ttft_s", "time to first token (s)", "{:.3f}"),
          ("peak_mem_bytes", "peak memory (MiB)", "mib"), ("disk_bytes", "size on disk (MiB)", "mib"),

@@ -198,14 +198,16 @@ def _set_counts(module: nn.Module, target: Heads) -> None:
             setattr(module, attr, value)
     config = getattr(module, "config", None)
     if isinstance(config, PretrainedConfig):
+        module._leanlm_shared_config = config
         module.config = copy.copy(config)
         module.config.num_attention_heads, module.config.num_key_value_heads = target.heads, target.kv
 
 
 def _share_config(model: nn.Module) -> None:
+    """Once the shared config says the new counts: point the pruned blocks back at it."""
     for module in model.modules():
-        if isinstance(getattr(module, "config", None), PretrainedConfig) and module.config is not model.config:
-            module.config = model.config
+        if "_leanlm_shared_config" in module.__dict__:
+            module.config = module.__dict__.pop("_leanlm_shared_config")
 
 
 @register_pruner(HeadsConfig)

@@ -17,7 +17,7 @@ from torch import nn
 
 from leanlm import kernels
 from leanlm.core.models import register_module
-from leanlm.sparsify.act_sparse_ops import sparse_gemv, sparsify
+from leanlm.sparsify.act_sparse_ops import scores, sparse_gemv, sparsify
 
 
 @register_module("act_sparse")
@@ -30,6 +30,7 @@ class ActSparseLinear(nn.Module):
                                      requires_grad=False)
         self.register_buffer("threshold", torch.zeros((), dtype=dtype, device=device))
         self.register_buffer("column_norms", torch.ones(in_features, dtype=dtype, device=device))
+        self.tally: list[int] | None = None  # [inputs skipped, inputs seen] while core.evaluate measures
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -57,6 +58,9 @@ class ActSparseLinear(nn.Module):
         return self.weight_t.T.contiguous().to(dtype or self.weight_t.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tally is not None and not torch.compiler.is_compiling():
+            self.tally[0] += int((scores(x, self.column_norms) <= self.threshold).sum())
+            self.tally[1] += x.numel()
         if x.numel() == self.in_features and self._kernel_ok(x):  # one fused op, also inside compiled graphs
             return kernels.on_rows(lambda r: kernels.sparse_gemv(r.view(-1), self.weight_t, self.threshold,
                                                                  self.column_norms),

@@ -101,7 +101,7 @@ def sparsify_activations_(model: nn.Module, config: ActSparsityConfig, calibrati
     process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
                       desc="activation sparsity", autocast=autocast)
     return {"layers_sparsified": len(thresholds), "target_sparsity": config.sparsity,
-            "allocation": config.allocation, "achieved_weighted_sparsity": _weighted(levels, layers),
+            "allocation": config.allocation, "calibrated_weighted_sparsity": _weighted(levels, layers),
             "rotated_inputs": len(rotated),
             "rotated_by_kind": {"norm output (extra product)": sum(1 for r in rotated if r["extra_product"]),
                                 "attention output (folded)": sum(1 for r in rotated if not r["extra_product"])},
