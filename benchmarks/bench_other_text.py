@@ -27,9 +27,10 @@ import yaml
 from leanlm.core.data import calibration_samples, default_corpus
 from leanlm.core.evaluate import eval_windows, evaluate, prepare_reference
 from leanlm.core.models import load_model
+from leanlm.errors import ConfigError
 from leanlm.pipeline.optimize import apply_recipe
 from leanlm.pipeline.recipe import load_recipe
-from leanlm.pipeline.steps import StepContext
+from leanlm.pipeline.steps import StepContext, parse_step
 
 DEFAULT = ["magnitude-50", "wanda-50:refit=false", "wanda-50", "sparsegpt-50:refit=false", "sparsegpt-50",
            "sparsegpt-2of4", "act-sparse-40", "act-sparse-50"]
@@ -55,16 +56,17 @@ def texts() -> dict[str, str]:
 
 
 def recipe_with(spec: str):
-    """`name` or `name:key=value,...` (overrides on the recipe's one step)."""
+    """`name` or `name:key=value,...` (overrides on the recipe's one step, checked like a recipe's keys)."""
     name, _, overrides = spec.partition(":")
     recipe = load_recipe(name)
     if overrides:
         if len(recipe.steps) != 1:
-            raise SystemExit(f"{name} has {len(recipe.steps)} steps; overrides need exactly one")
-        values = dict(pair.split("=", 1) for pair in overrides.split(","))
-        step = dataclasses.replace(recipe.steps[0], **{k: yaml.safe_load(v) for k, v in values.items()})
-        step.validate()
-        recipe = dataclasses.replace(recipe, steps=[step])
+            raise ConfigError(f"{name} has {len(recipe.steps)} steps; overrides need exactly one")
+        pairs = [pair.partition("=") for pair in overrides.split(",")]
+        if any(not eq for _, eq, _ in pairs):
+            raise ConfigError(f"{spec!r}: write overrides as key=value,key=value")
+        data = {**recipe.steps[0].to_dict(), **{k: yaml.safe_load(v) for k, _, v in pairs}}
+        recipe = dataclasses.replace(recipe, steps=[parse_step(data, f"{spec}: steps[0]")])
     return recipe
 
 
@@ -97,6 +99,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="512-token windows per text")
     parser.add_argument("--out", default="benchmarks/results/other_text.json")
     args = parser.parse_args()
+    try:
+        [recipe_with(spec) for spec in args.recipes]  # every spec checked before minutes of loading
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}")
     torch.manual_seed(0)
     base = load_model("smollm2-135m", device="cpu")
     windows = {n: eval_windows(base.tokenizer, t)[: args.windows] for n, t in texts().items()}

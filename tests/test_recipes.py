@@ -56,3 +56,19 @@ def test_resolved_recipe_round_trips(tmp_path):
     data = yaml.safe_load((tmp_path / "r.yaml").read_text())
     assert data["versions"]["torch"] and data["steps"][0]["group_size"] is None
     assert load_recipe(tmp_path / "r.yaml").to_dict() == recipe.to_dict()
+
+
+def test_other_text_benchmark_checks_its_recipe_overrides_before_loading():
+    """`benchmarks/bench_other_text.py RECIPE:key=value`: bad specs fail in seconds, with the valid keys."""
+    import subprocess
+    import sys
+
+    def run(spec: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "benchmarks/bench_other_text.py", "--recipes", "wanda-50", spec,
+                               "--out", "/dev/null"], capture_output=True, text=True, timeout=120)
+
+    done = run("wanda-50:refitt=true")
+    assert done.returncode == 1 and "unknown key 'refitt'; valid keys: batch_size" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "sparsity must be in [0, 1), got 1.5" in run("sparsegpt-50:sparsity=1.5").stderr
+    assert "write overrides as key=value" in run("wanda-50:refit").stderr
