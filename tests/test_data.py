@@ -102,3 +102,11 @@ def test_calibration_is_deterministic(tokenizer):
 def test_calibration_text_too_short(tokenizer):
     with pytest.raises(DataError, match="shorter than the requested sample length 512"):
         calibration_samples(tokenizer, "just a few words", 4, 512)
+
+
+def test_calibration_warns_when_the_text_is_smaller_than_the_samples(tokenizer, caplog):
+    text = default_corpus().train[:2_000]
+    calibration_samples(tokenizer, text, 4, 64)
+    assert not caplog.records
+    calibration_samples(tokenizer, text, 64, 64)
+    assert "the samples overlap" in caplog.text and "64 x 64 were asked for" in caplog.text

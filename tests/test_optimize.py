@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from leanlm.core.models import load_model
-from leanlm.errors import OutputExistsError
+from leanlm.errors import ConfigError, OutputExistsError
 from leanlm.pipeline import optimize as optimize_mod
 from leanlm.pipeline.recipe import parse_recipe
 
@@ -170,3 +170,40 @@ def test_partial_outputs_of_dead_processes_are_removed(tmp_path, caplog):
         (tmp / "f").write_text("x")
     assert not dead.exists() and alive.exists() and unknown.exists() and (tmp_path / "out" / "f").exists()
     assert "left by process" in caplog.text
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"type": "depth", "blocks": 2}], r"steps\[0\] \(depth\): cannot remove 2 of the model's 2 blocks"),
+    ([{"type": "wanda", "pattern": "2:7"}], r"steps\[0\] \(wanda\): pattern 2:7 needs input dimensions divisible by 7"),
+    ([{"type": "cast"}, {"type": "rtn", "group_size": 48}], r"steps\[1\] \(rtn\): group size 48 does not divide"),
+    ([{"type": "moefy", "experts": 6, "top_k": 2}], r"does not split into 6 equal experts; expert counts that do: 2, 4"),
+    ([{"type": "heads", "kv_groups": 3}], r"steps\[0\] \(heads\): the model has 2 KV groups"),
+    ([{"type": "depth", "blocks": 1, "keep_last": False}, {"type": "distill", "teacher": "/no/such/teacher"}],
+     r"steps\[1\] \(distill\): model '/no/such/teacher' not found"),
+    ([{"type": "finetune", "data": "/no/such/data.jsonl"}], r"steps\[0\] \(finetune\): data path /no/such/data.jsonl"),
+])
+def test_steps_are_checked_against_the_model_before_the_baseline(tmp_path, tiny_dir, eval_text, monkeypatch, steps,
+                                                                 message):
+    from leanlm.errors import LeanLMError
+
+    monkeypatch.setattr(optimize_mod, "prepare_reference", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(LeanLMError, match=message):
+        optimize_mod.optimize(str(tiny_dir), _recipe(*steps), out=tmp_path / "out", device="cpu",
+                              eval_data=str(eval_text), bench=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_steps_after_a_reshaping_step_are_checked_when_they_run(tmp_path, tiny_dir, eval_text):
+    from leanlm.pipeline.steps import check_steps
+
+    model = load_model(tiny_dir, device="cpu").model
+    second = {"type": "depth", "blocks": 1}
+    with pytest.raises(ConfigError, match="cannot remove 1 of the model's 2 blocks"):
+        check_steps(model, _recipe(second).steps)
+    # after the first step removes a block, the second sees another model than the one loaded: checked as it runs
+    recipe = _recipe({"type": "depth", "blocks": 1, "keep_last": False}, second)
+    check_steps(model, recipe.steps)
+    with pytest.raises(ConfigError, match=r"steps\[1\] \(depth\): cannot remove 1 of the model's 1 blocks"):
+        optimize_mod.optimize(str(tiny_dir), recipe, out=tmp_path / "out", device="cpu", eval_data=str(eval_text),
+                              bench=False)
+    assert not (tmp_path / "out").exists()

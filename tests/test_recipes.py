@@ -1,8 +1,14 @@
 import pytest
 import yaml
 
+from leanlm.core.bench import BenchConfig
 from leanlm.errors import ConfigError
 from leanlm.pipeline.recipe import dump_recipe, load_recipe, parse_recipe, shipped_recipes
+from leanlm.prune.magnitude import MagnitudeConfig
+from leanlm.prune.sparsegpt import SparseGPTConfig
+from leanlm.prune.wanda import WandaConfig
+from leanlm.prune.width import WidthConfig
+from leanlm.quantize.gptq import GPTQConfig
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
@@ -21,12 +27,12 @@ def test_unknown_step_type_lists_valid_ones():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown key 'group'; valid keys: batch_size, bits, calibration_dtype, group_size, scale_search, search_max, .*, targets"):
+    with pytest.raises(ConfigError, match=r"unknown key 'group' \(did you mean 'group_size'\?\); valid keys: batch_size, bits, calibration_dtype, group_size, scale_search, search_max, .*, targets"):
         parse_recipe({"steps": [{"type": "rtn", "group": 64}]})
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(ConfigError, match=r"unknown key 'stepz'; valid keys: bench, calibration, description, eval, name, steps"):
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' \(did you mean 'steps'\?\); valid keys: bench, calibration, description, eval, name, steps"):
         parse_recipe({"stepz": []})
 
 
@@ -68,7 +74,26 @@ def test_other_text_benchmark_checks_its_recipe_overrides_before_loading():
                                "--out", "/dev/null"], capture_output=True, text=True, timeout=120)
 
     done = run("wanda-50:refitt=true")
-    assert done.returncode == 1 and "unknown key 'refitt'; valid keys: batch_size" in done.stderr
+    assert done.returncode == 1 and "unknown key 'refitt' (did you mean 'refit'?); valid keys: batch_size" in done.stderr
     assert "Traceback" not in done.stderr
     assert "sparsity must be in [0, 1), got 1.5" in run("sparsegpt-50:sparsity=1.5").stderr
     assert "write overrides as key=value" in run("wanda-50:refit").stderr
+
+
+@pytest.mark.parametrize("cls, options, message", [
+    (MagnitudeConfig, {"sparsity": 1.5}, r"sparsity must be in \[0, 1\)"),
+    (WandaConfig, {"pattern": "2:4", "sparsity": 0.7}, "pattern 2:4 fixes the sparsity at 0.5, but sparsity is 0.7"),
+    (GPTQConfig, {"batch_size": 0}, "batch_size must be at least 1"),
+    (WidthConfig, {"damp": 0.0}, "damp .* must be > 0"),
+    (BenchConfig, {"repeats": 0}, "at least 1 .*repeats=0"),
+])
+def test_configs_built_in_python_are_checked_like_yaml(cls, options, message):
+    with pytest.raises(ConfigError, match=message):
+        cls(**options)
+
+
+def test_a_pattern_sets_the_sparsity_it_implies_and_round_trips():
+    assert SparseGPTConfig().sparsity == 0.5 and SparseGPTConfig(pattern="1:4").sparsity == 0.75
+    step = parse_recipe({"steps": [{"type": "sparsegpt", "pattern": "1:4"}]}).steps[0]
+    again = parse_recipe({"steps": [step.to_dict()]}).steps[0]  # the resolved recipe loads back
+    assert again.sparsity == 0.75 and again.pattern == "1:4"

@@ -85,7 +85,7 @@ def test_depth_step_removes_blocks_and_reports_scores(tokenizer, calibration, me
 
 def test_depth_refuses_removing_too_many_blocks(tokenizer, calibration):
     model = tiny_llama(len(tokenizer), layers=3)
-    with pytest.raises(ConfigError, match="cannot remove 3 of 3 blocks"):
+    with pytest.raises(ConfigError, match="cannot remove 3 of the model.s 3 blocks"):
         prune_(model, DepthConfig(blocks=3, keep_last=False), calibration=calibration)
     with pytest.raises(ConfigError, match="the last block is kept"):
         prune_(model, DepthConfig(blocks=2), calibration=calibration)

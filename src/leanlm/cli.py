@@ -251,10 +251,6 @@ def cmd_bench(args) -> int:
                       compile=args.compile)
     if args.compile and args.runtime == "llama.cpp":
         raise LeanLMError("--compile applies to the PyTorch runtime; llama.cpp has its own")
-    if args.compile and cfg.warmup < 1:
-        raise LeanLMError("--compile needs at least one warm-up run (--warmup 1), or the compile time is timed")
-    if min(cfg.prompt_tokens, cfg.decode_prompt_tokens, cfg.new_tokens, cfg.batch, cfg.repeats) < 1 or cfg.warmup < 0:
-        raise LeanLMError("benchmark sizes must be positive (warm-up may be 0)")
     if args.runtime == "llama.cpp":
         from leanlm.export.llamacpp import bench_llamacpp
 
@@ -305,7 +301,6 @@ def cmd_scan(args) -> int:
 
     _set_threads(args)
     config = ScanConfig(unit=args.unit, sparsity=args.sparsity)
-    config.validate()
     if args.windows < 1:
         raise LeanLMError(f"--windows must be at least 1, got {args.windows}")
     check_output(args.out, args.overwrite)
@@ -357,8 +352,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    import dataclasses
-
     import leanlm.capabilities  # noqa: F401
     from leanlm.pipeline.recipe import load_recipe, shipped_recipes
     from leanlm.pipeline.steps import STEPS
@@ -368,19 +361,22 @@ def cmd_recipes(args) -> int:
         print(f"  {name:16s} {load_recipe(path).description}")
     print("\nstep types:")
     for name, (cls, _) in sorted(STEPS.items()):
-        opts = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls))
+        opts = ", ".join(f"{k}={v!r}" for k, v in _defaults(cls).items())
         print(f"  {name:16s} {opts}")
     return 0
 
 
-def _default(f) -> str:
+def _defaults(cls) -> dict:
+    """The options a step with none given runs with (resolved), or the bare field defaults of a step that
+    needs some option set."""
     import dataclasses
 
-    if f.default is not dataclasses.MISSING:
-        return repr(f.default)
-    if f.default_factory is not dataclasses.MISSING:
-        return repr(f.default_factory())
-    return "(required)"
+    try:
+        resolved = cls()
+        return {f.name: getattr(resolved, f.name) for f in dataclasses.fields(cls)}
+    except LeanLMError:
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
 
 
 COMMANDS = {"models": cmd_models, "eval": cmd_eval, "bench": cmd_bench, "optimize": cmd_optimize,

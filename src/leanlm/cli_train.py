@@ -72,7 +72,7 @@ def add_parsers(sub) -> None:
 
 def _train_config(args):
     from leanlm.core.trainer import TrainConfig
-    from leanlm.pipeline.config import parse_config
+    from leanlm.core.config import parse_config
 
     return parse_config(TrainConfig, {
         "steps": args.steps, "max_minutes": args.max_minutes, "lr": args.lr, "batch_size": args.batch_size,
@@ -127,7 +127,7 @@ def cmd_finetune(args) -> int:
     from leanlm.core.models import QUANTIZED_MODULES, save_model
     from leanlm.errors import ConfigError
     from leanlm.finetune import FinetuneConfig, finetune_
-    from leanlm.pipeline.config import parse_config
+    from leanlm.core.config import parse_config
 
     out, train, acc, loaded, corpus, chat = _setup(args)
     config = parse_config(FinetuneConfig, {"method": args.method, "data": args.data if chat else None,
@@ -163,7 +163,7 @@ def cmd_distill(args) -> int:
     from leanlm.core.models import save_model
     from leanlm.distill import DistillConfig, distill_
     from leanlm.distill.distill import Teacher
-    from leanlm.pipeline.config import parse_config
+    from leanlm.core.config import parse_config
 
     out, train, acc, loaded, corpus, chat = _setup(args)
     config = parse_config(DistillConfig, {"teacher": args.teacher, "loss": args.loss, "beta": args.beta,
@@ -172,6 +172,7 @@ def cmd_distill(args) -> int:
                                           "cache_top_k": args.cache_top_k, "data": args.data if chat else None},
                           "options")
     config.train = train
+    config.check(loaded.model)  # a teacher that cannot be found fails before the student is measured
     teacher = Teacher(source=args.teacher, device="cpu" if acc.device.type == "cpu" else str(acc.device))
     measure = not chat and acc.is_main_process
     before = _eval_ppl(loaded.model, loaded.tokenizer, corpus.eval, train.seq_len) if measure else None

@@ -15,6 +15,7 @@ from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 @dataclass
 class CastConfig(StepConfig):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    reshapes_model = False
 
 
 def cast_(model: nn.Module, config: CastConfig) -> dict:

@@ -15,12 +15,14 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from leanlm.core.config import Validated
 from leanlm.core.generate import decode_one_token, new_cache, prefill
 from leanlm.core.models import parameter_count
+from leanlm.errors import ConfigError
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Validated):
     prompt_tokens: int = 512  # prefill / time-to-first-token prompt length
     decode_prompt_tokens: int = 64
     new_tokens: int = 64
@@ -28,6 +30,17 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 1
     compile: bool = False  # decode through core.compiled_decode (static cache, torch.compile; CUDA graphs on GPU)
+
+    def validate(self) -> None:
+        sizes = {"prompt_tokens": self.prompt_tokens, "decode_prompt_tokens": self.decode_prompt_tokens,
+                 "new_tokens": self.new_tokens, "batch": self.batch, "repeats": self.repeats}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad or self.warmup < 0:
+            raise ConfigError(f"benchmark sizes must be at least 1 (warmup at least 0); got "
+                              f"{', '.join(f'{k}={v}' for k, v in (bad or {'warmup': self.warmup}).items())}")
+        if self.compile and self.warmup < 1:
+            raise ConfigError("--compile needs at least one warm-up run (--warmup 1; in a recipe, bench: {warmup: 1}), "
+                              "or the compile time is timed")
 
 
 class PeakMemory:

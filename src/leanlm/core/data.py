@@ -8,6 +8,7 @@ or `messages` column) and directories holding such files. Errors name the file a
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 
 from leanlm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 TRAIN_FRACTION = 0.9
@@ -53,19 +56,24 @@ def read_text(source: str | Path, tokenizer: Any = None) -> str:
     return "\n\n".join(load_texts(source, tokenizer))
 
 
-def load_texts(source: str | Path, tokenizer: Any = None) -> list[str]:
+def data_files(source: str | Path) -> list[Path]:
+    """The files a data path stands for, refused (before anything is read) when missing or of an unknown type."""
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data path {path} does not exist (use {DEFAULT_CORPUS!r} for the built-in corpus)")
     files = sorted(f for f in path.rglob("*") if f.suffix in SUFFIXES) if path.is_dir() else [path]
     if not files:
         raise DataError(f"directory {path} holds no {', '.join(SUFFIXES)} files")
-    texts = []
     for f in files:
-        loader = _LOADERS.get(f.suffix)
-        if loader is None:
+        if f.suffix not in _LOADERS:
             raise DataError(f"{f}: unsupported data file type {f.suffix!r}; use one of {', '.join(SUFFIXES)}")
-        got = loader(f, tokenizer)
+    return files
+
+
+def load_texts(source: str | Path, tokenizer: Any = None) -> list[str]:
+    texts = []
+    for f in data_files(source):
+        got = _LOADERS[f.suffix](f, tokenizer)
         if not got or not any(t.strip() for t in got):
             raise DataError(f"{f}: file holds no text")
         texts.extend(got)
@@ -152,6 +160,11 @@ def calibration_samples(tokenizer: Any, text: str, samples: int, length: int, se
     ids = tokenize(tokenizer, text)
     if len(ids) < length:
         raise DataError(f"calibration text has {len(ids)} tokens, shorter than the requested sample length {length}")
+    if samples * length > len(ids):
+        # random offsets then overlap: the statistics come from fewer distinct tokens than the recipe says
+        log.warning("calibration text has %d tokens but %d x %d were asked for: the samples overlap (each token "
+                    "is seen about %.1f times); give more data or fewer calibration samples",
+                    len(ids), samples, length, samples * length / len(ids))
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - length + 1, (samples,), generator=gen)
     return torch.stack([ids[s : s + length] for s in starts.tolist()])

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanlm.core.config import Validated
 from leanlm.core.train_data import IGNORE, Examples
 from leanlm.errors import ConfigError
 
@@ -32,7 +33,7 @@ LossFn = Callable[[nn.Module, dict], torch.Tensor]  # summed loss over the batch
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
     steps: int = 100
     max_minutes: float | None = None
     batch_size: int = 8

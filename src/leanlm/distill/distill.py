@@ -15,6 +15,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from leanlm.core.config import to_dict
+from leanlm.core.data import data_files
+from leanlm.core.models import resolve_source
 from leanlm.core.structure import matches
 from leanlm.core.train_data import IGNORE
 from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
@@ -23,7 +26,6 @@ from leanlm.distill.on_policy import rollout, takes_rollout
 from leanlm.distill.teacher_cache import TeacherCache, model_signature, source_signature
 from leanlm.errors import ConfigError
 from leanlm.finetune.finetune import FinetuneConfig, training_examples
-from leanlm.pipeline.config import to_dict
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 
 
@@ -54,6 +56,14 @@ class DistillConfig(StepConfig):
         if self.teacher_cache is not None:
             self._check_cacheable()
         self.train.validate()
+
+    reshapes_model = False  # trains the weights in place
+
+    def check(self, model: nn.Module | None) -> None:
+        if self.teacher is not None:
+            resolve_source(self.teacher)
+        if self.data is not None:
+            data_files(self.data)
 
 
     def _check_cacheable(self) -> None:

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.core.data import read_text
+from leanlm.core.config import to_dict
+from leanlm.core.data import data_files, read_text
 from leanlm.core.models import QUANTIZED_MODULES
 from leanlm.core.train_data import IGNORE, Examples, chat_examples, is_chat_file, text_examples
 from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
 from leanlm.errors import ConfigError
 from leanlm.finetune.lora import add_lora, lora_targets, trainable_counts
 from leanlm.finetune.qlora import add_qlora, merge_qlora
-from leanlm.pipeline.config import to_dict
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class FinetuneConfig(StepConfig):
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError("LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1)")
         self.train.validate()
+
+    def check(self, model: nn.Module | None) -> None:
+        if self.data is not None:
+            data_files(self.data)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:

@@ -28,7 +28,7 @@ from leanlm.core.paths import atomic_dir, check_output
 from leanlm.errors import LeanLMError
 from leanlm.pipeline.recipe import Recipe, dump_recipe, library_versions, load_recipe
 from leanlm.pipeline.report import machine_info, write_report
-from leanlm.pipeline.steps import StepContext, apply_step
+from leanlm.pipeline.steps import StepContext, apply_step, check_steps
 
 log = logging.getLogger(__name__)
 DEFAULT_OUT = "leanlm-out"
@@ -44,6 +44,7 @@ def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | None = N
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = check_output(out, overwrite)
     loaded = load_model(model, device, dtype)
+    check_steps(loaded.model, recipe.steps)
     corpus = load_corpus(data, loaded.tokenizer)
     eval_text = read_text(eval_data, loaded.tokenizer) if eval_data else corpus.eval
     task_list = load_tasks(tasks or recipe.eval.tasks) if (tasks or recipe.eval.tasks) else None
@@ -99,7 +100,10 @@ def apply_recipe(model, recipe: Recipe, ctx: StepContext) -> list[dict]:
         log.info("step %d/%d: %s", i + 1, len(recipe.steps), step.type)
         start = time.perf_counter()
         step_ctx = dataclasses.replace(ctx, work_dir=ctx.work_dir / f"step-{i + 1}") if ctx.work_dir else ctx
-        stats = apply_step(model, step, step_ctx)
+        try:
+            stats = apply_step(model, step, step_ctx)
+        except LeanLMError as err:
+            raise type(err)(f"steps[{i}] ({step.type}): {err}") from err
         done.append({"type": step.type, "config": step.to_dict(), "seconds": time.perf_counter() - start, "stats": stats})
     return done
 

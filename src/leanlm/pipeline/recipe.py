@@ -17,14 +17,14 @@ import yaml
 from leanlm.core.bench import BenchConfig
 from leanlm.core.evaluate import DEFAULT_PROMPTS
 from leanlm.errors import ConfigError
-from leanlm.pipeline.config import parse_config, to_dict
+from leanlm.core.config import Validated, parse_config, to_dict
 from leanlm.pipeline.steps import StepConfig, parse_step
 
 DEFAULT_RECIPE = "default"
 
 
 @dataclass
-class CalibrationConfig:
+class CalibrationConfig(Validated):
     samples: int = 128
     length: int = 512
     seed: int = 0
@@ -35,7 +35,7 @@ class CalibrationConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Validated):
     window: int = 512
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = 32

@@ -13,17 +13,46 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from leanlm.errors import ConfigError
-from leanlm.pipeline.config import parse_config, to_dict
+from leanlm.core.config import Validated, parse_config, to_dict
+from leanlm.errors import ConfigError, LeanLMError
 
 
-class StepConfig:
+class StepConfig(Validated):
     """Base for step configs (subclasses are dataclasses)."""
     type: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # replaces or removes modules, so the steps after it can only be checked against the model once it has run
+    reshapes_model: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        # options that mean the same in every step that has them, checked once here
+        for name in ("batch_size", "block_size"):
+            value = getattr(self, name, None)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        damp = getattr(self, "damp", None)
+        if damp is not None and damp <= 0:
+            raise ConfigError(f"damp (added to the Hessian's diagonal, relative to its mean) must be > 0, got {damp}")
+        super().__post_init__()
 
     def to_dict(self) -> dict:
         return {"type": self.type, **to_dict(self)}
+
+    def check(self, model: nn.Module | None) -> None:
+        """Refuse now what the step would refuse after minutes of work. `model` is None when an earlier
+        step reshapes it; then only what does not depend on the model is checked."""
+
+
+def check_steps(model: nn.Module, steps: list[StepConfig]) -> None:
+    """Check every step before the baseline is measured, against the model as each step will see it."""
+    current: nn.Module | None = model
+    for i, step in enumerate(steps):
+        try:
+            step.check(current)
+        except LeanLMError as err:
+            raise type(err)(f"steps[{i}] ({step.type}): {err}") from err
+        if step.reshapes_model:
+            current = None
 
 
 @dataclass

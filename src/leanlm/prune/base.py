@@ -7,7 +7,7 @@ actually reached: a layer left denser than asked is an error, never a silent res
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -39,16 +39,18 @@ def prune_(model: nn.Module, config, **kwargs) -> dict:
 
 @dataclass
 class PruneConfig(StepConfig):
-    """Shared options: a target sparsity, or an N:M pattern ('2:4' keeps 2 of every 4 weights)."""
-    sparsity: float = 0.5
+    """Shared options: a target sparsity (default 0.5), or an N:M pattern ('2:4' keeps 2 of every 4
+    weights), which fixes the sparsity at 1 - N/M."""
+    sparsity: float | None = None
     pattern: str | None = None
     targets: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     owl_lambda: float = 0.0  # > 0: non-uniform sparsity per block by outlier ratio (OWL), spread 2 x lambda
     owl_m: float = 5.0
+    reshapes_model: ClassVar[bool] = False  # zeros weights in place
 
     def validate(self) -> None:
-        if not 0 <= self.sparsity < 1:
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if not 0 <= self.owl_lambda < 0.5 or self.owl_m <= 0:
             raise ConfigError(f"owl_lambda must be in [0, 0.5) and owl_m > 0, got {self.owl_lambda}, {self.owl_m}")
@@ -58,8 +60,15 @@ class PruneConfig(StepConfig):
             nm = parse_pattern(self.pattern)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        if nm:
-            self.sparsity = 1 - nm[0] / nm[1]
+        implied = 1 - nm[0] / nm[1] if nm else 0.5
+        if nm and self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+            raise ConfigError(f"pattern {self.pattern} fixes the sparsity at {implied:g}, but sparsity is "
+                              f"{self.sparsity:g}; give one or the other")
+        self.sparsity = implied if nm or self.sparsity is None else self.sparsity
+
+    def check(self, model: nn.Module | None) -> None:
+        if model is not None:
+            chosen_layers(model, self)
 
     @property
     def nm(self) -> tuple[int, int] | None:

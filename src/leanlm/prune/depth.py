@@ -42,6 +42,14 @@ class DepthConfig(StepConfig):
         if self.tokens < 1:
             raise ConfigError(f"tokens must be at least 1, got {self.tokens}")
 
+    def check(self, model: nn.Module | None) -> None:
+        if model is None:
+            return
+        total = len(find_structure(model).blocks)
+        if self.blocks >= total - int(self.keep_last):
+            raise ConfigError(f"cannot remove {self.blocks} of the model's {total} blocks"
+                              f"{' (the last block is kept; set keep_last: false)' if self.keep_last else ''}")
+
 
 def sample_boundaries(model: nn.Module, calibration: torch.Tensor, tokens: int, batch_size: int = 8,
                       device=None, autocast=None, seed: int = 0) -> list[torch.Tensor]:
@@ -110,10 +118,8 @@ def _shrink_config(config, total: int, drop: list[int]) -> None:
 
 @register_pruner(DepthConfig)
 def prune_depth(model: nn.Module, config: DepthConfig, calibration: torch.Tensor, device=None) -> dict:
+    config.check(model)
     total = len(find_structure(model).blocks)
-    if config.blocks >= total - int(config.keep_last):
-        raise ConfigError(f"cannot remove {config.blocks} of {total} blocks"
-                          f"{' (the last block is kept; set keep_last: false)' if config.keep_last else ''}")
     autocast = torch.bfloat16 if config.calibration_dtype == "bfloat16" else None
     hidden = sample_boundaries(model, calibration, config.tokens, config.batch_size, device, autocast)
     removed = blocks_to_remove(hidden, config.blocks, config.method, config.keep_last)

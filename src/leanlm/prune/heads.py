@@ -50,6 +50,12 @@ class HeadsConfig(StepConfig):
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
 
+    def check(self, model: nn.Module | None) -> None:
+        if model is not None:
+            counts = head_counts(model)
+            find_structure(model)  # fails clearly when the blocks can't be found
+            check_head_size_kept(model, counts, target_counts(counts, self))
+
 
 @dataclass
 class Heads:
@@ -212,10 +218,9 @@ def _share_config(model: nn.Module) -> None:
 
 @register_pruner(HeadsConfig)
 def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor, device=None) -> dict:
+    config.check(model)
     counts, hidden = head_counts(model), model.config.hidden_size
     target = target_counts(counts, config)
-    find_structure(model)  # fails clearly when the blocks can't be found
-    check_head_size_kept(model, counts, target)
     params_before = sum(p.numel() for p in model.parameters())
 
     def one_block(index: int, block: nn.Module, observe) -> dict:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanlm.core.config import Validated
 from leanlm.core.evaluate import Reference, score_windows
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError
@@ -25,7 +26,7 @@ from leanlm.quantize.base import select_layers
 
 
 @dataclass
-class ScanConfig:
+class ScanConfig(Validated):
     unit: Literal["block", "layer"] = "block"
     sparsity: float = 0.5
     skip: tuple[str, ...] = ("lm_head",)

@@ -22,7 +22,7 @@ from leanlm.errors import ConfigError
 from leanlm.kernels import sparse24 as kernel
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.prune.sparse24_ops import compress_24, compressed_bytes, decompress_24, violations_24
-from leanlm.quantize.base import select_layers
+from leanlm.quantize.base import ChecksLayers, select_layers
 
 log = logging.getLogger(__name__)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -80,10 +80,11 @@ class Sparse24Linear(nn.Module):
 
 
 @dataclass
-class Sparse24Config(StepConfig):
+class Sparse24Config(ChecksLayers, StepConfig):
     """Which linear layers to convert; each must already be 2:4 (prune with pattern '2:4' first)."""
     targets: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    verb = "convert to 2:4"
 
 
 def sparse24_(model: nn.Module, config: Sparse24Config | None = None) -> dict:

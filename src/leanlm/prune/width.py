@@ -43,6 +43,12 @@ class WidthConfig(StepConfig):
         if self.multiple_of < 1:
             raise ConfigError(f"multiple_of must be at least 1, got {self.multiple_of}")
 
+    def check(self, model: nn.Module | None) -> None:
+        if model is not None:
+            intermediate = ffn_dims(model)[1]
+            keep_count(intermediate, self)
+            ffn_width_key(model, intermediate)
+
 
 @dataclass
 class FFN:

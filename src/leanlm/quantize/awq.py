@@ -23,12 +23,12 @@ from leanlm.core.layerwise import InputRecorder
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import awq_ops, rtn_ops
-from leanlm.quantize.base import quantize_, register_quantizer, swap_in_packed
+from leanlm.quantize.base import ChecksLayers, quantize_, register_quantizer, swap_in_packed
 from leanlm.quantize.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse, quantize_with_scale_pairs
 
 
 @dataclass
-class AWQConfig(StepConfig):
+class AWQConfig(ChecksLayers, StepConfig):
     needs_calibration = True
     bits: Literal[8, 4] = 4
     group_size: int | None = 64

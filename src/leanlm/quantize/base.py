@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, ClassVar
 
 from torch import nn
 
@@ -39,6 +39,17 @@ def select_layers(model: nn.Module, targets: list[str], skip: list[str], verb: s
     if unsupported:
         raise ConfigError(f"cannot {verb} these layers: {', '.join(unsupported[:5])}; add them to 'skip' to leave them unquantized")
     return chosen
+
+
+class ChecksLayers:
+    """For a step config with `targets` and `skip` (and maybe `group_size`): refuse, before any calibration,
+    a selection that matches nothing, holds layers the step cannot handle, or that the group size does not fit."""
+    verb: ClassVar[str] = "quantize"
+
+    def check(self, model: nn.Module | None) -> None:
+        if model is not None:
+            layers = select_layers(model, self.targets, self.skip, verb=self.verb)
+            check_group_size(layers, getattr(self, "group_size", None))
 
 
 def valid_group_sizes(dim: int) -> list[int]:

@@ -17,13 +17,13 @@ from leanlm.core.layerwise import HessianCollector, process_layerwise
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.quantize.base import (check_group_size, finish_totals, layers_by_block, new_totals, quantize_, register_quantizer,
-                                  select_layers, swap_in_packed)
+from leanlm.quantize.base import (ChecksLayers, check_group_size, finish_totals, layers_by_block, new_totals,
+                                  quantize_, register_quantizer, select_layers, swap_in_packed)
 from leanlm.quantize.gptq_ops import gptq
 
 
 @dataclass
-class GPTQConfig(StepConfig):
+class GPTQConfig(ChecksLayers, StepConfig):
     needs_calibration = True
     bits: Literal[8, 4] = 4
     group_size: int | None = 64

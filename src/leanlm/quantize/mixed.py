@@ -25,7 +25,7 @@ from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import rtn_ops
-from leanlm.quantize.base import (finish_totals, module_bytes, new_totals, packed_module, quantize_,
+from leanlm.quantize.base import (ChecksLayers, finish_totals, module_bytes, new_totals, packed_module, quantize_,
                                   register_quantizer, select_layers, swap_in_packed)
 from leanlm.quantize.gptq import GPTQConfig, quantize_gptq
 from leanlm.quantize.scale_pairs import BlockCall, shared_input_groups
@@ -33,7 +33,7 @@ from leanlm.quantize.sensitivity_ops import Format, allocate, fisher_error, pars
 
 
 @dataclass
-class MixedConfig(StepConfig):
+class MixedConfig(ChecksLayers, StepConfig):
     needs_calibration = True
     bits_per_weight: float = 4.5  # budget over the quantized layers, scales and zero points included
     formats: list[str] = field(default_factory=lambda: ["int4-g128", "int4-g64", "int4-g32", "int8"])

@@ -19,12 +19,12 @@ from leanlm.core.layerwise import HessianCollector, process_layerwise
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import rtn_ops
-from leanlm.quantize.base import (check_group_size, finish_totals, layers_by_block, new_totals, quantize_,
+from leanlm.quantize.base import (ChecksLayers, check_group_size, finish_totals, layers_by_block, new_totals, quantize_,
                                   register_quantizer, select_layers, swap_in_packed)
 
 
 @dataclass
-class RTNConfig(StepConfig):
+class RTNConfig(ChecksLayers, StepConfig):
     bits: Literal[8, 4] = 8
     group_size: int | None = None  # None: one scale per output channel
     symmetric: bool = True

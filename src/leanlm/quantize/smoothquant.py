@@ -21,13 +21,13 @@ from leanlm.core.layerwise import InputRecorder
 from leanlm.errors import ConfigError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import awq_ops, rtn_ops
-from leanlm.quantize.base import quantize_, register_quantizer, swap_in
+from leanlm.quantize.base import ChecksLayers, quantize_, register_quantizer, swap_in
 from leanlm.quantize.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse, quantize_with_scale_pairs
 from leanlm.quantize.w8a8_linear import W8A8Linear, quantize_per_token
 
 
 @dataclass
-class SmoothQuantConfig(StepConfig):
+class SmoothQuantConfig(ChecksLayers, StepConfig):
     needs_calibration = True
     alpha: float | None = None  # migration strength in [0, 1]; null: searched per pair on the grid
     grid: int = 10

@@ -22,7 +22,7 @@ from leanlm.core.layerwise import InputRecorder, process_layerwise
 from leanlm.core.structure import find_structure, replace_module
 from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.quantize.base import layers_by_block, select_layers
+from leanlm.quantize.base import ChecksLayers, layers_by_block, select_layers
 from leanlm.sparsify.act_allocation import DENSE, Allocator, find_groups
 from leanlm.sparsify.act_sparse_linear import ActSparseLinear
 from leanlm.sparsify.rotation import rotate_block
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ActSparsityConfig(StepConfig):
+class ActSparsityConfig(ChecksLayers, StepConfig):
     """Zero the `sparsity` fraction of smallest-magnitude inputs of every chosen linear layer."""
     needs_calibration = True
     sparsity: float = 0.5
@@ -48,6 +48,7 @@ class ActSparsityConfig(StepConfig):
     rows: int = 2048
     batch_size: int = 8
     calibration_dtype: Literal["float32", "bfloat16"] = "float32"
+    verb = "sparsify"
 
     def validate(self) -> None:
         if not 0 < self.sparsity < 1:

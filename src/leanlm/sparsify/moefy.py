@@ -39,6 +39,21 @@ class MoefyConfig(StepConfig):
         if self.rows < 64:
             raise ConfigError(f"rows must be at least 64, got {self.rows}")
 
+    def check(self, model: nn.Module | None) -> None:
+        if model is None:
+            return
+        hidden, intermediate = ffn_dims(model, "MoE-fication")
+        ffn_activation(model.config)
+        if intermediate % self.experts:
+            raise ConfigError(f"intermediate size {intermediate} does not split into {self.experts} equal experts; "
+                              f"expert counts that do: {', '.join(map(str, _splits(intermediate)))}")
+        first = find_structure(model).blocks[0]
+        mlp_of(first, find_ffn(first, hidden, intermediate))  # refuse an FFN without its own module
+
+
+def _splits(width: int) -> list[int]:
+    return [k for k in (2, 4, 8, 16, 32, 64, 128) if width % k == 0]
+
 
 class FFNRecorder:
     """Pairs of (FFN input, intermediate activations) at the same sampled token positions."""
@@ -168,12 +183,9 @@ def build_moe(ffn: FFN, gate: Rows, up: Rows | None, assign: torch.Tensor, route
 
 
 def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, device=None) -> dict:
+    config.check(model)
     hidden, intermediate = ffn_dims(model, "MoE-fication")
     activation = ffn_activation(model.config)
-    if intermediate % config.experts:
-        raise ConfigError(f"intermediate size {intermediate} does not split into {config.experts} equal experts")
-    first = find_structure(model).blocks[0]
-    mlp_of(first, find_ffn(first, hidden, intermediate))  # refuse an FFN without its own module before calibrating
     per_call = -(-config.rows // -(-calibration.shape[0] // config.batch_size))
 
     def one_block(index: int, block: nn.Module, observe) -> dict:

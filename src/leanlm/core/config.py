@@ -7,6 +7,7 @@ typo in a recipe fails in a second instead of silently running with a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -14,6 +15,17 @@ from typing import Any, Literal, TypeVar, Union
 from leanlm.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class Validated:
+    """Dataclass mixin: `validate()` runs on construction, so a config built in Python is checked
+    exactly as one parsed from YAML."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
 
 
 def parse_config(cls: type[T], data: Any, where: str, ignore: tuple[str, ...] = ()) -> T:
@@ -25,19 +37,20 @@ def parse_config(cls: type[T], data: Any, where: str, ignore: tuple[str, ...] = 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields) - set(ignore))
     if unknown:
-        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(fields))}")
+        guesses = [g for k in unknown for g in difflib.get_close_matches(str(k), fields, n=1)]
+        hint = f" (did you mean {', '.join(map(repr, guesses))}?)" if guesses else ""
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                          f"{hint}; valid keys: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     values = {k: check_type(v, hints[k], f"{where}.{k}") for k, v in data.items() if k in fields}
     try:
         obj = cls(**values)
+        if not isinstance(obj, Validated) and hasattr(obj, "validate"):
+            obj.validate()
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{where}: {err}") from err
-    validate = getattr(obj, "validate", None)
-    if validate:
-        try:
-            validate()
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from err
     return obj
 
 
