@@ -54,3 +54,18 @@ def test_report_command(tmp_path, tiny_dir, capsys):
     (tmp_path / "o" / "chart.png").unlink()
     assert main(["report", str(tmp_path / "o"), "--render"]) == 0
     assert "perplexity" in capsys.readouterr().out and (tmp_path / "o" / "chart.png").is_file()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(["optimize", "--out", str(blocker / "out"), "--no-bench"]) == 2
+    assert f"{blocker} is a file, not a directory" in capsys.readouterr().err
+    assert main(["export", "smollm2-135m", "--format", "hf", "--out", "/proc/leanlm-out"]) == 2
+    assert "/proc does not accept new files" in capsys.readouterr().err
+
+
+def test_threads_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--threads", "0"])
+    assert "--threads: must be at least 1, got 0" in capsys.readouterr().err

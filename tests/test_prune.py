@@ -158,3 +158,20 @@ def test_wanda_with_owl_prunes_each_block_to_its_own_target(tiny_dir):
         parse_recipe({"steps": [{"type": "magnitude", "owl_lambda": 0.1}]})
     with pytest.raises(ConfigError, match="use one or the other"):
         parse_recipe({"steps": [{"type": "wanda", "owl_lambda": 0.1, "pattern": "2:4"}]})
+
+
+@pytest.mark.parametrize("calibration, message", [
+    (None, "WandaConfig needs calibration=token ids"),
+    (torch.randn(2, 16), "must be token ids, an integer tensor .* got a 2-d torch.float32 tensor"),
+    (torch.zeros(16, dtype=torch.long), "got a 1-d torch.int64 tensor"),
+    (torch.zeros(0, 16, dtype=torch.long), "the calibration tensor is empty"),
+    (torch.full((2, 16), 5000), "token id 5000 .* vocabulary has 320 tokens; tokenize the text with this model's"),
+])
+def test_calibration_a_method_cannot_use_is_refused_before_any_work(calibration, message):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(320)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match=message):
+        prune_(model, WandaConfig(), calibration=calibration)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -17,7 +17,17 @@ DEFAULT_MODEL = "smollm2-135m"
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16 (default: auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice, one per core)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _bench_options(p: argparse.ArgumentParser) -> None:

@@ -29,5 +29,9 @@ class ConfigError(LeanLMError):
     pass
 
 
-class OutputExistsError(LeanLMError):
+class OutputError(LeanLMError):
+    """The output path cannot be written."""
+
+
+class OutputExistsError(OutputError):
     pass

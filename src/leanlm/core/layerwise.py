@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.core.structure import ModelStructure, find_structure
-from leanlm.errors import LeanLMError
+from leanlm.errors import ConfigError, LeanLMError
 
 
 class _Stop(Exception):
@@ -77,6 +77,28 @@ def run_block(block: nn.Module, inputs: BlockInputs, autocast: torch.dtype | Non
 
 
 BlockFn = Callable[[int, nn.Module, Callable[..., list]], dict]
+
+
+def check_calibration(model: nn.Module, config: Any, samples: Any) -> None:
+    """Refuse, before any work, calibration data a method cannot use: missing when the config needs it,
+    not a [samples, length] tensor of token ids, or ids outside the model's vocabulary (the mark of
+    another model's tokenizer). Anything else would fail deep inside a forward pass."""
+    what = type(config).__name__
+    if samples is None:
+        if getattr(config, "needs_calibration", False):
+            raise ConfigError(f"{what} needs calibration=token ids [samples, length] "
+                              "(leanlm.core.data.calibration_samples(tokenizer, text, 128, 512) builds them)")
+        return
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
+        got = f"a {samples.dim()}-d {samples.dtype} tensor" if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ConfigError(f"{what}: calibration must be token ids, an integer tensor [samples, length]; got {got}")
+    if samples.numel() == 0:
+        raise ConfigError(f"{what}: the calibration tensor is empty ({list(samples.shape)})")
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and (samples.min() < 0 or samples.max() >= vocab):
+        raise ConfigError(f"{what}: calibration holds token id {int(samples.max())} (min {int(samples.min())}) but the "
+                          f"model's vocabulary has {vocab} tokens; tokenize the text with this model's tokenizer")
 
 
 def process_layerwise(model: nn.Module, samples: torch.Tensor, fn: BlockFn, device: torch.device | None = None,

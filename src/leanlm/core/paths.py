@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from leanlm.errors import OutputExistsError
+from leanlm.errors import OutputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,29 @@ def dir_size(path: str | os.PathLike) -> int:
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output before any long work starts, not after it."""
+    """Refuse an existing output, or a place where nothing can be written, before any long work starts."""
     out = Path(path).expanduser()
     if out.exists() and not overwrite:
         raise OutputExistsError(
             f"output {out} already exists; choose another path or pass --overwrite to replace it"
         )
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a probe directory in the nearest existing ancestor of `out` (permission bits
+    alone say nothing of read-only mounts or of what root may do)."""
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {out}: {ancestor} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".leanlm-probe-", dir=ancestor))
+    except OSError as err:
+        raise OutputError(f"cannot write {out}: {ancestor} does not accept new files ({err.strerror}); "
+                          "choose another output path") from err
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from leanlm.core.layerwise import InputRecorder, process_layerwise
+from leanlm.core.layerwise import InputRecorder, check_calibration, process_layerwise
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.steps import StepConfig
@@ -34,6 +34,7 @@ def prune_(model: nn.Module, config, **kwargs) -> dict:
     handler = PRUNERS.get(type(config))
     if handler is None:
         raise ConfigError(f"no pruner for {type(config).__name__}; known: {', '.join(c.__name__ for c in PRUNERS)}")
+    check_calibration(model, config, kwargs.get("calibration"))
     return handler(model, config, **kwargs)
 
 

@@ -165,7 +165,7 @@ def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor
 def ffn_dims(model: nn.Module, purpose: str = "width pruning") -> tuple[int, int]:
     """(hidden size, FFN width): the config's `intermediate_size`, or else the width of the one FFN in the
     first block's module graph (a linear hidden -> X beside the one reading X back)."""
-    hidden = getattr(model.config, "hidden_size", None)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(hidden, int):
         raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer hidden_size; {purpose} "
                                     "needs it to find the FFN")

@@ -7,6 +7,7 @@ from typing import Callable, ClassVar
 
 from torch import nn
 
+from leanlm.core.layerwise import check_calibration
 from leanlm.core.structure import find_structure, linear_layers, matches, replace_module
 from leanlm.errors import ConfigError
 
@@ -27,6 +28,7 @@ def quantize_(model: nn.Module, config, **kwargs) -> dict:
     handler = QUANTIZERS.get(type(config))
     if handler is None:
         raise ConfigError(f"no quantizer for {type(config).__name__}; known: {', '.join(c.__name__ for c in QUANTIZERS)}")
+    check_calibration(model, config, kwargs.get("calibration"))
     return handler(model, config, **kwargs)
 
 

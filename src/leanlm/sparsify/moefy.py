@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.core.layerwise import process_layerwise
+from leanlm.core.layerwise import check_calibration, process_layerwise
 from leanlm.core.structure import find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
@@ -183,6 +183,7 @@ def build_moe(ffn: FFN, gate: Rows, up: Rows | None, assign: torch.Tensor, route
 
 
 def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, device=None) -> dict:
+    check_calibration(model, config, calibration)
     config.check(model)
     hidden, intermediate = ffn_dims(model, "MoE-fication")
     activation = ffn_activation(model.config)
