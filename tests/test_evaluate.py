@@ -41,6 +41,17 @@ def test_kld_and_top1_match_a_direct_computation(tiny, tokenizer):
     assert out["top1"] == pytest.approx(top1, abs=1e-9)
 
 
+def test_a_tokenizer_or_reference_of_another_model_is_refused(tiny, tokenizer):
+    windows = eval_windows(tiny.tokenizer, default_corpus().eval[:5_000], 64)
+    smaller = tiny_llama(len(tokenizer) // 2)  # the tokenizer's ids run past its embedding
+    with pytest.raises(DataError, match=r"the evaluation text holds token id \d+ .* embedding has 160 rows"):
+        score_windows(smaller, windows)
+    ref = prepare_reference(tiny, windows)
+    larger = tiny_llama(len(tokenizer) + 64)
+    with pytest.raises(DataError, match="the reference scores 320 tokens per position and this model 384"):
+        score_windows(larger, windows, reference=ref)
+
+
 def test_reference_cache_is_reused(tiny):
     windows = eval_windows(tiny.tokenizer, default_corpus().eval[:5_000], 64)
     first = prepare_reference(tiny, windows).cache.path

@@ -202,7 +202,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from leanlm.core.data import default_corpus, read_text
+    from leanlm.core.data import check_token_ids, default_corpus, read_text
     from leanlm.core.evaluate import DEFAULT_PROMPTS, eval_windows, evaluate, load_tasks, prepare_reference
     from leanlm.core.models import load_model
 
@@ -214,6 +214,7 @@ def cmd_eval(args) -> int:
         loaded, prompts = _in_llama_cpp(loaded, args.model), []  # generations are leanlm's loop only
     text = read_text(args.data, loaded.tokenizer) if args.data else default_corpus().eval
     windows = eval_windows(loaded.tokenizer, text, args.window)
+    check_token_ids(loaded.model, windows, "the evaluation text")  # before the reference is computed
     reference = None
     if args.reference:
         same = args.reference == args.model

@@ -143,6 +143,16 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_token_ids(model: Any, ids: torch.Tensor, what: str) -> None:
+    """Refuse token ids the model cannot embed (the mark of another model's tokenizer), which would
+    otherwise fail deep in a forward pass as an index error."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        raise DataError(f"{what} holds token id {int(ids.max())} (min {int(ids.min())}) but the model's embedding "
+                        f"has {vocab} rows: the tokenizer does not belong to this model; tokenize with the model's own")
+
+
 def make_windows(ids: torch.Tensor, length: int) -> torch.Tensor:
     """Non-overlapping windows of `length` tokens; the tail shorter than a window is dropped."""
     if length < 2:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanlm.core.data import make_windows, tokenize
+from leanlm.core.data import check_token_ids, make_windows, tokenize
 from leanlm.core.generate import generate_text
 from leanlm.core.refcache import LogitCache, cache_key
 from leanlm.errors import DataError
@@ -83,6 +83,7 @@ def prepare_reference(loaded, windows: torch.Tensor, prompts: list[str] | None =
 def score_windows(model: nn.Module, windows: torch.Tensor, reference: Reference | None = None,
                   record: LogitCache | None = None, desc: str = "evaluating") -> dict:
     """Perplexity over `windows`; with a reference, also mean KLD(reference || model) and top-1."""
+    check_token_ids(model, windows, "the evaluation text")
     device = next(model.parameters()).device
     nll, kld, agree, count = 0.0, 0.0, 0, 0
     for i in tqdm(range(windows.shape[0]), desc=desc, unit="window", leave=False):
@@ -94,6 +95,10 @@ def score_windows(model: nn.Module, windows: torch.Tensor, reference: Reference 
             record.write(i, logprobs)
         if reference is not None:
             ref_logprobs, ref_top = reference.cache.read(i, device)
+            if ref_logprobs.shape[-1] != logprobs.shape[-1]:
+                raise DataError(f"the reference scores {ref_logprobs.shape[-1]} tokens per position and this model "
+                                f"{logprobs.shape[-1]}: KL divergence needs one vocabulary; compare models that share "
+                                "a tokenizer")
             own = logprobs.double()
             own = own - torch.logsumexp(own, dim=-1, keepdim=True)
             kld += (ref_logprobs.exp() * (ref_logprobs - own)).sum().item()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanlm.core.data import check_token_ids
 from leanlm.core.structure import ModelStructure, find_structure
 from leanlm.errors import ConfigError, LeanLMError
 
@@ -94,11 +95,7 @@ def check_calibration(model: nn.Module, config: Any, samples: Any) -> None:
         raise ConfigError(f"{what}: calibration must be token ids, an integer tensor [samples, length]; got {got}")
     if samples.numel() == 0:
         raise ConfigError(f"{what}: the calibration tensor is empty ({list(samples.shape)})")
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embed, "num_embeddings", None)
-    if vocab is not None and (samples.min() < 0 or samples.max() >= vocab):
-        raise ConfigError(f"{what}: calibration holds token id {int(samples.max())} (min {int(samples.min())}) but the "
-                          f"model's vocabulary has {vocab} tokens; tokenize the text with this model's tokenizer")
+    check_token_ids(model, samples, f"{what}: the calibration data")
 
 
 def process_layerwise(model: nn.Module, samples: torch.Tensor, fn: BlockFn, device: torch.device | None = None,
