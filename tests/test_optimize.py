@@ -75,8 +75,8 @@ def test_overwrite_replaces(tmp_path, tiny_dir, eval_text):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    optimize_mod.optimize(str(tiny_dir), _recipe(), out=out, overwrite=True, device="cpu", eval_data=str(eval_text),
-                          bench=False)
+    optimize_mod.optimize(str(tiny_dir), _recipe({"type": "cast"}), out=out, overwrite=True, device="cpu",
+                          eval_data=str(eval_text), bench=False)
     assert not (out / "old.txt").exists() and json.loads((out / "report.json").read_text())["recipe"] == "test"
 
 
@@ -207,3 +207,9 @@ def test_steps_after_a_reshaping_step_are_checked_when_they_run(tmp_path, tiny_d
         optimize_mod.optimize(str(tiny_dir), recipe, out=tmp_path / "out", device="cpu", eval_data=str(eval_text),
                               bench=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_without_steps_is_refused_before_any_work(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setattr(optimize_mod, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    with pytest.raises(ConfigError, match="has no steps, so there is nothing to optimize"):
+        optimize_mod.optimize(str(tiny_dir), _recipe(), out=tmp_path / "out")

@@ -25,7 +25,7 @@ from leanlm.core.data import calibration_samples, load_corpus, read_text
 from leanlm.core.evaluate import eval_windows, evaluate, load_tasks, prepare_reference, score_tasks
 from leanlm.core.models import load_model, save_model
 from leanlm.core.paths import atomic_dir, check_output
-from leanlm.errors import LeanLMError
+from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.recipe import Recipe, dump_recipe, library_versions, load_recipe
 from leanlm.pipeline.report import machine_info, write_report
 from leanlm.pipeline.steps import StepContext, apply_step, check_steps
@@ -43,6 +43,9 @@ def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | None = N
     completes); `resume` continues them from there."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = check_output(out, overwrite)
+    if not recipe.steps:
+        raise ConfigError(f"recipe {recipe.name!r} has no steps, so there is nothing to optimize; to measure a model "
+                          "as it is, use `leanlm eval` and `leanlm bench`")
     loaded = load_model(model, device, dtype)
     check_steps(loaded.model, recipe.steps)
     corpus = load_corpus(data, loaded.tokenizer)
