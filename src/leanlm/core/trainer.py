@@ -83,7 +83,6 @@ def fingerprint(*parts) -> str:
 class Trainer:
     def __init__(self, model: nn.Module, loss_fn: LossFn, train: Examples, validation: Examples, config: TrainConfig,
                  work_dir: Path | None = None, run_id: str = "", desc: str = "training", accelerator=None):
-        config.validate()
         self.config, self.loss_fn, self.train, self.validation = config, loss_fn, train, validation
         self.work_dir, self.run_id, self.desc = work_dir, run_id, desc
         self.acc = accelerator or accelerator_for(config)

@@ -55,7 +55,6 @@ class DistillConfig(StepConfig):
             raise ConfigError(f"on_policy is a share of batches in [0, 1], got {self.on_policy}")
         if self.teacher_cache is not None:
             self._check_cacheable()
-        self.train.validate()
 
     reshapes_model = False  # trains the weights in place
 

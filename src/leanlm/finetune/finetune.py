@@ -50,7 +50,6 @@ class FinetuneConfig(StepConfig):
     def validate(self) -> None:
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError("LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1)")
-        self.train.validate()
 
     def check(self, model: nn.Module | None) -> None:
         if self.data is not None:

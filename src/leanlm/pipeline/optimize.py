@@ -28,7 +28,7 @@ from leanlm.core.paths import atomic_dir, check_output
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.recipe import Recipe, dump_recipe, library_versions, load_recipe
 from leanlm.pipeline.report import machine_info, write_report
-from leanlm.pipeline.steps import StepContext, apply_step, check_steps
+from leanlm.pipeline.steps import StepContext, apply_step, check_steps, naming_step
 
 log = logging.getLogger(__name__)
 DEFAULT_OUT = "leanlm-out"
@@ -103,10 +103,8 @@ def apply_recipe(model, recipe: Recipe, ctx: StepContext) -> list[dict]:
         log.info("step %d/%d: %s", i + 1, len(recipe.steps), step.type)
         start = time.perf_counter()
         step_ctx = dataclasses.replace(ctx, work_dir=ctx.work_dir / f"step-{i + 1}") if ctx.work_dir else ctx
-        try:
+        with naming_step(i, step):
             stats = apply_step(model, step, step_ctx)
-        except LeanLMError as err:
-            raise type(err)(f"steps[{i}] ({step.type}): {err}") from err
         done.append({"type": step.type, "config": step.to_dict(), "seconds": time.perf_counter() - start, "stats": stats})
     return done
 

@@ -6,6 +6,8 @@ the pipeline looks handlers up here and never changes when a step type is added.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -43,14 +45,21 @@ class StepConfig(Validated):
         step reshapes it; then only what does not depend on the model is checked."""
 
 
+@contextmanager
+def naming_step(index: int, step: StepConfig) -> Iterator[None]:
+    """Prefix an error raised for a recipe's step with its place in the recipe."""
+    try:
+        yield
+    except LeanLMError as err:
+        raise type(err)(f"steps[{index}] ({step.type}): {err}") from err
+
+
 def check_steps(model: nn.Module, steps: list[StepConfig]) -> None:
     """Check every step before the baseline is measured, against the model as each step will see it."""
     current: nn.Module | None = model
     for i, step in enumerate(steps):
-        try:
+        with naming_step(i, step):
             step.check(current)
-        except LeanLMError as err:
-            raise type(err)(f"steps[{i}] ({step.type}): {err}") from err
         if step.reshapes_model:
             current = None
 

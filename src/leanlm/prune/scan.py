@@ -72,7 +72,6 @@ def units(model: nn.Module, config: ScanConfig) -> list[tuple[str, callable]]:
 
 def scan(model: nn.Module, windows: torch.Tensor, reference: Reference, config: ScanConfig) -> list[dict]:
     """One row per block or layer: the KLD, top-1 and perplexity of the model with only it pruned."""
-    config.validate()
     rows = []
     for name, prune in tqdm(units(model, config), desc=f"scanning {config.unit}s", unit=config.unit):
         with prune():
