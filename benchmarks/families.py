@@ -45,7 +45,7 @@ RECIPES.update({
     "width": {"calibration": SMALL, "steps": [{"type": "width", "ffn_keep": 0.75, "multiple_of": 32}]},
     "heads": {"calibration": SMALL, "steps": [{"type": "heads", "heads_per_group": 1}]},
     "kv-heads": {"calibration": SMALL, "steps": [{"type": "heads", "kv_groups": 1}]},
-    "moefy": {"calibration": SMALL, "steps": [{"type": "moefy", "experts": 4, "top_k": 2}]},
+    "moefy": {"calibration": SMALL, "steps": [{"type": "moefy", "experts": 4, "shared": 0, "top_k": 2}]},
 })
 
 

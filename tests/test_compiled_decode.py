@@ -81,7 +81,7 @@ def _act_sparse(model, calibration):
 def _moefy(model, calibration):
     from leanlm.sparsify import MoefyConfig, moefy_
 
-    moefy_(model, MoefyConfig(experts=8, top_k=4, rows=128), calibration)
+    moefy_(model, MoefyConfig(experts=8, shared=2, top_k=2, rows=128), calibration)
 
 
 def _w8a8(model, calibration):

@@ -146,7 +146,7 @@ def test_activation_sparsity_through_optimize(tmp_path, tiny_dir, eval_text):
 
 
 @pytest.mark.parametrize("step", [{"type": "width", "ffn_keep": 0.5, "multiple_of": 16},
-                                  {"type": "moefy", "experts": 4, "top_k": 2, "rows": 128},
+                                  {"type": "moefy", "experts": 4, "shared": 1, "top_k": 2, "rows": 128},
                                   {"type": "wanda", "sparsity": 0.5, "owl_lambda": 0.05}])
 def test_structured_and_conditional_steps_report(tmp_path, tiny_dir, eval_text, step):
     recipe = parse_recipe({"name": "s", **FAST, "calibration": {"samples": 4, "length": 64}, "steps": [step]})
@@ -176,7 +176,7 @@ def test_partial_outputs_of_dead_processes_are_removed(tmp_path, caplog):
     ([{"type": "depth", "blocks": 2}], r"steps\[0\] \(depth\): cannot remove 2 of the model's 2 blocks"),
     ([{"type": "wanda", "pattern": "2:7"}], r"steps\[0\] \(wanda\): pattern 2:7 needs input dimensions divisible by 7"),
     ([{"type": "cast"}, {"type": "rtn", "group_size": 48}], r"steps\[1\] \(rtn\): group size 48 does not divide"),
-    ([{"type": "moefy", "experts": 6, "top_k": 2}], r"does not split into 6 equal experts; expert counts that do: 2, 4"),
+    ([{"type": "moefy", "experts": 6, "shared": 0, "top_k": 2}], r"does not split into 6 equal experts; expert counts that do: 2, 4"),
     ([{"type": "heads", "kv_groups": 3}], r"steps\[0\] \(heads\): the model has 2 KV groups"),
     ([{"type": "depth", "blocks": 1, "keep_last": False}, {"type": "distill", "teacher": "/no/such/teacher"}],
      r"steps\[1\] \(distill\): model '/no/such/teacher' not found"),

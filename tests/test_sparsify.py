@@ -224,11 +224,61 @@ def test_router_regression_predicts_contributions():
     assert moe_ops.top_recall(x @ w.T + b, targets, 2) > 0.99
 
 
+def test_shared_experts_take_the_most_important_channels():
+    g = torch.Generator().manual_seed(0)
+    h, down = torch.randn(500, 32, generator=g), torch.randn(8, 32, generator=g)
+    h[:, [3, 7, 11, 20]] *= 10  # the four channels contributing most
+    assign = moe_ops.assign_experts(h, down, experts=8, shared=1)
+    assert torch.bincount(assign).tolist() == [4] * 8
+    assert sorted((assign == 0).nonzero().squeeze(1).tolist()) == [3, 7, 11, 20]
+
+
+def test_routed_channels_are_the_shared_and_top_k_experts():
+    assign = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])  # 4 experts of 2 channels
+    scores = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.1]])  # routed experts 1..3
+    keep = moe_ops.routed_channels(scores, assign, shared=1, top_k=1)
+    assert keep.tolist() == [[1, 0, 1, 0, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1, 0, 0]]
+
+
+def test_refit_down_compensates_for_dropped_channels():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3000, 6, generator=g)
+    h = base @ torch.randn(6, 24, generator=g) + 0.05 * torch.randn(3000, 24, generator=g)  # correlated channels
+    down = torch.randn(10, 24, generator=g)
+    target = h @ down.T
+
+    def errors(keep):
+        return [((h * keep) @ w.T - target).norm() for w in (down, moe_ops.refit_down(h, down, keep, damp=1e-4))]
+
+    before, after = errors((torch.arange(24) < 12).float().expand_as(h))  # half the channels never run
+    assert after < 0.1 * before  # the kept ones span what the dropped ones carried
+    before, after = errors((torch.rand(3000, 24, generator=g) > 0.5).float())  # a different half for every token
+    assert after < 0.7 * before
+    before, after = errors(torch.ones_like(h))  # nothing dropped: the dense weights' outputs again
+    assert after < 1e-2 * target.norm()  # up to the ridge
+
+
+def test_moefy_with_shared_experts_and_refit(tiny_dir, tmp_path, calibration):
+    m = load_model(tiny_dir, device="cpu")
+    with torch.no_grad():
+        dense = m.model(input_ids=IDS).logits
+    stats = moefy_(m.model, MoefyConfig(experts=8, shared=2, top_k=2, rows=256), calibration)
+    assert stats["ffn_fraction_per_token"] == 0.5 and stats["shared"] == 2
+    assert stats["ffn_error_refit_mean"] < stats["ffn_error_mean"]  # least squares beats the dense weights
+    moes = [mod for mod in m.model.modules() if isinstance(mod, MoEFFN)]
+    assert all(mod.shared == 2 and mod.router.shape[0] == 6 for mod in moes)
+    with torch.no_grad():
+        routed = m.model(input_ids=IDS).logits
+        chosen = moes[0].route(torch.randn(50, moes[0].hidden))
+    assert (routed - dense).abs().max() > 1e-3 and chosen.min() >= 2  # shared experts are never routed
+    assert_round_trip(m.model, m.tokenizer, tmp_path / "moe", routed)  # one-token loop (shared slice) vs full
+
+
 def test_moefy_all_experts_equal_dense_and_top_k_round_trips(tiny_dir, tmp_path, calibration):
     m = load_model(tiny_dir, device="cpu")
     with torch.no_grad():
         dense = m.model(input_ids=IDS).logits
-    stats = moefy_(m.model, MoefyConfig(experts=8, top_k=4, rows=256), calibration)
+    stats = moefy_(m.model, MoefyConfig(experts=8, shared=0, top_k=4, rows=256, refit=False), calibration)
     assert stats["ffn_fraction_per_token"] == 0.5 and 0 < stats["router_recall_mean"] <= 1
     moes = [mod for mod in m.model.modules() if isinstance(mod, MoEFFN)]
     assert len(moes) == len(find_structure(m.model).blocks)
@@ -244,14 +294,18 @@ def test_moefy_all_experts_equal_dense_and_top_k_round_trips(tiny_dir, tmp_path,
 
 
 def test_moefy_bad_inputs(tiny_dir, calibration):
-    with pytest.raises(ConfigError, match="1 <= top_k < experts"):
-        parse_recipe({"steps": [{"type": "moefy", "experts": 4, "top_k": 4}]})
+    with pytest.raises(ConfigError, match=r"1 <= top_k < experts - shared = 4 \(top_k counts the routed"):
+        parse_recipe({"steps": [{"type": "moefy", "experts": 4, "shared": 0, "top_k": 4}]})
+    with pytest.raises(ConfigError, match=r"1 <= top_k < experts - shared = 2"):
+        parse_recipe({"steps": [{"type": "moefy", "experts": 4, "shared": 2, "top_k": 2}]})
+    with pytest.raises(ConfigError, match=r"0 <= shared <= experts - 2"):
+        MoefyConfig(experts=4, shared=3, top_k=1)
     m = load_model(tiny_dir, device="cpu")
     with pytest.raises(ConfigError, match="does not split into 7 equal experts"):
-        moefy_(m.model, MoefyConfig(experts=7, top_k=2), calibration)
+        moefy_(m.model, MoefyConfig(experts=7, shared=0, top_k=2), calibration)
     m.model.config.__dict__["hidden_size"] = None
     with pytest.raises(UnsupportedModelError, match="no integer hidden_size; MoE-fication needs it"):
-        moefy_(m.model, MoefyConfig(experts=4, top_k=2), calibration)
+        moefy_(m.model, MoefyConfig(experts=4, shared=0, top_k=2), calibration)
 
 
 def test_moefy_ignores_attention_biases(calibration):
@@ -260,7 +314,7 @@ def test_moefy_ignores_attention_biases(calibration):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
-    stats = moefy_(model, MoefyConfig(experts=4, top_k=2, rows=128), calibration[:4, :64])
+    stats = moefy_(model, MoefyConfig(experts=4, shared=0, top_k=2, rows=128), calibration[:4, :64])
     assert len(stats["router_recall"]) == 2 and type(model.model.layers[1].mlp) is MoEFFN
     assert not model.model.layers[1].mlp.has_bias
 
@@ -289,7 +343,7 @@ def test_moefy_splits_a_biased_conv1d_ffn_and_round_trips(tokenizer, tmp_path, c
     m = load_model(_gpt2_dir(tokenizer, tmp_path / "gpt2"), device="cpu")  # Conv1D c_fc/c_proj, GELU, biases
     with torch.no_grad():
         dense = m.model(input_ids=IDS).logits
-    moefy_(m.model, MoefyConfig(experts=4, top_k=2, rows=128), calibration[:4, :64])
+    moefy_(m.model, MoefyConfig(experts=4, shared=0, top_k=2, rows=128, refit=False), calibration[:4, :64])
     moes = [mod for mod in m.model.modules() if isinstance(mod, MoEFFN)]
     assert len(moes) == 2 and all(mod.has_bias and mod.activation == "gelu_new" for mod in moes)
     for mod in moes:
@@ -320,7 +374,7 @@ def test_moefy_splits_neox_and_fused_gate_up_ffns(family, calibration):
     model = _with_random_biases(model)
     with torch.no_grad():
         dense = model(input_ids=IDS).logits
-    moefy_(model, MoefyConfig(experts=4, top_k=2, rows=128), calibration[:4, :64])
+    moefy_(model, MoefyConfig(experts=4, shared=0, top_k=2, rows=128, refit=False), calibration[:4, :64])
     moes = [mod for mod in model.modules() if isinstance(mod, MoEFFN)]
     assert len(moes) == 2 and all(mod.gated == (family == "phi3") for mod in moes)
     for mod in moes:
@@ -335,7 +389,7 @@ def test_moefy_refuses_an_ffn_without_its_own_module(calibration):
     model = OPTForCausalLM(OPTConfig(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                      num_attention_heads=4, word_embed_proj_dim=64)).eval()
     with pytest.raises(UnsupportedModelError, match=r"\['fc1', 'fc2'\] of OPTDecoderLayer sit directly in the block"):
-        moefy_(model, MoefyConfig(experts=4, top_k=2), calibration[:4, :64])
+        moefy_(model, MoefyConfig(experts=4, shared=0, top_k=2), calibration[:4, :64])
 
 
 def test_moefy_reads_gemmas_activation_name(calibration):
@@ -346,7 +400,7 @@ def test_moefy_reads_gemmas_activation_name(calibration):
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
     with torch.no_grad():
         dense = model(input_ids=IDS).logits
-    moefy_(model, MoefyConfig(experts=4, top_k=4 - 1, rows=128), calibration[:4, :64])
+    moefy_(model, MoefyConfig(experts=4, shared=0, top_k=4 - 1, rows=128, refit=False), calibration[:4, :64])
     assert model.model.layers[0].mlp.activation == "gelu_pytorch_tanh"
     for block in model.model.layers:
         block.mlp.top_k = 4
@@ -356,7 +410,7 @@ def test_moefy_reads_gemmas_activation_name(calibration):
 
 def test_exporting_a_moe_model_is_refused(tiny_dir, tmp_path, calibration):
     m = load_model(tiny_dir, device="cpu")
-    moefy_(m.model, MoefyConfig(experts=8, top_k=4, rows=128), calibration)
+    moefy_(m.model, MoefyConfig(experts=8, shared=0, top_k=4, rows=128), calibration)
     save_model(m.model, m.tokenizer, tmp_path / "moe")
     with pytest.raises(UnsupportedModelError, match="MoE"):
         export(tmp_path / "moe", tmp_path / "out", "hf")

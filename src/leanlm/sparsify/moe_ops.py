@@ -1,5 +1,7 @@
-"""Pure tensor math of MoE-fication: group FFN channels that fire together into equal-sized experts,
-and fit a router that predicts, from the FFN input, how much each expert will contribute."""
+"""Pure tensor math of MoE-fication: group FFN channels that fire together into equal-sized experts
+(the most important ones into always-on shared experts), fit a router that predicts, from the FFN
+input, how much each expert will contribute, and refit the down projection for the experts the router
+leaves out."""
 
 from __future__ import annotations
 
@@ -41,6 +43,43 @@ def cluster_channels(features: torch.Tensor, experts: int, iters: int = 10, seed
         assign = new
         centers = torch.stack([x[assign == e].mean(0) for e in range(experts)])
     return assign
+
+
+def assign_experts(h: torch.Tensor, down_weight: torch.Tensor, experts: int, shared: int = 0,
+                   seed: int = 0) -> torch.Tensor:
+    """The expert of each channel of `h` ([tokens, channels]): the shared experts (0 .. shared-1) take
+    the channels contributing most (||h_j|| * ||W_down[:, j]||); the others are balanced k-means
+    clusters of the remaining channels' firing patterns."""
+    n = h.shape[1]
+    if n % experts:
+        raise ValueError(f"{n} channels do not split into {experts} equal experts")
+    size = n // experts
+    importance = h.float().norm(dim=0) * down_weight.float().norm(dim=0)
+    order = importance.argsort(descending=True)
+    assign = torch.empty(n, dtype=torch.long)
+    assign[order[: shared * size]] = torch.arange(shared * size) // size
+    rest = order[shared * size:]
+    assign[rest] = cluster_channels(h[:, rest].abs().T, experts - shared, seed=seed) + shared
+    return assign
+
+
+def routed_channels(scores: torch.Tensor, assign: torch.Tensor, shared: int, top_k: int) -> torch.Tensor:
+    """0/1 mask [tokens, channels] of the channels that run: the shared experts' and those of the
+    top_k routed experts by router score ([tokens, experts - shared])."""
+    on = torch.zeros(scores.shape[0], scores.shape[1] + shared, dtype=torch.float32)
+    on[:, :shared] = 1
+    on.scatter_(1, scores.topk(top_k, dim=1).indices + shared, 1)
+    return on[:, assign]
+
+
+def refit_down(h: torch.Tensor, down_weight: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Down-projection weights that best reproduce the dense FFN output from only the channels that run:
+    argmin_W' sum_t ||W' (keep_t * h_t) - W h_t||^2 (ridge `damp` relative to the mean diagonal).
+    A channel the router often drops gets weights that also stand in for it from the ones that run."""
+    kept = h.float() * keep
+    gram = kept.T @ kept
+    gram += damp * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0])
+    return torch.linalg.solve(gram, (kept.T @ h.float()) @ down_weight.float().T).T.contiguous()
 
 
 def expert_contributions(h: torch.Tensor, down_weight: torch.Tensor, assign: torch.Tensor, experts: int) -> torch.Tensor:

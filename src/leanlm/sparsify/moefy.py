@@ -1,11 +1,15 @@
-"""MoE-fication: split each dense FFN into `experts` equal groups of channels that fire together on
-calibration data (balanced k-means of their activation patterns), fit a router that predicts each
-expert's contribution from the FFN input, and run only the `top_k` predicted experts per token
-(Switch-Transformer-style conditional compute, after MoEfication, Zhang et al. 2022). Gated and
-plain FFNs, fused gate/up projections (Phi-3) and biased FFNs (GPT-2, GPT-NeoX) are split alike.
+"""MoE-fication: split each dense FFN into `experts` equal groups of channels, fit a router that
+predicts each expert's contribution from the FFN input, and run only the `top_k` predicted experts per
+token (Switch-Transformer-style conditional compute, after MoEfication, Zhang et al. 2022). The
+`shared` experts hold the channels that contribute most and run for every token (as DeepSeekMoE's
+shared experts); the others are channels that fire together on calibration data (balanced k-means of
+their activation patterns). With `refit`, the down projection is then re-solved by least squares for
+the channels the router actually runs on the calibration data, so the experts that run also stand in
+for those left out. Gated and plain FFNs, fused gate/up projections (Phi-3) and biased FFNs (GPT-2,
+GPT-NeoX) are split alike.
 
 Works block by block (core.layerwise); each block is checked to compute exactly its dense FFN when
-all experts are on before top_k is applied.
+all experts are on, before routing and the refit are applied.
 """
 
 from __future__ import annotations
@@ -22,20 +26,28 @@ from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.prune.width import FFN, ffn_dims, find_ffn
 from leanlm.sparsify.moe_ffn import MoEFFN
-from leanlm.sparsify.moe_ops import cluster_channels, expert_contributions, fit_router, top_recall
+from leanlm.sparsify.moe_ops import (assign_experts, expert_contributions, fit_router, refit_down, routed_channels,
+                                     top_recall)
 
 
 @dataclass
 class MoefyConfig(StepConfig):
     needs_calibration = True
-    experts: int = 16
-    top_k: int = 8
-    rows: int = 4096
+    experts: int = 32
+    shared: int = 12  # always-on experts, holding the channels that contribute most
+    top_k: int = 4  # routed experts per token, besides the shared ones
+    refit: bool = True
+    damp: float = 0.01
+    rows: int = 32768  # calibration tokens sampled per block: the refit solves for every FFN channel
     batch_size: int = 8
 
     def validate(self) -> None:
-        if self.experts < 2 or not 1 <= self.top_k < self.experts:
-            raise ConfigError(f"need experts >= 2 and 1 <= top_k < experts, got experts={self.experts}, top_k={self.top_k}")
+        if self.experts < 2 or not 0 <= self.shared < self.experts - 1:
+            raise ConfigError(f"need experts >= 2 and 0 <= shared <= experts - 2 (at least two experts to route "
+                              f"between), got experts={self.experts}, shared={self.shared}")
+        if not 1 <= self.top_k < self.experts - self.shared:
+            raise ConfigError(f"need 1 <= top_k < experts - shared = {self.experts - self.shared} (top_k counts the "
+                              f"routed experts run per token besides the shared ones), got top_k={self.top_k}")
         if self.rows < 64:
             raise ConfigError(f"rows must be at least 64, got {self.rows}")
 
@@ -167,19 +179,44 @@ def build_moe(ffn: FFN, gate: Rows, up: Rows | None, assign: torch.Tensor, route
     w, parts = down.weight, [gate] + ([up] if up is not None else [])
     biased = down.bias is not None or any(p.bias is not None for p in parts)
     moe = MoEFFN(w.shape[0], w.shape[1], config.experts, config.top_k, up is not None, activation, w.dtype, w.device,
-                 bias=biased)
+                 bias=biased, shared=config.shared)
     with torch.no_grad():
         for e in range(config.experts):
             cols = (assign == e).nonzero().squeeze(1).to(w.device)
             moe.expand[e].copy_(torch.cat([p.weight[cols] for p in parts]))
-            moe.reduce_t[e].copy_(w[:, cols].T)
             if biased:
                 moe.expand_bias[e].copy_(torch.cat([p.bias_of(cols) for p in parts]))
+        set_down(moe, w, assign)
         if biased:
             moe.reduce_bias.copy_(down.bias) if down.bias is not None else moe.reduce_bias.zero_()
         moe.router.copy_(router[0])
         moe.router_bias.copy_(router[1])
     return moe
+
+
+@torch.no_grad()
+def set_down(moe: MoEFFN, weight: torch.Tensor, assign: torch.Tensor) -> None:
+    """Each expert's down-projection rows from a [hidden, intermediate] weight."""
+    for e in range(moe.experts):
+        moe.reduce_t[e].copy_(weight[:, (assign == e).nonzero().squeeze(1).to(weight.device)].T)
+
+
+def check_all_experts(moe: MoEFFN, observe, expected: list[torch.Tensor], index: int) -> None:
+    """With every expert on, the block must compute what it did with the dense FFN."""
+    routed = moe.top_k
+    moe.top_k = moe.experts - moe.shared
+    try:
+        diff = (observe(limit=1)[0] - expected[0]).abs().max().item()
+    finally:
+        moe.top_k = routed
+    if diff > 1e-3 * max(expected[0].abs().max().item(), 1.0):
+        raise LeanLMError(f"block {index}: the experts together differ from the dense FFN by {diff:.3g}")
+
+
+def relative_error(h: torch.Tensor, keep: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor) -> float:
+    """||routed(keep * h) - dense(h)|| / ||dense(h)|| over calibration rows (down projections only)."""
+    target = h @ dense.T
+    return ((h * keep) @ routed.T - target).norm().item() / max(target.norm().item(), 1e-12)
 
 
 def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, device=None) -> dict:
@@ -192,29 +229,44 @@ def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, dev
     def one_block(index: int, block: nn.Module, observe) -> dict:
         ffn = find_ffn(block, hidden, intermediate)
         name, mlp = mlp_of(block, ffn)
-        with FFNRecorder(mlp, ffn.reducer[1], per_call, seed=index) as rec:
+        down = ffn.reducer[1]
+        with FFNRecorder(mlp, down, per_call, seed=index) as rec:
             expected = observe()
         x, h = torch.cat(rec.x), torch.cat(rec.h)
-        gate, up = gate_and_up(ffn, activation, x[:256].to(ffn.reducer[1].weight), h[:256].to(ffn.reducer[1].weight))
-        assign = cluster_channels(h.abs().T, config.experts, seed=index)
-        targets = expert_contributions(h, ffn.reducer[1].weight.cpu(), assign, config.experts)
+        gate, up = gate_and_up(ffn, activation, x[:256].to(down.weight), h[:256].to(down.weight))
+        weight = down.weight.detach().float().cpu()
+        assign = assign_experts(h, weight, config.experts, config.shared, seed=index)
+        targets = expert_contributions(h, weight, assign, config.experts)[:, config.shared:]
         split = int(0.8 * len(x))
         router = fit_router(x[:split], targets[:split])
         recall = top_recall(x[split:] @ router[0].T + router[1], targets[split:], config.top_k)
         moe = build_moe(ffn, gate, up, assign, router, config, activation)
         replace_module(block, name, moe)
-        moe.top_k = config.experts
-        diff = (observe(limit=1)[0] - expected[0]).abs().max().item()
-        moe.top_k = config.top_k
-        if diff > 1e-3 * max(expected[0].abs().max().item(), 1.0):
-            raise LeanLMError(f"block {index}: the experts together differ from the dense FFN by {diff:.3g}")
-        return {"router_recall": recall}
+        check_all_experts(moe, observe, expected, index)
+        keep = routed_channels(x @ router[0].T + router[1], assign, config.shared, config.top_k)
+        stats = {"router_recall": recall, "ffn_error": relative_error(h, keep, weight, weight)}
+        if config.refit:
+            refit = refit_down(h, weight, keep, config.damp)
+            set_down(moe, refit, assign)
+            stats["ffn_error_refit"] = relative_error(h, keep, weight, refit)
+        return stats
 
     results = process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
                                 desc="MoE-fication")
-    recalls = [r["router_recall"] for r in results]
-    return {"experts": config.experts, "top_k": config.top_k, "ffn_fraction_per_token": config.top_k / config.experts,
-            "router_recall_mean": sum(recalls) / len(recalls), "router_recall": [round(r, 4) for r in recalls]}
+    return summarize(config, results)
+
+
+def summarize(config: MoefyConfig, results: list[dict]) -> dict:
+    def mean(key: str) -> float:
+        return round(sum(r[key] for r in results) / len(results), 4)
+
+    stats = {"experts": config.experts, "shared": config.shared, "top_k": config.top_k,
+             "ffn_fraction_per_token": (config.shared + config.top_k) / config.experts,
+             "router_recall_mean": mean("router_recall"), "router_recall": [round(r["router_recall"], 4) for r in results],
+             "ffn_error_mean": mean("ffn_error")}
+    if config.refit:
+        stats["ffn_error_refit_mean"] = mean("ffn_error_refit")
+    return stats
 
 
 @register_step("moefy", MoefyConfig)
