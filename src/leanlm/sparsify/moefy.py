@@ -43,8 +43,9 @@ class MoefyConfig(StepConfig):
 
     def validate(self) -> None:
         if self.experts < 2 or not 0 <= self.shared < self.experts - 1:
-            raise ConfigError(f"need experts >= 2 and 0 <= shared <= experts - 2 (at least two experts to route "
-                              f"between), got experts={self.experts}, shared={self.shared}")
+            raise ConfigError(f"need experts >= 2 and 0 <= shared <= experts - 2 (shared experts always run and at "
+                              f"least two must be left to route between; shared defaults to {type(self).shared}), "
+                              f"got experts={self.experts}, shared={self.shared}")
         if not 1 <= self.top_k < self.experts - self.shared:
             raise ConfigError(f"need 1 <= top_k < experts - shared = {self.experts - self.shared} (top_k counts the "
                               f"routed experts run per token besides the shared ones), got top_k={self.top_k}")
