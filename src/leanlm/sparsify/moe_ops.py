@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from leanlm.prune.structured_ops import channel_importance
+
 
 def balanced_assign(dist: torch.Tensor, capacity: int) -> torch.Tensor:
     """Give each row (a channel) a column (an expert), cheapest pairs first, no expert over capacity."""
@@ -54,8 +56,7 @@ def assign_experts(h: torch.Tensor, down_weight: torch.Tensor, experts: int, sha
     if n % experts:
         raise ValueError(f"{n} channels do not split into {experts} equal experts")
     size = n // experts
-    importance = h.float().norm(dim=0) * down_weight.float().norm(dim=0)
-    order = importance.argsort(descending=True)
+    order = channel_importance(h.float().pow(2).sum(0), down_weight).argsort(descending=True)
     assign = torch.empty(n, dtype=torch.long)
     assign[order[: shared * size]] = torch.arange(shared * size) // size
     rest = order[shared * size:]
