@@ -3,8 +3,9 @@ contiguous slice), the first `shared` of them always on, a linear router over th
 top-k routed experts computed per token.
 
 One token (batch-1 decode) computes only the shared experts (one product, as they are contiguous) and
-its chosen experts' slices, so the FFN bytes read per token scale with (shared + top_k) / experts. Many tokens compute the full FFN and zero the unchosen experts' channels,
-the same function, faster as one matmul. A biased FFN (GPT-2, GPT-NeoX) keeps each channel's bias
+its chosen experts' slices, so the FFN bytes read per token scale with (shared + top_k) / experts.
+Many tokens compute the full FFN and zero the unchosen experts' channels, the same function, faster
+as one matmul. A biased FFN (GPT-2, GPT-NeoX) keeps each channel's bias
 with its expert; the output bias is added whatever the router picks, as the dense FFN adds it.
 """
 
@@ -93,5 +94,5 @@ class MoEFFN(nn.Module):
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.experts}, shared={self.shared}, "
-                f"top_k={self.top_k}")
+        return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.experts}, "
+                f"shared={self.shared}, top_k={self.top_k}")

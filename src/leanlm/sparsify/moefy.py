@@ -263,7 +263,8 @@ def summarize(config: MoefyConfig, results: list[dict]) -> dict:
 
     stats = {"experts": config.experts, "shared": config.shared, "top_k": config.top_k,
              "ffn_fraction_per_token": (config.shared + config.top_k) / config.experts,
-             "router_recall_mean": mean("router_recall"), "router_recall": [round(r["router_recall"], 4) for r in results],
+             "router_recall_mean": mean("router_recall"),
+             "router_recall": [round(r["router_recall"], 4) for r in results],
              "ffn_error_mean": mean("ffn_error")}
     if config.refit:
         stats["ffn_error_refit_mean"] = mean("ffn_error_refit")
