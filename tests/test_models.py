@@ -83,6 +83,18 @@ def test_dtype_choice(tiny_dir):
             load_model(tiny_dir, "cuda")
 
 
+def test_a_leanlm_checkpoint_refuses_another_dtype(tmp_path, tiny_dir):
+    from leanlm.quantize import RTNConfig, quantize_
+
+    loaded = load_model(tiny_dir, "cpu")
+    quantize_(loaded.model, RTNConfig(bits=8))
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "w8")
+    for dtype in ("auto", "float32"):
+        assert load_model(tmp_path / "w8", "cpu", dtype).model is not None
+    with pytest.raises(UnsupportedModelError, match="saved in float32.*--dtype bfloat16 cannot apply; use --dtype auto"):
+        load_model(tmp_path / "w8", "cpu", "bfloat16")
+
+
 def test_plain_save_loads_in_transformers(tmp_path, tiny):
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import export
 from leanlm.pipeline.recipe import parse_recipe
 from leanlm.sparsify import ActSparseLinear, ActSparsityConfig, MoEFFN, MoefyConfig, moefy_, sparsify_activations_
-from leanlm.sparsify import act_sparse_ops, moe_ops, rotation_ops
+from leanlm.sparsify import act_sparse_ops, moe_ffn, moe_ops, rotation_ops
 from leanlm.sparsify.rotated_norm import NormThenRotate
 
 IDS = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -238,6 +238,35 @@ def test_routed_channels_are_the_shared_and_top_k_experts():
     scores = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.1]])  # routed experts 1..3
     keep = moe_ops.routed_channels(scores, assign, shared=1, top_k=1)
     assert keep.tolist() == [[1, 0, 1, 0, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1, 0, 0]]
+
+
+def test_expert_groups_sort_rows_by_expert():
+    chosen = torch.tensor([[2, 0], [2, 1], [0, 2]])  # expert 2 is busiest (3 rows), expert 3 idle
+    rows, ids, ends = moe_ops.expert_groups(chosen, experts=4)
+    assert ids.tolist() == [0, 0, 1, 2, 2, 2] and rows.tolist() == [0, 2, 1, 0, 1, 2]
+    assert ends.tolist() == [2, 3, 6, 6] and ends.dtype == torch.int32
+
+
+@pytest.mark.parametrize("gated,bias,shared,intermediate",
+                         [(True, False, 2, 64), (False, True, 0, 64), (True, True, 1, 64), (True, False, 1, 48)])
+def test_moe_ffn_grouped_experts_match_the_masked_ffn_and_the_one_token_loop(gated, bias, shared, intermediate):
+    g = torch.Generator().manual_seed(0)
+    ffn = MoEFFN(16, intermediate, experts=8, top_k=2, gated=gated, activation="silu", bias=bias, shared=shared)
+    for p in ffn.parameters():
+        p.copy_(torch.randn(p.shape, generator=g))
+    ffn.router_bias[0] += 50  # one expert takes every row, others none: uneven capacity and idle experts
+    x = torch.randn(2, 9, 16, generator=g)
+    flat = x.reshape(-1, 16)
+    chosen = ffn.route(flat)
+    masked = ffn.run_masked(flat, chosen)
+    # 48 channels make experts of 6: rows of 24 bytes, which F.grouped_mm refuses, so they run masked
+    assert ffn.groupable(flat) == (moe_ffn.cpu_grouped_mm() is not None and intermediate == 64)
+    if ffn.groupable(flat):  # what many rows run on the CPU
+        torch.testing.assert_close(ffn.run_grouped(flat, chosen), masked, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ffn(x).reshape(-1, 16), masked, atol=1e-4, rtol=1e-4)
+    loop = torch.cat([ffn(row[None]) for row in flat])
+    torch.testing.assert_close(loop, masked, atol=1e-4, rtol=1e-4)
+    assert (ffn.route(flat)[:, 0] == shared).all()
 
 
 def test_refit_down_compensates_for_dropped_channels():

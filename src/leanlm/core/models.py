@@ -154,6 +154,7 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str = "au
         model = model.to(resolve_dtype(dtype, torch.float32))
     elif (path / LEANLM_MANIFEST).is_file():
         model, tokenizer = _load_leanlm(path)
+        _refuse_dtype_change(path, model, dtype)
     else:
         model, tokenizer = _load_hf(path, dtype)
     from leanlm.core.conv1d import linearize
@@ -341,6 +342,16 @@ def _load_leanlm(path: Path) -> tuple[nn.Module, Any]:
     if getattr(config, "tie_word_embeddings", False) and not hasattr(head, "packed_params"):
         model.tie_weights()  # assign=True gave the aliases separate Parameter objects
     return model, _load_tokenizer(path)
+
+
+def _refuse_dtype_change(path: Path, model: nn.Module, dtype: str) -> None:
+    """A leanlm checkpoint keeps the dtypes it was saved in: its packed modules' kernels expect them."""
+    stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype != "auto" and stored is not None and resolve_dtype(dtype, stored) != stored:
+        raise UnsupportedModelError(
+            f"{path} is a leanlm checkpoint saved in {str(stored).removeprefix('torch.')}, and its modules keep "
+            f"the dtypes they were saved in, so --dtype {dtype} cannot apply; use --dtype auto, or run the "
+            f"recipe again on the original model loaded with --dtype {dtype}")
 
 
 def _drop_gguf_quantizer(model: nn.Module) -> nn.Module:

@@ -4,12 +4,21 @@ top-k routed experts computed per token.
 
 One token (batch-1 decode) computes only the shared experts (one product, as they are contiguous) and
 its chosen experts' slices, so the FFN bytes read per token scale with (shared + top_k) / experts.
-Many tokens compute the full FFN and zero the unchosen experts' channels, the same function, faster
-as one matmul. A biased FFN (GPT-2, GPT-NeoX) keeps each channel's bias
-with its expert; the output bias is added whatever the router picks, as the dense FFN adds it.
+Many tokens (prompts, batched decode) on the CPU run the shared experts on every row and each routed
+expert on just the rows that chose it, all routed experts in one grouped product (torch's
+`F.grouped_mm`, where it runs on the CPU). Per-expert Python products cost more in dispatch than they
+save below ~100 rows, and rows padded to the busiest expert lose it all to the router's imbalance (the
+busiest expert often gets 3-5x the mean). Elsewhere (another device, an older torch, experts whose rows
+are not a multiple of 16 bytes, a compiled graph, whose shapes must not depend on the routing) the full
+FFN runs and the unchosen experts' channels are zeroed: the same function.
+
+A biased FFN (GPT-2, GPT-NeoX) keeps each channel's bias with its expert; the output bias is added
+whatever the router picks, as the dense FFN adds it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +26,21 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from leanlm.core.models import register_module
+from leanlm.sparsify import moe_ops
+
+
+@functools.cache
+def cpu_grouped_mm():
+    """torch's F.grouped_mm if this torch has it and runs it on the CPU (it came CUDA-first), else None."""
+    grouped_mm = getattr(F, "grouped_mm", None)
+    if grouped_mm is None:
+        return None
+    rows, weights = torch.ones(3, 4), torch.ones(2, 4, 8)
+    try:
+        out = grouped_mm(rows, weights, offs=torch.tensor([1, 3], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return None
+    return grouped_mm if torch.equal(out, torch.full((3, 8), 4.0)) else None
 
 
 @register_module("moe_ffn")
@@ -75,12 +99,43 @@ class MoEFFN(nn.Module):
         flat = x.reshape(-1, self.hidden)
         chosen = self.route(flat)
         if flat.shape[0] == 1 and not torch.compiler.is_compiling():  # the expert loop reads ids on the host
-            out = torch.zeros_like(flat) if self.reduce_bias is None else self.reduce_bias.expand_as(flat).clone()
-            if self.shared:
-                out += self.run_experts(flat, 0, self.shared)
-            for e in chosen[0].tolist():
-                out += self.run_experts(flat, e, 1)
-            return out.reshape(x.shape)
+            out = self.run_one_token(flat, chosen[0].tolist())
+        elif self.groupable(flat):
+            out = self.run_grouped(flat, chosen)
+        else:
+            out = self.run_masked(flat, chosen)
+        return out.reshape(x.shape)
+
+    def groupable(self, flat: torch.Tensor) -> bool:
+        """Whether many rows can run as one grouped product: F.grouped_mm on the CPU, outside a compiled
+        graph, with every row of its operands a multiple of 16 bytes (an expert of 48 float32 channels is)."""
+        width = flat.element_size()
+        return (flat.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_grouped_mm() is not None
+                and (self.hidden * width) % 16 == 0 and (self.intermediate // self.experts * width) % 16 == 0)
+
+    def start(self, flat: torch.Tensor) -> torch.Tensor:
+        """The output bias plus the shared experts: what every row gets whatever the router picks."""
+        out = torch.zeros_like(flat) if self.reduce_bias is None else self.reduce_bias.expand_as(flat).clone()
+        if self.shared:
+            out += self.run_experts(flat, 0, self.shared)
+        return out
+
+    def run_one_token(self, flat: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+        out = self.start(flat)
+        for e in chosen:
+            out += self.run_experts(flat, e, 1)
+        return out
+
+    def run_grouped(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        first = self.shared
+        rows, ids, ends = moe_ops.expert_groups(chosen - first, self.experts - first)
+        pre = cpu_grouped_mm()(flat[rows], self.expand[first:].transpose(1, 2), offs=ends)
+        if self.expand_bias is not None:  # grouped_mm takes no bias on the CPU
+            pre = pre + self.expand_bias[first:][ids]
+        routed = cpu_grouped_mm()(self.channels(pre), self.reduce_t[first:], offs=ends)
+        return self.start(flat).index_add_(0, rows, routed)
+
+    def run_masked(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         size = self.intermediate // self.experts
         bias = None if self.expand_bias is None else self.expand_bias.reshape(-1)
         pre = F.linear(flat, self.expand.reshape(-1, self.hidden), bias).reshape(-1, self.experts, self.expand.shape[1])
@@ -89,9 +144,7 @@ class MoEFFN(nn.Module):
         keep[:, : self.shared] = 1
         keep.scatter_(1, chosen[..., None], 1)
         out = (h * keep).reshape(-1, self.experts * size) @ self.reduce_t.reshape(-1, self.hidden)
-        if self.reduce_bias is not None:
-            out += self.reduce_bias
-        return out.reshape(x.shape)
+        return out if self.reduce_bias is None else out + self.reduce_bias
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.experts}, "

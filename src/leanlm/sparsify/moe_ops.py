@@ -107,3 +107,13 @@ def top_recall(predicted: torch.Tensor, actual: torch.Tensor, top_k: int) -> flo
     true = actual.topk(top_k, dim=1).indices
     hits = (pick[:, :, None] == true[:, None, :]).any(-1).float().sum(1)
     return (hits / top_k).mean().item()
+
+
+
+def expert_groups(chosen: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the (row, expert) pairs of `chosen` ([rows, top_k], ids in [0, experts)) by expert, for a
+    grouped product: (rows, ids, ends) per pair, ends[e] the int32 end of expert e's run."""
+    pairs = chosen.reshape(-1)
+    order = pairs.argsort(stable=True)
+    ends = torch.bincount(pairs, minlength=experts).cumsum(0).to(torch.int32)
+    return order // chosen.shape[1], pairs[order], ends
