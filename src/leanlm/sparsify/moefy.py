@@ -214,9 +214,9 @@ def check_all_experts(moe: MoEFFN, observe, expected: list[torch.Tensor], index:
         raise LeanLMError(f"block {index}: the experts together differ from the dense FFN by {diff:.3g}")
 
 
-def relative_error(h: torch.Tensor, keep: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor) -> float:
-    """||routed(keep * h) - dense(h)|| / ||dense(h)|| over calibration rows (down projections only)."""
-    target = h @ dense.T
+def relative_error(h: torch.Tensor, keep: torch.Tensor, routed: torch.Tensor, target: torch.Tensor) -> float:
+    """||routed(keep * h) - target|| / ||target|| over calibration rows, target the dense down projection's
+    output."""
     return ((h * keep) @ routed.T - target).norm().item() / max(target.norm().item(), 1e-12)
 
 
@@ -245,11 +245,12 @@ def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, dev
         replace_module(block, name, moe)
         check_all_experts(moe, observe, expected, index)
         keep = routed_channels(x @ router[0].T + router[1], assign, config.shared, config.top_k)
-        stats = {"router_recall": recall, "ffn_error": relative_error(h, keep, weight, weight)}
+        target = h @ weight.T
+        stats = {"router_recall": recall, "ffn_error": relative_error(h, keep, weight, target)}
         if config.refit:
             refit = refit_down(h, weight, keep, config.damp)
             set_down(moe, refit, assign)
-            stats["ffn_error_refit"] = relative_error(h, keep, weight, refit)
+            stats["ffn_error_refit"] = relative_error(h, keep, refit, target)
         return stats
 
     results = process_layerwise(model, calibration, one_block, device=device, batch_size=config.batch_size,
