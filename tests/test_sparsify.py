@@ -269,6 +269,16 @@ def test_moe_ffn_grouped_experts_match_the_masked_ffn_and_the_one_token_loop(gat
     assert (ffn.route(flat)[:, 0] == shared).all()
 
 
+def test_expert_contributions_are_the_norms_of_each_experts_output():
+    g = torch.Generator().manual_seed(0)
+    h, down = torch.randn(40, 12, generator=g), torch.randn(5, 12, generator=g)
+    assign = torch.tensor([0, 1, 2] * 4)
+    got = moe_ops.expert_contributions(h, down, assign, 3)
+    for e in range(3):
+        cols = assign == e
+        torch.testing.assert_close(got[:, e], (h[:, cols] @ down[:, cols].T).norm(dim=1))
+
+
 def test_refit_down_compensates_for_dropped_channels():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(3000, 6, generator=g)
