@@ -1,7 +1,7 @@
 """CPU speed of a MoE-fied model against its dense original: prompts, batched and batch-1 decode, interleaved.
 
     leanlm optimize --recipe moefy --out moefy-out        # makes the MoE checkpoint (about 10 minutes)
-    python benchmarks/bench_moe_dispatch.py moefy-out/model [--rounds 7]
+    python benchmarks/bench_moe_dispatch.py moefy-out/model [--rounds 7] [--dtype bfloat16]
                                             [--out benchmarks/results/moe_dispatch.json]
 The MoE model is timed twice: as it runs (many rows: each routed expert on the rows that chose it, as
 one batched product; one row: the chosen experts' slices) and with every path forced to the masked
@@ -69,12 +69,15 @@ def main() -> None:
     parser.add_argument("moe", help="a MoE-fied leanlm checkpoint (the model/ of `leanlm optimize --recipe moefy`)")
     parser.add_argument("--dense", default=DEFAULT_MODEL, help="the model it was made from")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="both models cast to this after loading (a checkpoint loads as saved)")
     parser.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
     args = parser.parse_args()
-    moe = load_model(args.moe, "cpu", "float32").model
+    dtype = getattr(torch, args.dtype)
+    moe = load_model(args.moe, "cpu").model.to(dtype)
     if not any(isinstance(m, MoEFFN) for m in moe.modules()):
         raise SystemExit(f"{args.moe} has no MoE-fied FFN; make one with `leanlm optimize --recipe moefy`")
-    variants = {"dense": (load_model(args.dense, "cpu", "float32").model, contextlib.nullcontext),
+    variants = {"dense": (load_model(args.dense, "cpu").model.to(dtype), contextlib.nullcontext),
                 "moe": (moe, contextlib.nullcontext), "moe, masked": (moe, masked_everywhere)}
     gen = torch.Generator().manual_seed(0)
     prompts = {shape: torch.randint(100, 20000, (rows, length), generator=gen)
@@ -93,7 +96,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "moe": args.moe, "dense": args.dense,
                                           "threads": torch.get_num_threads(), "rounds": args.rounds,
-                                          "results": table}, indent=1))
+                                          "dtype": args.dtype, "results": table}, indent=1))
     print(f"wrote {args.out}")
 
 

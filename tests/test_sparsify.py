@@ -261,6 +261,7 @@ def test_moe_ffn_grouped_experts_match_the_masked_ffn_and_the_one_token_loop(gat
     masked = ffn.run_masked(flat, chosen)
     # 48 channels make experts of 6: rows of 24 bytes, which F.grouped_mm refuses, so they run masked
     assert ffn.groupable(flat) == (moe_ffn.cpu_grouped_mm() is not None and intermediate == 64)
+    assert not ffn.groupable(flat.bfloat16())  # bfloat16 groups only from BF16_GROUPED_MIN_ROWS rows
     if ffn.groupable(flat):  # what many rows run on the CPU
         torch.testing.assert_close(ffn.run_grouped(flat, chosen), masked, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ffn(x).reshape(-1, 16), masked, atol=1e-4, rtol=1e-4)

@@ -3,14 +3,16 @@ contiguous slice), the first `shared` of them always on, a linear router over th
 top-k routed experts computed per token.
 
 One token (batch-1 decode) computes only the shared experts (one product, as they are contiguous) and
-its chosen experts' slices, so the FFN bytes read per token scale with (shared + top_k) / experts.
+its chosen experts' slices, so the FFN bytes read per token scale with (shared + top_k) / experts
+(except in bfloat16: see BF16_GROUPED_MIN_ROWS).
 Many tokens (prompts, batched decode) on the CPU run the shared experts on every row and each routed
 expert on just the rows that chose it, all routed experts in one grouped product (torch's
 `F.grouped_mm`, where it runs on the CPU). Per-expert Python products cost more in dispatch than they
 save below ~100 rows, and rows padded to the busiest expert lose it all to the router's imbalance (the
-busiest expert often gets 3-5x the mean). Elsewhere (another device, an older torch, experts whose rows
-are not a multiple of 16 bytes, a compiled graph, whose shapes must not depend on the routing) the full
-FFN runs and the unchosen experts' channels are zeroed: the same function.
+busiest expert often gets 3-5x the mean). Elsewhere (another device, bfloat16 below 512 rows, an
+older torch, experts whose rows are not a multiple of 16 bytes, a compiled graph, whose shapes must
+not depend on the routing) the full FFN runs and the unchosen experts' channels are zeroed: the same
+function.
 
 A biased FFN (GPT-2, GPT-NeoX) keeps each channel's bias with its expert; the output bias is added
 whatever the router picks, as the dense FFN adds it.
@@ -27,6 +29,12 @@ from transformers.activations import ACT2FN
 
 from leanlm.core.models import register_module
 from leanlm.sparsify import moe_ops
+
+
+# bfloat16 products run on oneDNN (AMX where the CPU has it), which grouped_mm's CPU path does not use:
+# masked was faster below this (BENCHMARKS.md, session 17: grouped 0.51x at 8 rows, 0.93x at 256, 1.22x at
+# 512), and at one row even than the expert loop (18.6 against 22.7 ms for the 30 FFNs)
+BF16_GROUPED_MIN_ROWS = 512
 
 
 @functools.cache
@@ -98,8 +106,8 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.hidden)
         chosen = self.route(flat)
-        if flat.shape[0] == 1 and not torch.compiler.is_compiling():  # the expert loop reads ids on the host
-            out = self.run_one_token(flat, chosen[0].tolist())
+        if flat.shape[0] == 1 and flat.dtype != torch.bfloat16 and not torch.compiler.is_compiling():
+            out = self.run_one_token(flat, chosen[0].tolist())  # the expert loop reads ids on the host
         elif self.groupable(flat):
             out = self.run_grouped(flat, chosen)
         else:
@@ -110,6 +118,8 @@ class MoEFFN(nn.Module):
         """Whether many rows can run as one grouped product: F.grouped_mm on the CPU, outside a compiled
         graph, with every row of its operands a multiple of 16 bytes (an expert of 48 float32 channels is)."""
         width = flat.element_size()
+        if flat.dtype == torch.bfloat16 and flat.shape[0] < BF16_GROUPED_MIN_ROWS:
+            return False
         return (flat.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_grouped_mm() is not None
                 and (self.hidden * width) % 16 == 0 and (self.intermediate // self.experts * width) % 16 == 0)
 
