@@ -4,7 +4,8 @@ top-k routed experts computed per token.
 
 One token (batch-1 decode) computes only the shared experts (one product, as they are contiguous) and
 its chosen experts' slices, so the FFN bytes read per token scale with (shared + top_k) / experts
-(except in bfloat16: see BF16_GROUPED_MIN_ROWS).
+(not in bfloat16: see BF16_GROUPED_MIN_ROWS).
+
 Many tokens (prompts, batched decode) on the CPU run the shared experts on every row and each routed
 expert on just the rows that chose it, all routed experts in one grouped product (torch's
 `F.grouped_mm`, where it runs on the CPU). Per-expert Python products cost more in dispatch than they
@@ -116,7 +117,8 @@ class MoEFFN(nn.Module):
 
     def groupable(self, flat: torch.Tensor) -> bool:
         """Whether many rows can run as one grouped product: F.grouped_mm on the CPU, outside a compiled
-        graph, with every row of its operands a multiple of 16 bytes (an expert of 48 float32 channels is)."""
+        graph, with every row of its operands a multiple of 16 bytes (an expert of 48 float32 channels is),
+        and in bfloat16 only from BF16_GROUPED_MIN_ROWS rows."""
         width = flat.element_size()
         if flat.dtype == torch.bfloat16 and flat.shape[0] < BF16_GROUPED_MIN_ROWS:
             return False

@@ -112,7 +112,6 @@ def top_recall(predicted: torch.Tensor, actual: torch.Tensor, top_k: int) -> flo
     return (hits / top_k).mean().item()
 
 
-
 def expert_groups(chosen: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the (row, expert) pairs of `chosen` ([rows, top_k], ids in [0, experts)) by expert, for a
     grouped product: (rows, ids, ends) per pair, ends[e] the int32 end of expert e's run."""
