@@ -314,6 +314,22 @@ def test_moefy_with_shared_experts_and_refit(tiny_dir, tmp_path, calibration):
     assert_round_trip(m.model, m.tokenizer, tmp_path / "moe", routed)  # one-token loop (shared slice) vs full
 
 
+def test_per_linear_methods_refuse_to_pass_over_moe_experts(tiny_dir, calibration):
+    from leanlm.prune import MagnitudeConfig, prune_
+    from leanlm.quantize import RTNConfig, quantize_
+
+    m = load_model(tiny_dir, device="cpu")
+    moefy_(m.model, MoefyConfig(experts=8, shared=2, top_k=2, rows=256), calibration)
+    with pytest.raises(ConfigError, match=r"cannot quantize the weights inside 2 MoEFFN .*add '\*\.mlp' to 'skip'"):
+        quantize_(m.model, RTNConfig(bits=8))
+    with pytest.raises(ConfigError, match="cannot prune the weights inside 2 MoEFFN"):
+        prune_(m.model, MagnitudeConfig(sparsity=0.5))
+    experts = [mod.expand.clone() for mod in m.model.modules() if isinstance(mod, MoEFFN)]
+    stats = quantize_(m.model, RTNConfig(bits=8, skip=["lm_head", "*.mlp"]))  # attention only, as asked
+    assert stats["layers_quantized"] == 4 * len(experts)
+    assert all(torch.equal(a, mod.expand) for a, mod in zip(experts, (x for x in m.model.modules() if isinstance(x, MoEFFN))))
+
+
 def test_moefy_all_experts_equal_dense_and_top_k_round_trips(tiny_dir, tmp_path, calibration):
     m = load_model(tiny_dir, device="cpu")
     with torch.no_grad():

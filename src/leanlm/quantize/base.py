@@ -40,7 +40,21 @@ def select_layers(model: nn.Module, targets: list[str], skip: list[str], verb: s
     unsupported = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if type(m) is not nn.Linear]
     if unsupported:
         raise ConfigError(f"cannot {verb} these layers: {', '.join(unsupported[:5])}; add them to 'skip' to leave them unquantized")
+    refuse_opaque_weights(model, targets, skip, verb)
     return chosen
+
+
+def refuse_opaque_weights(model: nn.Module, targets: list[str], skip: list[str], verb: str) -> None:
+    """Targeted modules that hold weights outside any linear layer (a MoE-fied FFN's stacked experts)
+    would otherwise be left as they are without a word."""
+    opaque = {n: m for n, m in model.named_modules()
+              if getattr(m, "opaque_weights", ()) and matches(n, targets) and not matches(n, skip)}
+    if opaque:
+        name, module = next(iter(opaque.items()))
+        pattern = "*." + name.rsplit(".", 1)[-1]
+        raise ConfigError(f"cannot {verb} the weights inside {len(opaque)} {type(module).__name__} module(s) "
+                          f"({name}, ...): they are not linear layers; add {pattern!r} to 'skip' to {verb} the "
+                          "other layers and leave these as they are")
 
 
 class ChecksLayers:

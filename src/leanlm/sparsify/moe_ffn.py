@@ -54,6 +54,10 @@ def cpu_grouped_mm():
 
 @register_module("moe_ffn")
 class MoEFFN(nn.Module):
+    # stacked expert weights: methods that work one nn.Linear at a time (quantization, pruning) cannot
+    # reach them, and select_layers refuses a selection that would silently leave them out
+    opaque_weights = ("expand", "reduce_t")
+
     def __init__(self, hidden: int, intermediate: int, experts: int, top_k: int, gated: bool, activation: str,
                  dtype: torch.dtype = torch.float32, device=None, bias: bool = False, shared: int = 0):
         super().__init__()
