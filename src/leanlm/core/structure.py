@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from leanlm.errors import UnsupportedModelError
+from leanlm.errors import ConfigError, UnsupportedModelError
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -110,6 +110,17 @@ def matches(name: str, patterns: list[str]) -> bool:
     """Glob match (`*.mlp.*`), also against the last name component (`lm_head`)."""
     last = name.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
+
+
+def refuse_opaque(modules: dict[str, str], targets: list[str], skip: list[str], verb: str) -> None:
+    """`modules` (name -> kind) hold weights outside any linear layer (a MoE-fied FFN's stacked experts):
+    a per-linear step whose selection takes them in would leave them as they are without a word."""
+    hit = [n for n in modules if matches(n, targets) and not matches(n, skip)]
+    if hit:
+        pattern = "*." + hit[0].rsplit(".", 1)[-1]
+        raise ConfigError(f"cannot {verb} the weights inside {len(hit)} {modules[hit[0]]} module(s) ({hit[0]}, ...): "
+                          f"they are not linear layers; add {pattern!r} to 'skip' to {verb} the other layers and "
+                          "leave these as they are")
 
 
 def check_config_describes(model: nn.Module, what: str) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from leanlm.core.config import Validated, parse_config, to_dict
+from leanlm.core.structure import refuse_opaque
 from leanlm.errors import ConfigError, LeanLMError
 
 
@@ -44,6 +45,10 @@ class StepConfig(Validated):
         """Refuse now what the step would refuse after minutes of work. `model` is None when an earlier
         step reshapes it; then only what does not depend on the model is checked."""
 
+    def opaque_modules(self, model: nn.Module) -> dict[str, str]:
+        """The modules (name -> kind) this step will leave holding weights that no per-linear step reaches."""
+        return {}
+
 
 @contextmanager
 def naming_step(index: int, step: StepConfig) -> Iterator[None]:
@@ -57,9 +62,14 @@ def naming_step(index: int, step: StepConfig) -> Iterator[None]:
 def check_steps(model: nn.Module, steps: list[StepConfig]) -> None:
     """Check every step before the baseline is measured, against the model as each step will see it."""
     current: nn.Module | None = model
+    opaque: dict[str, str] = {}  # what earlier steps will have turned into weights outside linear layers
     for i, step in enumerate(steps):
         with naming_step(i, step):
             step.check(current)
+            if opaque and hasattr(step, "targets"):
+                refuse_opaque(opaque, step.targets, getattr(step, "skip", []), getattr(step, "verb", step.type))
+            if current is not None:
+                opaque.update(step.opaque_modules(current))
         if step.reshapes_model:
             current = None
 

@@ -49,6 +49,7 @@ class PruneConfig(StepConfig):
     owl_lambda: float = 0.0  # > 0: non-uniform sparsity per block by outlier ratio (OWL), spread 2 x lambda
     owl_m: float = 5.0
     reshapes_model: ClassVar[bool] = False  # zeros weights in place
+    verb: ClassVar[str] = "prune"
 
     def validate(self) -> None:
         if self.sparsity is not None and not 0 <= self.sparsity < 1:

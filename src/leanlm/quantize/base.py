@@ -8,7 +8,7 @@ from typing import Callable, ClassVar
 from torch import nn
 
 from leanlm.core.layerwise import check_calibration
-from leanlm.core.structure import find_structure, linear_layers, matches, replace_module
+from leanlm.core.structure import find_structure, linear_layers, matches, refuse_opaque, replace_module
 from leanlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,8 @@ def select_layers(model: nn.Module, targets: list[str], skip: list[str], verb: s
 
 
 def refuse_opaque_weights(model: nn.Module, targets: list[str], skip: list[str], verb: str) -> None:
-    """Targeted modules that hold weights outside any linear layer (a MoE-fied FFN's stacked experts)
-    would otherwise be left as they are without a word."""
-    opaque = {n: m for n, m in model.named_modules()
-              if getattr(m, "opaque_weights", ()) and matches(n, targets) and not matches(n, skip)}
-    if opaque:
-        name, module = next(iter(opaque.items()))
-        pattern = "*." + name.rsplit(".", 1)[-1]
-        raise ConfigError(f"cannot {verb} the weights inside {len(opaque)} {type(module).__name__} module(s) "
-                          f"({name}, ...): they are not linear layers; add {pattern!r} to 'skip' to {verb} the "
-                          "other layers and leave these as they are")
+    refuse_opaque({n: type(m).__name__ for n, m in model.named_modules() if getattr(m, "opaque_weights", ())},
+                  targets, skip, verb)
 
 
 class ChecksLayers:

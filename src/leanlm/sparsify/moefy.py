@@ -64,6 +64,13 @@ class MoefyConfig(StepConfig):
         mlp_of(first, find_ffn(first, hidden, intermediate))  # refuse an FFN without its own module
 
 
+    def opaque_modules(self, model: nn.Module) -> dict[str, str]:
+        hidden, intermediate = ffn_dims(model, "MoE-fication")
+        structure = find_structure(model)
+        return {f"{prefix}.{mlp_of(block, find_ffn(block, hidden, intermediate))[0]}": MoEFFN.__name__
+                for prefix, block in zip(structure.block_names(), structure.blocks)}
+
+
 def _splits(width: int) -> list[int]:
     return [k for k in (2, 4, 8, 16, 32, 64, 128) if width % k == 0]
 
