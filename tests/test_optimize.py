@@ -185,6 +185,8 @@ def test_partial_outputs_of_dead_processes_are_removed(tmp_path, caplog):
      r"steps\[1\] \(rtn\): cannot quantize the weights inside 2 MoEFFN module\(s\) \(model.layers.0.mlp, ...\)"),
     ([{"type": "moefy", "experts": 8, "shared": 2, "top_k": 2}, {"type": "wanda"}],
      r"steps\[1\] \(wanda\): cannot prune the weights inside .*add '\*\.mlp' to 'skip'"),
+    ([{"type": "moefy", "experts": 8, "shared": 2, "top_k": 2}, {"type": "finetune"}],
+     r"steps\[1\] \(finetune\): LoRA cannot wrap the weights inside 2 MoEFFN .*or use method: full"),
 ])
 def test_steps_are_checked_against_the_model_before_the_baseline(tmp_path, tiny_dir, eval_text, monkeypatch, steps,
                                                                  message):
@@ -213,13 +215,15 @@ def test_steps_after_a_reshaping_step_are_checked_when_they_run(tmp_path, tiny_d
     assert not (tmp_path / "out").exists()
 
 
-def test_per_linear_steps_after_moefy_pass_the_check_when_they_skip_the_experts(tiny_dir):
+def test_per_linear_steps_after_moefy_pass_the_check_when_they_leave_out_the_experts(tiny_dir):
     from leanlm.pipeline.steps import check_steps
 
     model = load_model(tiny_dir, device="cpu").model
     moefy = {"type": "moefy", "experts": 8, "shared": 2, "top_k": 2}
     check_steps(model, _recipe(moefy, {"type": "rtn", "bits": 8, "skip": ["lm_head", "*.mlp"]}).steps)
     check_steps(model, _recipe(moefy, {"type": "rtn", "bits": 8, "targets": ["*proj"]}).steps)
+    check_steps(model, _recipe(moefy, {"type": "finetune", "targets": ["*.self_attn.*"]}).steps)
+    check_steps(model, _recipe(moefy, {"type": "finetune", "method": "full"}).steps)
 
 
 def test_a_recipe_without_steps_is_refused_before_any_work(tmp_path, tiny_dir, monkeypatch):

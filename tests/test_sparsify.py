@@ -315,6 +315,7 @@ def test_moefy_with_shared_experts_and_refit(tiny_dir, tmp_path, calibration):
 
 
 def test_per_linear_methods_refuse_to_pass_over_moe_experts(tiny_dir, calibration):
+    from leanlm.finetune.lora import lora_targets
     from leanlm.prune import MagnitudeConfig, prune_
     from leanlm.quantize import RTNConfig, quantize_
 
@@ -324,6 +325,9 @@ def test_per_linear_methods_refuse_to_pass_over_moe_experts(tiny_dir, calibratio
         quantize_(m.model, RTNConfig(bits=8))
     with pytest.raises(ConfigError, match="cannot prune the weights inside 2 MoEFFN"):
         prune_(m.model, MagnitudeConfig(sparsity=0.5))
+    with pytest.raises(ConfigError, match="LoRA cannot wrap the weights inside 2 MoEFFN"):
+        lora_targets(m.model, ["*"])
+    assert all("self_attn" in n for n in lora_targets(m.model, ["*.self_attn.*"])[0])
     experts = [mod.expand.clone() for mod in m.model.modules() if isinstance(mod, MoEFFN)]
     stats = quantize_(m.model, RTNConfig(bits=8, skip=["lm_head", "*.mlp"]))  # attention only, as asked
     assert stats["layers_quantized"] == 4 * len(experts)

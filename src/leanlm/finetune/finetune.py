@@ -21,7 +21,7 @@ from leanlm.core.models import QUANTIZED_MODULES
 from leanlm.core.train_data import IGNORE, Examples, chat_examples, is_chat_file, text_examples
 from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
 from leanlm.errors import ConfigError
-from leanlm.finetune.lora import add_lora, lora_targets, trainable_counts
+from leanlm.finetune.lora import add_lora, lora_targets, refuse_opaque_targets, trainable_counts
 from leanlm.finetune.qlora import add_qlora, merge_qlora
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 
@@ -54,6 +54,10 @@ class FinetuneConfig(StepConfig):
     def check(self, model: nn.Module | None) -> None:
         if self.data is not None:
             data_files(self.data)
+
+    def check_opaque(self, opaque: dict[str, str]) -> None:
+        if self.method == "lora":
+            refuse_opaque_targets(opaque, self.targets)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:

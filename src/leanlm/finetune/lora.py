@@ -18,6 +18,8 @@ def lora_targets(model: nn.Module, patterns: list[str]) -> tuple[list[str], bool
     are leanlm-quantized layers (QLoRA) rather than float nn.Linear (PEFT LoRA)."""
     prefixes = tuple(f"{n}." for n in find_structure(model).block_names())
     inside = {n: m for n, m in model.named_modules() if n.startswith(prefixes) and matches(n, patterns)}
+    refuse_opaque_targets({n: type(m).__name__ for n, m in inside.items() if getattr(m, "opaque_weights", ())},
+                          patterns)
     quantized = [n for n, m in inside.items() if type(m) in QUANTIZED_MODULES.values()]
     floats = [n for n, m in inside.items() if isinstance(m, nn.Linear)]
     if quantized and floats:
@@ -30,6 +32,15 @@ def lora_targets(model: nn.Module, patterns: list[str]) -> tuple[list[str], bool
         raise ConfigError(f"LoRA target patterns {patterns} match no linear layer inside the decoder blocks "
                           f"(e.g. {example}); use globs like '*.self_attn.*' or '*proj'")
     return quantized or floats, bool(quantized)
+
+
+def refuse_opaque_targets(opaque: dict[str, str], patterns: list[str]) -> None:
+    """PEFT wraps linear layers; a MoE-fied FFN's stacked experts matched by `patterns` would get no adapter."""
+    hit = [n for n in opaque if matches(n, patterns)]
+    if hit:
+        raise ConfigError(f"LoRA cannot wrap the weights inside {len(hit)} {opaque[hit[0]]} module(s) ({hit[0]}, ...): "
+                          "they are not linear layers; narrow 'targets' to the other layers (e.g. '*.self_attn.*'), "
+                          "or use method: full, which trains them too")
 
 
 def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int = 0):

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from leanlm.core.config import Validated, parse_config, to_dict
-from leanlm.core.structure import refuse_opaque
 from leanlm.errors import ConfigError, LeanLMError
 
 
@@ -49,6 +48,10 @@ class StepConfig(Validated):
         """The modules (name -> kind) this step will leave holding weights that no per-linear step reaches."""
         return {}
 
+    def check_opaque(self, opaque: dict[str, str]) -> None:
+        """Refuse a selection that takes in `opaque` modules (what earlier steps' `opaque_modules` named),
+        which a per-linear step would pass over."""
+
 
 @contextmanager
 def naming_step(index: int, step: StepConfig) -> Iterator[None]:
@@ -66,8 +69,7 @@ def check_steps(model: nn.Module, steps: list[StepConfig]) -> None:
     for i, step in enumerate(steps):
         with naming_step(i, step):
             step.check(current)
-            if opaque and hasattr(step, "targets"):
-                refuse_opaque(opaque, step.targets, getattr(step, "skip", []), getattr(step, "verb", step.type))
+            step.check_opaque(opaque)
             if current is not None:
                 opaque.update(step.opaque_modules(current))
         if step.reshapes_model:

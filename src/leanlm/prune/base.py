@@ -17,7 +17,7 @@ from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.steps import StepConfig
 from leanlm.prune.prune_ops import outlier_ratio, owl_sparsities, parse_pattern
-from leanlm.quantize.base import layers_by_block, select_layers
+from leanlm.quantize.base import ChecksLayers, layers_by_block, select_layers
 
 PRUNERS: dict[type, Callable] = {}
 
@@ -39,7 +39,7 @@ def prune_(model: nn.Module, config, **kwargs) -> dict:
 
 
 @dataclass
-class PruneConfig(StepConfig):
+class PruneConfig(ChecksLayers, StepConfig):
     """Shared options: a target sparsity (default 0.5), or an N:M pattern ('2:4' keeps 2 of every 4
     weights), which fixes the sparsity at 1 - N/M."""
     sparsity: float | None = None

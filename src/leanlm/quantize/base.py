@@ -59,6 +59,9 @@ class ChecksLayers:
             layers = select_layers(model, self.targets, self.skip, verb=self.verb)
             check_group_size(layers, getattr(self, "group_size", None))
 
+    def check_opaque(self, opaque: dict[str, str]) -> None:
+        refuse_opaque(opaque, self.targets, self.skip, self.verb)
+
 
 def valid_group_sizes(dim: int) -> list[int]:
     return [g for g in (32, 64, 128, 256) if dim % g == 0]
