@@ -260,7 +260,7 @@ def test_moe_ffn_grouped_experts_match_the_masked_ffn_and_the_one_token_loop(gat
     chosen = ffn.route(flat)
     masked = ffn.run_masked(flat, chosen)
     # 48 channels make experts of 6: rows of 24 bytes, which F.grouped_mm refuses, so they run masked
-    assert ffn.groupable(flat) == (moe_ffn.cpu_grouped_mm() is not None and intermediate == 64)
+    assert ffn.groupable(flat) == (moe_ffn.cpu_grouped_mm(torch.float32) is not None and intermediate == 64)
     assert not ffn.groupable(flat.bfloat16())  # bfloat16 groups only from BF16_GROUPED_MIN_ROWS rows
     if ffn.groupable(flat):  # what many rows run on the CPU
         torch.testing.assert_close(ffn.run_grouped(flat, chosen), masked, atol=1e-4, rtol=1e-4)
@@ -268,6 +268,8 @@ def test_moe_ffn_grouped_experts_match_the_masked_ffn_and_the_one_token_loop(gat
     loop = torch.cat([ffn(row[None]) for row in flat])
     torch.testing.assert_close(loop, masked, atol=1e-4, rtol=1e-4)
     assert (ffn.route(flat)[:, 0] == shared).all()
+    ffn.double()  # a dtype grouped_mm may not run on the CPU (torch 2.13 does not): whichever path, the same result
+    torch.testing.assert_close(ffn(x.double()).reshape(-1, 16), ffn.run_masked(flat.double(), chosen))
 
 
 def test_expert_contributions_are_the_norms_of_each_experts_output():

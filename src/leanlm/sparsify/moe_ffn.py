@@ -11,9 +11,9 @@ expert on just the rows that chose it, all routed experts in one grouped product
 `F.grouped_mm`, where it runs on the CPU). Per-expert Python products cost more in dispatch than they
 save below ~100 rows, and rows padded to the busiest expert lose it all to the router's imbalance (the
 busiest expert often gets 3-5x the mean). Elsewhere (another device, bfloat16 below 512 rows, an
-older torch, experts whose rows are not a multiple of 16 bytes, a compiled graph, whose shapes must
-not depend on the routing) the full FFN runs and the unchosen experts' channels are zeroed: the same
-function.
+older torch or a dtype it does not run on the CPU, experts whose rows are not a multiple of 16 bytes,
+a compiled graph, whose shapes must not depend on the routing) the full FFN runs and the unchosen
+experts' channels are zeroed: the same function.
 
 A biased FFN (GPT-2, GPT-NeoX) keeps each channel's bias with its expert; the output bias is added
 whatever the router picks, as the dense FFN adds it.
@@ -39,17 +39,18 @@ BF16_GROUPED_MIN_ROWS = 512
 
 
 @functools.cache
-def cpu_grouped_mm():
-    """torch's F.grouped_mm if this torch has it and runs it on the CPU (it came CUDA-first), else None."""
+def cpu_grouped_mm(dtype: torch.dtype):
+    """torch's F.grouped_mm if this torch has it and runs it on the CPU in `dtype` (it came CUDA-first,
+    bfloat16 only), else None."""
     grouped_mm = getattr(F, "grouped_mm", None)
     if grouped_mm is None:
         return None
-    rows, weights = torch.ones(3, 4), torch.ones(2, 4, 8)
+    rows, weights = torch.ones(3, 8, dtype=dtype), torch.ones(2, 8, 8, dtype=dtype)
     try:
         out = grouped_mm(rows, weights, offs=torch.tensor([1, 3], dtype=torch.int32))
     except (RuntimeError, NotImplementedError):
         return None
-    return grouped_mm if torch.equal(out, torch.full((3, 8), 4.0)) else None
+    return grouped_mm if torch.equal(out, torch.full((3, 8), 8.0, dtype=dtype)) else None
 
 
 @register_module("moe_ffn")
@@ -121,12 +122,13 @@ class MoEFFN(nn.Module):
 
     def groupable(self, flat: torch.Tensor) -> bool:
         """Whether many rows can run as one grouped product: F.grouped_mm on the CPU, outside a compiled
-        graph, with every row of its operands a multiple of 16 bytes (an expert of 48 float32 channels is),
-        and in bfloat16 only from BF16_GROUPED_MIN_ROWS rows."""
+        graph, in a dtype it supports there, with every row of its operands a multiple of 16 bytes (an expert
+        of 48 float32 channels is), and in bfloat16 only from BF16_GROUPED_MIN_ROWS rows."""
         width = flat.element_size()
         if flat.dtype == torch.bfloat16 and flat.shape[0] < BF16_GROUPED_MIN_ROWS:
             return False
-        return (flat.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_grouped_mm() is not None
+        return (flat.device.type == "cpu" and not torch.compiler.is_compiling()
+                and cpu_grouped_mm(flat.dtype) is not None
                 and (self.hidden * width) % 16 == 0 and (self.intermediate // self.experts * width) % 16 == 0)
 
     def start(self, flat: torch.Tensor) -> torch.Tensor:
@@ -145,10 +147,10 @@ class MoEFFN(nn.Module):
     def run_grouped(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         first = self.shared
         rows, ids, ends = moe_ops.expert_groups(chosen - first, self.experts - first)
-        pre = cpu_grouped_mm()(flat[rows], self.expand[first:].transpose(1, 2), offs=ends)
+        pre = cpu_grouped_mm(flat.dtype)(flat[rows], self.expand[first:].transpose(1, 2), offs=ends)
         if self.expand_bias is not None:  # grouped_mm takes no bias on the CPU
             pre = pre + self.expand_bias[first:][ids]
-        routed = cpu_grouped_mm()(self.channels(pre), self.reduce_t[first:], offs=ends)
+        routed = cpu_grouped_mm(flat.dtype)(self.channels(pre), self.reduce_t[first:], offs=ends)
         return self.start(flat).index_add_(0, rows, routed)
 
     def run_masked(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
