@@ -186,7 +186,7 @@ def test_partial_outputs_of_dead_processes_are_removed(tmp_path, caplog):
     ([{"type": "moefy", "experts": 8, "shared": 2, "top_k": 2}, {"type": "wanda"}],
      r"steps\[1\] \(wanda\): cannot prune the weights inside .*add '\*\.mlp' to 'skip'"),
     ([{"type": "moefy", "experts": 8, "shared": 2, "top_k": 2}, {"type": "finetune"}],
-     r"steps\[1\] \(finetune\): LoRA cannot wrap the weights inside 2 MoEFFN .*or use method: full"),
+     r"steps\[1\] \(finetune\): cannot train LoRA on the weights inside 2 MoEFFN .*or use method: full"),
 ])
 def test_steps_are_checked_against_the_model_before_the_baseline(tmp_path, tiny_dir, eval_text, monkeypatch, steps,
                                                                  message):

@@ -327,7 +327,7 @@ def test_per_linear_methods_refuse_to_pass_over_moe_experts(tiny_dir, calibratio
         quantize_(m.model, RTNConfig(bits=8))
     with pytest.raises(ConfigError, match="cannot prune the weights inside 2 MoEFFN"):
         prune_(m.model, MagnitudeConfig(sparsity=0.5))
-    with pytest.raises(ConfigError, match="LoRA cannot wrap the weights inside 2 MoEFFN"):
+    with pytest.raises(ConfigError, match="cannot train LoRA on the weights inside 2 MoEFFN"):
         lora_targets(m.model, ["*"])
     assert all("self_attn" in n for n in lora_targets(m.model, ["*.self_attn.*"])[0])
     experts = [mod.expand.clone() for mod in m.model.modules() if isinstance(mod, MoEFFN)]

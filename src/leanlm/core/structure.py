@@ -112,15 +112,22 @@ def matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
 
 
-def refuse_opaque(modules: dict[str, str], targets: list[str], skip: list[str], verb: str) -> None:
-    """`modules` (name -> kind) hold weights outside any linear layer (a MoE-fied FFN's stacked experts):
-    a per-linear step whose selection takes them in would leave them as they are without a word."""
+def opaque_modules(model: nn.Module) -> dict[str, str]:
+    """Modules (name -> kind) that hold weights outside any linear layer (a MoE-fied FFN's stacked
+    experts), which methods working one linear layer at a time cannot reach."""
+    return {n: type(m).__name__ for n, m in model.named_modules() if getattr(m, "opaque_weights", ())}
+
+
+def refuse_opaque(modules: dict[str, str], targets: list[str], skip: list[str], verb: str,
+                  fix: str | None = None) -> None:
+    """A per-linear step whose selection takes in opaque `modules` would leave them as they are without
+    a word; `fix` says what to do instead (default: the `skip` pattern that leaves them out)."""
     hit = [n for n in modules if matches(n, targets) and not matches(n, skip)]
     if hit:
         pattern = "*." + hit[0].rsplit(".", 1)[-1]
+        fix = fix or f"add {pattern!r} to 'skip' to {verb} the other layers and leave these as they are"
         raise ConfigError(f"cannot {verb} the weights inside {len(hit)} {modules[hit[0]]} module(s) ({hit[0]}, ...): "
-                          f"they are not linear layers; add {pattern!r} to 'skip' to {verb} the other layers and "
-                          "leave these as they are")
+                          f"they are not linear layers; {fix}")
 
 
 def check_config_describes(model: nn.Module, what: str) -> None:

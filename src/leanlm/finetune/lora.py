@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from leanlm.core.models import QUANTIZED_MODULES, parameter_count
-from leanlm.core.structure import find_structure, matches
+from leanlm.core.structure import find_structure, matches, opaque_modules, refuse_opaque
 from leanlm.errors import ConfigError
 
 
@@ -18,8 +18,7 @@ def lora_targets(model: nn.Module, patterns: list[str]) -> tuple[list[str], bool
     are leanlm-quantized layers (QLoRA) rather than float nn.Linear (PEFT LoRA)."""
     prefixes = tuple(f"{n}." for n in find_structure(model).block_names())
     inside = {n: m for n, m in model.named_modules() if n.startswith(prefixes) and matches(n, patterns)}
-    refuse_opaque_targets({n: type(m).__name__ for n, m in inside.items() if getattr(m, "opaque_weights", ())},
-                          patterns)
+    refuse_opaque_targets({n: kind for n, kind in opaque_modules(model).items() if n.startswith(prefixes)}, patterns)
     quantized = [n for n, m in inside.items() if type(m) in QUANTIZED_MODULES.values()]
     floats = [n for n, m in inside.items() if isinstance(m, nn.Linear)]
     if quantized and floats:
@@ -35,12 +34,9 @@ def lora_targets(model: nn.Module, patterns: list[str]) -> tuple[list[str], bool
 
 
 def refuse_opaque_targets(opaque: dict[str, str], patterns: list[str]) -> None:
-    """PEFT wraps linear layers; a MoE-fied FFN's stacked experts matched by `patterns` would get no adapter."""
-    hit = [n for n in opaque if matches(n, patterns)]
-    if hit:
-        raise ConfigError(f"LoRA cannot wrap the weights inside {len(hit)} {opaque[hit[0]]} module(s) ({hit[0]}, ...): "
-                          "they are not linear layers; narrow 'targets' to the other layers (e.g. '*.self_attn.*'), "
-                          "or use method: full, which trains them too")
+    """PEFT wraps linear layers: a MoE-fied FFN's stacked experts matched by `patterns` would get no adapter."""
+    refuse_opaque(opaque, patterns, [], "train LoRA on", fix="narrow 'targets' to the other layers (e.g. "
+                  "'*.self_attn.*'), or use method: full, which trains them too")
 
 
 def add_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int = 0):

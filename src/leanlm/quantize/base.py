@@ -8,7 +8,8 @@ from typing import Callable, ClassVar
 from torch import nn
 
 from leanlm.core.layerwise import check_calibration
-from leanlm.core.structure import find_structure, linear_layers, matches, refuse_opaque, replace_module
+from leanlm.core.structure import (find_structure, linear_layers, matches, opaque_modules, refuse_opaque,
+                                   replace_module)
 from leanlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,8 @@ def select_layers(model: nn.Module, targets: list[str], skip: list[str], verb: s
     unsupported = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if type(m) is not nn.Linear]
     if unsupported:
         raise ConfigError(f"cannot {verb} these layers: {', '.join(unsupported[:5])}; add them to 'skip' to leave them unquantized")
-    refuse_opaque_weights(model, targets, skip, verb)
+    refuse_opaque(opaque_modules(model), targets, skip, verb)
     return chosen
-
-
-def refuse_opaque_weights(model: nn.Module, targets: list[str], skip: list[str], verb: str) -> None:
-    refuse_opaque({n: type(m).__name__ for n, m in model.named_modules() if getattr(m, "opaque_weights", ())},
-                  targets, skip, verb)
 
 
 class ChecksLayers:
