@@ -12,6 +12,13 @@ def test_benchmark_reports_every_figure(tiny):
     assert out["ttft_s"] == pytest.approx(32 / out["prefill_tps"])
 
 
+def test_benchmark_refuses_a_path_for_a_loaded_model(tiny_dir):
+    from leanlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="benchmark takes a LoadedModel .*got PosixPath; build one with leanlm.load_model"):
+        benchmark(tiny_dir)
+
+
 def test_benchmark_names_the_kernels_of_a_quantized_model(tiny_dir):
     from leanlm import kernels
     from leanlm.core.models import load_model

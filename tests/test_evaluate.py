@@ -6,7 +6,7 @@ import torch
 
 from leanlm.core.data import default_corpus, tokenize
 from leanlm.core.evaluate import evaluate, eval_windows, load_tasks, prepare_reference, score_tasks, score_windows, Task
-from leanlm.errors import DataError
+from leanlm.errors import ConfigError, DataError
 from tests.conftest import tiny_llama
 
 
@@ -112,6 +112,20 @@ def test_task_file_errors(tmp_path):
 def test_evaluate_collects_everything(tiny):
     out = evaluate(tiny, eval_windows(tiny.tokenizer, default_corpus().eval[:8_000], 64), prompts=["def"])
     assert out["windows"] >= 1 and out["perplexity"] > 1 and "def" in out["generations"]
+
+
+def test_evaluate_takes_text_or_the_built_in_eval_split_and_refuses_what_it_cannot_score(tiny):
+    built_in = evaluate(tiny)
+    expected = score_windows(tiny.model, eval_windows(tiny.tokenizer, default_corpus().eval))["perplexity"]
+    assert built_in["perplexity"] == pytest.approx(expected)
+    text = default_corpus().eval[:20000]
+    assert evaluate(tiny, text)["perplexity"] == pytest.approx(evaluate(tiny, eval_windows(tiny.tokenizer, text))["perplexity"])
+    with pytest.raises(DataError, match="fewer than one 512-token window"):
+        evaluate(tiny, "too short")
+    with pytest.raises(DataError, match=r"windows must be a text or token ids, an integer tensor"):
+        evaluate(tiny, torch.rand(2, 8))
+    with pytest.raises(ConfigError, match="evaluate takes a LoadedModel .*got LlamaForCausalLM; build one with leanlm.load_model"):
+        evaluate(tiny.model)
 
 
 def test_logit_cache_keeps_the_newest_entries_when_full():

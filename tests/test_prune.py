@@ -5,7 +5,8 @@ from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.recipe import parse_recipe
 from leanlm.prune import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune_
 from leanlm.prune import prune_ops
-from leanlm.prune.base import finish
+from leanlm.prune.base import finish, register_pruner
+from leanlm.quantize import RTNConfig
 
 
 def correlated_inputs(n=1024, dim=64, seed=0):
@@ -72,9 +73,22 @@ def test_pattern_and_sparsity_are_checked():
         parse_recipe({"steps": [{"type": "magnitude", "sparsity": 1.0}]})
     with pytest.raises(ConfigError, match="looks like '2:4'"):
         parse_recipe({"steps": [{"type": "wanda", "pattern": "half"}]})
-    with pytest.raises(ConfigError, match="keep between 1 and 3"):
+    with pytest.raises(ConfigError, match="N must be between 1 and M - 1 = 3"):
         parse_recipe({"steps": [{"type": "sparsegpt", "pattern": "4:4"}]})
+    with pytest.raises(ConfigError, match="M must be at least 2"):
+        parse_recipe({"steps": [{"type": "sparsegpt", "pattern": "1:1"}]})
     assert parse_recipe({"steps": [{"type": "sparsegpt", "pattern": "2:4"}]}).steps[0].sparsity == 0.5
+
+
+def test_prune_dispatch_refuses_other_configs_models_and_a_second_handler(tiny):
+    with pytest.raises(ConfigError, match="prune_: no pruner for RTNConfig; known: .*MagnitudeConfig"):
+        prune_(tiny.model, RTNConfig())
+    with pytest.raises(ConfigError, match=r"must be a torch nn.Module \(a causal LM\); got OrderedDict: e.g. leanlm.load_model"):
+        prune_(tiny.model.state_dict(), MagnitudeConfig())
+    with pytest.raises(ConfigError, match="got LoadedModel: pass its .model, the nn.Module it holds"):
+        prune_(tiny, MagnitudeConfig())
+    with pytest.raises(ValueError, match="MagnitudeConfig has a pruner already"):
+        register_pruner(MagnitudeConfig)(lambda model, config: {})
 
 
 def test_pattern_that_does_not_divide_a_layer_is_refused(tiny):

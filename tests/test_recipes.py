@@ -4,7 +4,9 @@ import yaml
 from leanlm.core.bench import BenchConfig
 from leanlm.errors import ConfigError
 from leanlm.pipeline.recipe import dump_recipe, load_recipe, parse_recipe, shipped_recipes
+from leanlm.prune.depth import DepthConfig
 from leanlm.prune.magnitude import MagnitudeConfig
+from leanlm.prune.scan import ScanConfig
 from leanlm.prune.sparsegpt import SparseGPTConfig
 from leanlm.prune.wanda import WandaConfig
 from leanlm.prune.width import WidthConfig
@@ -47,6 +49,14 @@ def test_wrong_types_are_rejected():
         parse_recipe({"calibration": {"samples": 0}})
 
 
+def test_a_recipe_given_as_a_mapping_is_checked_like_yaml():
+    assert load_recipe({"steps": [{"type": "rtn", "bits": 8}]}).steps[0].bits == 8
+    with pytest.raises(ConfigError, match=r"recipe: unknown key 'stepz' \(did you mean 'steps'\?\)"):
+        load_recipe({"stepz": []})
+    with pytest.raises(ConfigError, match="a recipe is a YAML path, a shipped recipe's name or a mapping, got int"):
+        load_recipe(8)
+
+
 def test_unknown_recipe_name_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"neither a file nor a shipped recipe; shipped: .*default.*int8-rtn"):
         load_recipe("no-such-recipe")
@@ -86,10 +96,29 @@ def test_other_text_benchmark_checks_its_recipe_overrides_before_loading():
     (GPTQConfig, {"batch_size": 0}, "batch_size must be at least 1"),
     (WidthConfig, {"damp": 0.0}, "damp .* must be > 0"),
     (BenchConfig, {"repeats": 0}, "at least 1 .*repeats=0"),
+    (MagnitudeConfig, {"sparsity": "0.5"}, r"MagnitudeConfig.sparsity: '0.5' is not a valid float or null"),
+    (DepthConfig, {"blocks": 1.5}, r"DepthConfig.blocks: expected int, got 1.5"),
+    (GPTQConfig, {"skip": "lm_head"}, r"GPTQConfig.skip: expected a list, got 'lm_head'"),
+    (ScanConfig, {"skip": [3]}, r"ScanConfig.skip\[0\]: expected str, got 3"),
 ])
 def test_configs_built_in_python_are_checked_like_yaml(cls, options, message):
     with pytest.raises(ConfigError, match=message):
         cls(**options)
+
+
+def test_python_configs_take_what_yaml_takes_and_python_numbers_and_paths():
+    import numpy as np
+    from pathlib import Path
+
+    from leanlm.distill import DistillConfig
+
+    assert MagnitudeConfig(sparsity=0).sparsity == 0.0 and isinstance(MagnitudeConfig(sparsity=0).sparsity, float)
+    assert ScanConfig(skip=["lm_head"]).skip == ("lm_head",)
+    gptq = GPTQConfig(group_size=np.int64(64), damp=np.float32(0.02), skip=("lm_head",))
+    assert type(gptq.group_size) is int and type(gptq.damp) is float and gptq.skip == ["lm_head"]
+    assert DistillConfig(teacher=Path("/models/teacher")).teacher == "/models/teacher"
+    with pytest.raises(ConfigError, match="GPTQConfig.group_size: True is not a valid int or null"):
+        GPTQConfig(group_size=True)
 
 
 def test_a_pattern_sets_the_sparsity_it_implies_and_round_trips():

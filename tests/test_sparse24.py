@@ -150,7 +150,7 @@ def test_gguf_export_of_a_2of4_model_runs_the_pruned_weights(pruned_24, tmp_path
 def test_sparse24_refuses_dense_layers_and_unknown_keys(tiny):
     with pytest.raises(ConfigError, match=r"14 of 14 selected layers are not 2:4 .*pattern '2:4'"):
         sparse24_(tiny.model)
-    with pytest.raises(ConfigError, match="takes a Sparse24Config, got MagnitudeConfig"):
+    with pytest.raises(ConfigError, match="sparse24_: the config must be a Sparse24Config, got MagnitudeConfig"):
         sparse24_(tiny.model, MagnitudeConfig())
     with pytest.raises(ConfigError, match="no linear layer matches"):
         sparse24_(tiny.model, Sparse24Config(targets=["nothing*"]))

@@ -365,6 +365,10 @@ def test_moefy_bad_inputs(tiny_dir, calibration):
     m = load_model(tiny_dir, device="cpu")
     with pytest.raises(ConfigError, match="does not split into 7 equal experts"):
         moefy_(m.model, MoefyConfig(experts=7, shared=0, top_k=2), calibration)
+    with pytest.raises(ConfigError, match=r"40 tokens \(2 samples x 20\) are too few, give at least"):
+        moefy_(m.model, MoefyConfig(experts=4, shared=0, top_k=2), calibration[:2, :20])
+    with pytest.raises(ConfigError, match=r"moefy_: the config must be a MoefyConfig, got dict"):
+        moefy_(m.model, {"experts": 4}, calibration)
     m.model.config.__dict__["hidden_size"] = None
     with pytest.raises(UnsupportedModelError, match="no integer hidden_size; MoE-fication needs it"):
         moefy_(m.model, MoefyConfig(experts=4, shared=0, top_k=2), calibration)

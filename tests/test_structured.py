@@ -125,6 +125,10 @@ def test_width_bad_inputs(tokenizer, calibration):
         parse_recipe({"steps": [{"type": "width", "ffn_keep": 1.2}]})
     with pytest.raises(ConfigError, match="removes nothing"):
         prune_(tiny_llama(len(tokenizer)), WidthConfig(ffn_keep=0.9, multiple_of=64), calibration=calibration)
+    with pytest.warns(UserWarning, match=r"keeping 64 of 128 FFN channels \(50%\), not the 25% asked, .* multiples of 64"):
+        prune_(tiny_llama(len(tokenizer)), WidthConfig(ffn_keep=0.25, multiple_of=64), calibration=calibration)
+    with pytest.raises(ConfigError, match=r"prune_: the model must be a torch nn.Module .*got str"):
+        prune_("HuggingFaceTB/SmolLM2-135M", WidthConfig(), calibration=calibration)
     block = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     with pytest.raises(UnsupportedModelError, match="looked for nn.Linear layers 8 -> 32"):
         find_ffn(block, 8, 32)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from leanlm.core.models import DTYPES
+from leanlm.core.structure import check_arguments
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 
 
@@ -19,6 +20,7 @@ class CastConfig(StepConfig):
 
 
 def cast_(model: nn.Module, config: CastConfig) -> dict:
+    check_arguments("cast_", model, config, CastConfig)
     before = {p.dtype for p in model.parameters()}
     target = DTYPES[config.dtype]
     model.to(target)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from leanlm.core.config import Validated
 from leanlm.core.generate import decode_one_token, new_cache, prefill
-from leanlm.core.models import parameter_count
+from leanlm.core.models import check_loaded, parameter_count
 from leanlm.errors import ConfigError
 
 
@@ -145,6 +145,7 @@ def _quant_kernels(device: torch.device) -> str:
 
 def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
     """Benchmark one loaded model; prompts are random token ids (speed does not depend on content)."""
+    check_loaded(loaded, "benchmark")
     cfg = cfg or BenchConfig()
     model, device = loaded.model, loaded.device
     vocab = model.get_input_embeddings().num_embeddings

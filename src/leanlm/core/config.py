@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import numbers
+import os
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -18,10 +21,15 @@ T = TypeVar("T")
 
 
 class Validated:
-    """Dataclass mixin: `validate()` runs on construction, so a config built in Python is checked
-    exactly as one parsed from YAML."""
+    """Dataclass mixin: every field's type is checked and `validate()` runs on construction, so a
+    config built in Python is checked exactly as one parsed from YAML."""
 
     def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.init:
+                value = check_type(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}")
+                object.__setattr__(self, f.name, value)  # ints given for floats become floats
         self.validate()
 
     def validate(self) -> None:
@@ -54,6 +62,11 @@ def parse_config(cls: type[T], data: Any, where: str, ignore: tuple[str, ...] = 
     return obj
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def check_type(value: Any, hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
@@ -68,20 +81,30 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is list:
-        if not isinstance(value, list):
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if hint is type(None):
         if value is not None:
             raise ConfigError(f"{where}: expected null")
         return None
     if dataclasses.is_dataclass(hint):
-        return parse_config(hint, value, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return value if isinstance(value, hint) else parse_config(hint, value, where)
+    if isinstance(value, bool) and hint in (int, float):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, numbers.Integral):  # numpy and torch integers too
+        return int(value)
+    if hint is float and isinstance(value, numbers.Real):
         return float(value)
+    if hint is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
     if hint is Any:
         return value
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    if not isinstance(value, hint):
         raise ConfigError(f"{where}: expected {_describe(hint)}, got {value!r}")
     return value
 
@@ -92,7 +115,7 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(map(repr, args))
-    if origin is list:
+    if origin in (list, tuple):
         return f"list of {_describe(args[0])}" if args else "list"
     if hint is type(None):
         return "null"

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanlm.core.data import check_token_ids, make_windows, tokenize
+from leanlm.core.data import check_token_ids, default_corpus, make_windows, tokenize
 from leanlm.core.generate import generate_text
+from leanlm.core.models import check_loaded
 from leanlm.core.refcache import LogitCache, cache_key
 from leanlm.errors import DataError
 
@@ -194,9 +195,20 @@ def tallying(model: nn.Module) -> Iterator[dict]:
             layer.tally = None
 
 
-def evaluate(loaded, windows: torch.Tensor, reference: Reference | None = None, tasks: list[Task] | None = None,
-             prompts: list[str] | None = None, max_new_tokens: int = 32, desc: str = "evaluating") -> dict:
-    """All quality metrics of one model on the eval windows, as a flat dict (generations under 'generations')."""
+def evaluate(loaded, windows: torch.Tensor | str | None = None, reference: Reference | None = None,
+             tasks: list[Task] | None = None, prompts: list[str] | None = None, max_new_tokens: int = 32,
+             desc: str = "evaluating") -> dict:
+    """All quality metrics of one model on the eval windows, as a flat dict (generations under 'generations').
+
+    `windows`: token ids [n, length] (`eval_windows` builds them), a text to cut into 512-token windows,
+    or None for the eval split of the built-in corpus."""
+    check_loaded(loaded, "evaluate")
+    if windows is None or isinstance(windows, str):
+        text = default_corpus().eval if windows is None else windows
+        windows = eval_windows(loaded.tokenizer, text)
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"evaluate: windows must be a text or token ids, an integer tensor [windows, length]; got "
+                        f"{type(windows).__name__}")
     start = time.perf_counter()
     with tallying(loaded.model) as skipped:
         result = score_windows(loaded.model, windows, reference=reference, desc=desc)

@@ -22,7 +22,7 @@ from torch import nn
 
 from leanlm.core.builtin import BUILTIN_MODELS, ensure_builtin
 from leanlm.core.structure import replace_module
-from leanlm.errors import InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
+from leanlm.errors import ConfigError, InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,13 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def check_loaded(loaded: Any, verb: str) -> None:
+    """Refuse a raw path or module where a model with its tokenizer is needed, naming the fix."""
+    if not isinstance(loaded, LoadedModel):
+        raise ConfigError(f"{verb} takes a LoadedModel (a model with its tokenizer), got {type(loaded).__name__}; "
+                          "build one with leanlm.load_model(path_or_name)")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from leanlm.errors import ConfigError, UnsupportedModelError
+
+
+def check_arguments(verb: str, model: Any, config: Any = None, expected: type | None = None) -> None:
+    """Refuse, before any work, a call whose model is not a torch module or whose config is of another type
+    (either would otherwise fail as an AttributeError deep inside)."""
+    if not isinstance(model, nn.Module):
+        held = isinstance(getattr(model, "model", None), nn.Module)
+        fix = "pass its .model, the nn.Module it holds" if held else "e.g. leanlm.load_model(path).model"
+        raise ConfigError(f"{verb}: the model must be a torch nn.Module (a causal LM); got {type(model).__name__}: {fix}")
+    if expected is not None and not isinstance(config, expected):
+        raise ConfigError(f"{verb}: the config must be a {expected.__name__}, got {type(config).__name__}")
 
 
 def is_linear(module: nn.Module) -> bool:

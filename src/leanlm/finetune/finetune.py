@@ -18,6 +18,7 @@ from torch import nn
 from leanlm.core.config import to_dict
 from leanlm.core.data import data_files, read_text
 from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.structure import check_arguments
 from leanlm.core.train_data import IGNORE, Examples, chat_examples, is_chat_file, text_examples
 from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
 from leanlm.errors import ConfigError
@@ -83,6 +84,7 @@ def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: st
     """Train `model` as `config` says; returns the model to use next (merged, or the LoRA wrapper when
     merge is off) and the training stats. On a leanlm-quantized model the LoRA trains over the packed
     layers (QLoRA) and merging requantizes them; `calibration` supplies GPTQ's data for that."""
+    check_arguments("finetune_", model, config, FinetuneConfig)
     quantized = _check_quantized_base(model, config)
     train, validation = training_examples(tokenizer, config, text).split(config.train.validation_fraction)
     run_id = fingerprint(to_dict(config), source, len(train), train.input_ids[:2].tolist())

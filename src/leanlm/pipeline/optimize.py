@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_OUT = "leanlm-out"
 
 
-def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | None = None, data: str | None = None,
+def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | dict | None = None, data: str | None = None,
              out: str | Path = DEFAULT_OUT, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
              eval_data: str | None = None, tasks: str | None = None, bench: bool = True, resume: bool = False) -> dict:
     """Run a recipe on a model and write model/, recipe.yaml, report.json, report.md and chart.png to `out`.

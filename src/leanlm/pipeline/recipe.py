@@ -6,6 +6,7 @@ filled in, and the resolved recipe (with library versions) is saved beside every
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass, field
 from importlib import resources
@@ -82,9 +83,14 @@ def shipped_recipes() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
-def load_recipe(source: str | Path | None = None) -> Recipe:
-    """A recipe from a YAML path, or a shipped recipe by name (`int8-rtn`); None gives the default."""
+def load_recipe(source: str | Path | dict | None = None) -> Recipe:
+    """A recipe from a YAML path, a shipped recipe by name (`int8-rtn`) or a mapping as the YAML would
+    hold; None gives the default."""
     source = DEFAULT_RECIPE if source is None else source
+    if isinstance(source, dict):
+        return parse_recipe(source, "recipe")
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"a recipe is a YAML path, a shipped recipe's name or a mapping, got {type(source).__name__}")
     path = Path(source).expanduser()
     if not path.is_file():
         shipped = shipped_recipes()

@@ -7,35 +7,26 @@ actually reached: a layer left denser than asked is an error, never a silent res
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from leanlm.core.layerwise import InputRecorder, check_calibration, process_layerwise
+from leanlm.core.layerwise import InputRecorder, process_layerwise
+from leanlm.core.registry import Registry
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.steps import StepConfig
 from leanlm.prune.prune_ops import outlier_ratio, owl_sparsities, parse_pattern
 from leanlm.quantize.base import ChecksLayers, layers_by_block, select_layers
 
-PRUNERS: dict[type, Callable] = {}
-
-
-def register_pruner(config_cls: type) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        PRUNERS[config_cls] = fn
-        return fn
-    return wrap
+PRUNERS = Registry("prune_", "pruner")
+register_pruner = PRUNERS.register
 
 
 def prune_(model: nn.Module, config, **kwargs) -> dict:
     """Prune `model` in place as `config` says; returns the achieved sparsity per layer and overall."""
-    handler = PRUNERS.get(type(config))
-    if handler is None:
-        raise ConfigError(f"no pruner for {type(config).__name__}; known: {', '.join(c.__name__ for c in PRUNERS)}")
-    check_calibration(model, config, kwargs.get("calibration"))
-    return handler(model, config, **kwargs)
+    return PRUNERS.dispatch(model, config, **kwargs)
 
 
 @dataclass

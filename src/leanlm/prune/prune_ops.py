@@ -18,8 +18,10 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
         keep, m = (int(x) for x in pattern.split(":"))
     except ValueError as err:
         raise ValueError(f"an N:M pattern looks like '2:4' (keep 2 of every 4), got {pattern!r}") from err
+    if m < 2:
+        raise ValueError(f"pattern {pattern!r}: M must be at least 2 (an N:M pattern keeps N of every M weights)")
     if not 0 < keep < m:
-        raise ValueError(f"pattern {pattern!r}: keep between 1 and {m - 1} of every {m}")
+        raise ValueError(f"pattern {pattern!r} keeps {keep} of every {m}; N must be between 1 and M - 1 = {m - 1}")
     return keep, m
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.core.models import packed_tensor, register_module
-from leanlm.core.structure import replace_module
+from leanlm.core.structure import check_arguments, replace_module
 from leanlm.errors import ConfigError
 from leanlm.kernels import sparse24 as kernel
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
@@ -90,8 +90,7 @@ class Sparse24Config(ChecksLayers, StepConfig):
 def sparse24_(model: nn.Module, config: Sparse24Config | None = None) -> dict:
     """Replace the selected 2:4 linear layers by `Sparse24Linear`; returns what changed and the bytes."""
     config = config or Sparse24Config()
-    if not isinstance(config, Sparse24Config):
-        raise ConfigError(f"sparse24_ takes a Sparse24Config, got {type(config).__name__}")
+    check_arguments("sparse24_", model, config, Sparse24Config)
     layers = select_layers(model, config.targets, config.skip, verb="convert to 2:4")
     dense = {n: m for n, m in layers.items() if violations_24(m.weight)}
     if dense:

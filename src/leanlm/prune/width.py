@@ -12,6 +12,7 @@ model from the config: OPT's `ffn_dim`, GPT-2's `n_inner`).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,6 +87,10 @@ def keep_count(intermediate: int, config: WidthConfig) -> int:
     if keep >= intermediate:
         raise ConfigError(f"keeping {config.ffn_keep} of {intermediate} channels in multiples of {config.multiple_of} "
                           "removes nothing; lower ffn_keep or multiple_of")
+    if abs(keep / intermediate - config.ffn_keep) > 0.05:
+        warnings.warn(f"keeping {keep} of {intermediate} FFN channels ({keep / intermediate:.0%}), not the "
+                      f"{config.ffn_keep:.0%} asked, because channels are kept in multiples of {config.multiple_of}; "
+                      "lower multiple_of to come closer", stacklevel=2)
     return keep
 
 

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from torch import nn
 
-from leanlm.core.layerwise import check_calibration
-from leanlm.core.structure import (find_structure, linear_layers, matches, opaque_modules, refuse_opaque,
-                                   replace_module)
+from leanlm.core.registry import Registry
+from leanlm.core.structure import find_structure, linear_layers, matches, opaque_modules, refuse_opaque, replace_module
 from leanlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-QUANTIZERS: dict[type, Callable] = {}
-
-
-def register_quantizer(config_cls: type) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        QUANTIZERS[config_cls] = fn
-        return fn
-    return wrap
+QUANTIZERS = Registry("quantize_", "quantizer")
+register_quantizer = QUANTIZERS.register
 
 
 def quantize_(model: nn.Module, config, **kwargs) -> dict:
     """Quantize `model` in place as `config` says; returns per-layer statistics for the report."""
-    handler = QUANTIZERS.get(type(config))
-    if handler is None:
-        raise ConfigError(f"no quantizer for {type(config).__name__}; known: {', '.join(c.__name__ for c in QUANTIZERS)}")
-    check_calibration(model, config, kwargs.get("calibration"))
-    return handler(model, config, **kwargs)
+    return QUANTIZERS.dispatch(model, config, **kwargs)
 
 
 def select_layers(model: nn.Module, targets: list[str], skip: list[str], verb: str = "quantize") -> dict[str, nn.Module]:

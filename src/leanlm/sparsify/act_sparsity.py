@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import InputRecorder, check_calibration, process_layerwise
-from leanlm.core.structure import find_structure, replace_module
+from leanlm.core.structure import check_arguments, find_structure, replace_module
 from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize.base import ChecksLayers, layers_by_block, select_layers
@@ -65,6 +65,7 @@ class ActSparsityConfig(ChecksLayers, StepConfig):
 
 def sparsify_activations_(model: nn.Module, config: ActSparsityConfig, calibration: torch.Tensor,
                           device=None) -> dict:
+    check_arguments("sparsify_activations_", model, config, ActSparsityConfig)
     check_calibration(model, config, calibration)
     layers = select_layers(model, config.targets, config.skip, verb="sparsify")
     per_block = layers_by_block(model, layers, "activation sparsity")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.core.layerwise import check_calibration, process_layerwise
-from leanlm.core.structure import find_structure, replace_module
+from leanlm.core.structure import check_arguments, find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
 from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.prune.width import FFN, ffn_dims, find_ffn
@@ -227,10 +227,22 @@ def relative_error(h: torch.Tensor, keep: torch.Tensor, routed: torch.Tensor, ta
     return ((h * keep) @ routed.T - target).norm().item() / max(target.norm().item(), 1e-12)
 
 
+def check_enough_tokens(calibration: torch.Tensor, hidden: int) -> None:
+    # each router is a least-squares map from the hidden state, fitted on 80% of the tokens and checked
+    # on the rest: with fewer tokens than inputs it fits noise and its recall means nothing
+    need = 2 * (hidden + 1)
+    if calibration.numel() < need:
+        raise ConfigError(f"MoE-fication fits each block's router, a linear map from {hidden} hidden inputs, on the "
+                          f"calibration tokens: {calibration.numel()} tokens ({calibration.shape[0]} samples x "
+                          f"{calibration.shape[1]}) are too few, give at least {need}")
+
+
 def moefy_(model: nn.Module, config: MoefyConfig, calibration: torch.Tensor, device=None) -> dict:
+    check_arguments("moefy_", model, config, MoefyConfig)
     check_calibration(model, config, calibration)
     config.check(model)
     hidden, intermediate = ffn_dims(model, "MoE-fication")
+    check_enough_tokens(calibration, hidden)
     activation = ffn_activation(model.config)
     per_call = -(-config.rows // -(-calibration.shape[0] // config.batch_size))
 
