@@ -1,4 +1,4 @@
-"""Load, size up and save causal LMs: HF directories, GGUF files, built-ins, leanlm checkpoints.
+"""Load, size up and save causal LMs: HF directories, GGUF files (gguf_load.py), built-ins, leanlm checkpoints.
 
 A leanlm checkpoint is an HF directory whose linear layers were replaced by quantized runtime
 modules. Its weights live in `leanlm-model.safetensors` (not `model.safetensors`) so that plain
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from leanlm.core.builtin import BUILTIN_MODELS, ensure_builtin
+from leanlm.core.gguf_load import gguf_params, load_gguf
 from leanlm.core.structure import replace_module
 from leanlm.errors import ConfigError, InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
 
@@ -127,7 +128,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
 def estimate_bytes(path: Path, dtype: str = "auto") -> int:
     """Bytes of memory the loaded weights will take, computed without loading them."""
     if path.is_file():  # GGUF: dequantized to float32, and the file is read alongside
-        return _gguf_params(path) * 4 + path.stat().st_size
+        return gguf_params(path) * 4 + path.stat().st_size
     if (path / LEANLM_MANIFEST).is_file():
         return (path / LEANLM_WEIGHTS).stat().st_size
     config = _read_config(path)
@@ -170,70 +171,6 @@ def load_model(source: str | os.PathLike, device: str = "auto", dtype: str = "au
     linearize(model)  # GPT-2 style Conv1D layers: every method reads nn.Linear; saving writes them back
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, str(source), path, dir_size(path))
-
-
-def load_gguf(path: Path) -> tuple[nn.Module, Any]:
-    """Dequantize a GGUF file to a float32 HF model, checked against what transformers supports."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    arch = gguf_architecture(path)
-    _refuse_dropped_rope_factors(path)
-    kwargs = dict(gguf_file=path.name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    except (ValueError, KeyError, RuntimeError, NotImplementedError) as err:
-        supported = ", ".join(sorted(_gguf_supported_architectures())) or "see transformers' GGUF docs"
-        raise UnsupportedModelError(
-            f"{path}: transformers' GGUF loader cannot load this file (architecture {arch!r}): {err}\n"
-            f"Architectures it supports: {supported}. Load the model's Hugging Face directory instead, or run the file "
-            "in llama.cpp (--runtime llama.cpp)."
-        ) from err
-    _refuse_dropped_tensors(path, model)
-    return _drop_gguf_quantizer(model), tokenizer
-
-
-def _gguf_reader(path: Path):
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(path)
-    except Exception as err:  # the reader raises bare ValueErrors/struct errors on junk
-        raise UnsupportedModelError(f"{path} is not a readable GGUF file: {err}") from err
-
-
-def _refuse_dropped_rope_factors(path: Path) -> None:
-    """transformers' GGUF loader drops per-frequency rope factors (Llama 3's rope scaling) without a word,
-    which would rotate positions unlike the file's own model."""
-    names = {t.name for t in _gguf_reader(path).tensors}
-    dropped = sorted(names & {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
-    if dropped:
-        raise UnsupportedModelError(
-            f"{path} carries rope scaling factors ({', '.join(dropped)}) that transformers' GGUF loader ignores, "
-            "so the loaded model would not be this file's model. Load the model's Hugging Face directory instead, "
-            "or run the file in llama.cpp (--runtime llama.cpp).")
-
-
-def _refuse_dropped_tensors(path: Path, model: nn.Module) -> None:
-    """transformers' GGUF loader builds the model its config keys describe and drops file tensors that model
-    has no place for (attention biases in a llama-architecture file) without a word; count the weights."""
-    tensors = _gguf_reader(path).tensors
-    in_file, loaded = sum(int(t.n_elements) for t in tensors), sum(p.numel() for p in model.parameters())
-    if in_file != loaded:
-        biases = [t.name for t in tensors if t.name.endswith(".bias")][:3]
-        hint = f" (the file has bias tensors such as {', '.join(biases)})" if biases else ""
-        raise UnsupportedModelError(
-            f"{path} holds {in_file:,} weights but transformers' GGUF loader built a model of {loaded:,}{hint}, so the "
-            "loaded model would not be this file's model. Load the model's Hugging Face directory instead, or run the "
-            "file in llama.cpp (--runtime llama.cpp).")
-
-
-def gguf_architecture(path: Path) -> str:
-    reader = _gguf_reader(path)
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise UnsupportedModelError(f"{path}: GGUF has no general.architecture field")
-    return bytes(field.parts[field.data[0]]).decode()
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: str | os.PathLike) -> None:
@@ -361,19 +298,6 @@ def _refuse_dtype_change(path: Path, model: nn.Module, dtype: str) -> None:
             f"recipe again on the original model loaded with --dtype {dtype}")
 
 
-def _drop_gguf_quantizer(model: nn.Module) -> nn.Module:
-    """The GGUF loader leaves a quantizer attached that forbids saving; the weights are plain floats."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    config = type(model.config).from_dict(cfg)
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(model.state_dict(), strict=True)
-    clean.generation_config = model.generation_config
-    return clean
-
-
 def _read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text())
@@ -397,15 +321,3 @@ def _count_params(config: dict) -> int:
     except (ValueError, KeyError) as err:
         raise UnsupportedModelError(f"transformers cannot build a causal LM from this config: {err}") from err
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _gguf_params(path: Path) -> int:
-    return sum(int(t.n_elements) for t in _gguf_reader(path).tensors)
-
-
-def _gguf_supported_architectures() -> set[str]:
-    try:
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    except ImportError:
-        return set()
-    return set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # metadata sections, not architectures
