@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import email
 import json
 import sys
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from leanlm.core.data import calibration_samples, default_corpus
 from leanlm.core.evaluate import eval_windows, evaluate, prepare_reference
@@ -30,7 +28,7 @@ from leanlm.core.models import load_model
 from leanlm.errors import ConfigError
 from leanlm.pipeline.optimize import apply_recipe
 from leanlm.pipeline.recipe import load_recipe
-from leanlm.pipeline.steps import StepContext, parse_step
+from leanlm.pipeline.steps import StepContext
 
 DEFAULT = ["magnitude-50", "wanda-50:refit=false", "wanda-50", "sparsegpt-50:refit=false", "sparsegpt-50",
            "sparsegpt-2of4", "act-sparse-40", "act-sparse-50"]
@@ -62,11 +60,10 @@ def recipe_with(spec: str):
     if overrides:
         if len(recipe.steps) != 1:
             raise ConfigError(f"{name} has {len(recipe.steps)} steps; overrides need exactly one")
-        pairs = [pair.partition("=") for pair in overrides.split(",")]
-        if any(not eq for _, eq, _ in pairs):
+        pairs = overrides.split(",")
+        if not all("=" in pair for pair in pairs):
             raise ConfigError(f"{spec!r}: write overrides as key=value,key=value")
-        data = {**recipe.steps[0].to_dict(), **{k: yaml.safe_load(v) for k, _, v in pairs}}
-        recipe = dataclasses.replace(recipe, steps=[parse_step(data, f"{spec}: steps[0]")])
+        recipe = load_recipe(name, [f"steps.0.{pair}" for pair in pairs])
     return recipe
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from leanlm.cli import COMMANDS, main
 
@@ -26,6 +27,21 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert main(["bench", "--compile", "--warmup", "0"]) == 2
     assert "--compile needs at least one warm-up" in capsys.readouterr().err
+
+
+def test_optimize_set_changes_recipe_options_and_checks_them(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["optimize", str(tiny_dir), "--recipe", "int8-rtn", "--out", str(out), "--no-bench", "--device", "cpu"]
+    assert main([*common, "--set", "steps.0.bits=4", "--set", "steps.0.group_size=32",
+                 "--set", "calibration.samples=4"]) == 0
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["steps"][0]["bits"] == 4 and resolved["steps"][0]["group_size"] == 32
+    assert resolved["calibration"]["samples"] == 4 and "steps.0.bits=4" in resolved["name"]
+    capsys.readouterr()
+    assert main([*common, "--overwrite", "--set", "steps.2.bits=4"]) == 2
+    assert "override 'steps.2.bits=4': steps has 1 entries, numbered 0 to 0" in capsys.readouterr().err
+    assert main([*common, "--overwrite", "--set", "steps.0.bitz=4"]) == 2
+    assert "unknown key 'bitz' (did you mean 'bits'?)" in capsys.readouterr().err
 
 
 def test_eval_and_bench_json(tiny_dir, tmp_path, capsys):

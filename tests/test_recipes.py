@@ -57,6 +57,31 @@ def test_a_recipe_given_as_a_mapping_is_checked_like_yaml():
         load_recipe(8)
 
 
+def test_overrides_change_what_the_file_says_before_it_is_checked(tmp_path):
+    recipe = load_recipe("sparsegpt-50", ["steps.0.sparsity=null", "steps.0.pattern=4:8", "calibration.samples=16"])
+    assert recipe.steps[0].pattern == "4:8" and recipe.steps[0].sparsity == 0.5 and recipe.calibration.samples == 16
+    assert recipe.name == "sparsegpt-50 (steps.0.sparsity=null, steps.0.pattern=4:8, calibration.samples=16)"
+    assert load_recipe({"steps": [{"type": "rtn"}]}, ["name=mine"]).name == "mine"
+    for override, message in [
+        ("steps.0.sparsity", r"write KEY=VALUE"),
+        ("steps.1.sparsity=0.5", r"steps has 1 entries, numbered 0 to 0; got '1'"),
+        ("steps.0.sparsity=[0.5", r"the value is not valid YAML"),
+        ("name.first=x", r"name is a value, not a section"),
+        ("steps.0.pattern=1:4", r"pattern 1:4 fixes the sparsity at 0.75, but sparsity is 0.5; .*sparsity: null.*"
+                                r"\(with the overrides steps.0.pattern=1:4\)"),
+        ("calibraton.samples=8", r"unknown key 'calibraton' \(did you mean 'calibration'\?\)"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_recipe("sparsegpt-50", [override])
+
+
+def test_an_n_m_pattern_in_a_recipe_file_is_not_read_as_a_base_60_number(tmp_path):
+    path = tmp_path / "nm.yaml"
+    path.write_text("steps:\n  - type: sparsegpt\n    pattern: 2:4\n    damp: 1.5e-2\n")
+    step = load_recipe(path).steps[0]
+    assert step.pattern == "2:4" and step.sparsity == 0.5 and step.damp == 0.015
+
+
 def test_unknown_recipe_name_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"neither a file nor a shipped recipe; shipped: .*default.*int8-rtn"):
         load_recipe("no-such-recipe")

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "written to OUT until the run completes.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to optimize (default: {DEFAULT_MODEL})")
     p.add_argument("--recipe", help="recipe YAML path or shipped recipe name (default: 'default'; see `leanlm recipes`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one recipe option, checked like the recipe file (repeatable): steps.0.sparsity=0.6, "
+                        "calibration.samples=32")
     p.add_argument("--data", help="your data: first 90%% of characters for calibration/training, last 10%% for eval")
     p.add_argument("--eval-data", help="separate held-out text for evaluation (evaluated whole)")
     p.add_argument("--tasks", help="JSONL of multiple-choice tasks to score before and after")
@@ -298,7 +301,8 @@ def cmd_optimize(args) -> int:
 
     _set_threads(args)
     report = optimize(args.model, args.recipe, args.data, args.out, args.overwrite, args.device, args.dtype,
-                      args.eval_data, args.tasks, bench=not args.no_bench, resume=args.resume)
+                      args.eval_data, args.tasks, bench=not args.no_bench, resume=args.resume,
+                      overrides=args.overrides)
     _print_report(report, args.out)
     return 0
 

@@ -36,12 +36,16 @@ DEFAULT_OUT = "leanlm-out"
 
 def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | dict | None = None, data: str | None = None,
              out: str | Path = DEFAULT_OUT, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
-             eval_data: str | None = None, tasks: str | None = None, bench: bool = True, resume: bool = False) -> dict:
+             eval_data: str | None = None, tasks: str | None = None, bench: bool = True, resume: bool = False,
+             overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Run a recipe on a model and write model/, recipe.yaml, report.json, report.md and chart.png to `out`.
 
+    `overrides`: `KEY=VALUE` changes to the recipe (`steps.0.sparsity=0.6`), checked like the recipe.
     Training steps checkpoint into a work directory beside `out` (kept if the run fails, removed when it
     completes); `resume` continues them from there."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if isinstance(recipe, Recipe) and overrides:
+        raise ConfigError("overrides apply to a recipe name, path or mapping; change a Recipe object directly")
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     out = check_output(out, overwrite)
     if not recipe.steps:
         raise ConfigError(f"recipe {recipe.name!r} has no steps, so there is nothing to optimize; to measure a model "

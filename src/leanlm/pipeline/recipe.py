@@ -6,6 +6,7 @@ filled in, and the resolved recipe (with library versions) is saved beside every
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 from dataclasses import dataclass, field
@@ -83,14 +84,45 @@ def shipped_recipes() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
-def load_recipe(source: str | Path | dict | None = None) -> Recipe:
+def load_recipe(source: str | Path | dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A recipe from a YAML path, a shipped recipe by name (`int8-rtn`) or a mapping as the YAML would
-    hold; None gives the default."""
+    hold; None gives the default. `overrides` are `KEY=VALUE` assignments (`steps.0.sparsity=0.6`,
+    `calibration.samples=32`) applied to what the file says before it is checked."""
     source = DEFAULT_RECIPE if source is None else source
     if isinstance(source, dict):
-        return parse_recipe(source, "recipe")
-    if not isinstance(source, (str, os.PathLike)):
+        data, where = copy.deepcopy(source), "recipe"
+    elif isinstance(source, (str, os.PathLike)):
+        data, where = read_recipe(source)
+    else:
         raise ConfigError(f"a recipe is a YAML path, a shipped recipe's name or a mapping, got {type(source).__name__}")
+    if not overrides:
+        return parse_recipe(data, where)
+    data = apply_overrides(data, overrides)
+    if not any(o.partition("=")[0].strip() == "name" for o in overrides):
+        data["name"] = f"{data.get('name', 'custom')} ({', '.join(overrides)})"  # reports say what ran
+    try:
+        return parse_recipe(data, where)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (with the overrides {', '.join(overrides)})") from err
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `2:4` as the base-60 integer 124; in a recipe it is an N:M pattern, so a number
+    written with colons stays the text it was."""
+
+    def construct_yaml_int(self, node):
+        return node.value if ":" in node.value else super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        return node.value if ":" in node.value else super().construct_yaml_float(node)
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+RecipeLoader.add_constructor("tag:yaml.org,2002:float", RecipeLoader.construct_yaml_float)
+
+
+def read_recipe(source: str | os.PathLike) -> tuple[Any, str]:
+    """The YAML data of a recipe file or shipped recipe, and the path it came from."""
     path = Path(source).expanduser()
     if not path.is_file():
         shipped = shipped_recipes()
@@ -98,12 +130,46 @@ def load_recipe(source: str | Path | dict | None = None) -> Recipe:
             raise ConfigError(f"recipe {str(source)!r} is neither a file nor a shipped recipe; shipped: {', '.join(sorted(shipped))}")
         path = shipped[str(source)]
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), RecipeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from err
-    return parse_recipe(data, str(path))
+    return data, str(path)
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...]) -> dict:
+    """`data` with each `KEY=VALUE` set: KEY a dotted path (a step by its index: steps.1.bits), VALUE read as YAML."""
+    if not isinstance(data, dict):
+        raise ConfigError("a recipe is a mapping with keys like 'name' and 'steps'")
+    for text in overrides:
+        key, eq, value = text.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {text!r}: write KEY=VALUE, e.g. steps.0.sparsity=0.6 or calibration.samples=32")
+        try:
+            parsed = yaml.load(value, RecipeLoader)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
+        _set_path(data, key.strip().split("."), parsed, text)
+    return data
+
+
+def _set_path(node: Any, keys: list[str], value: Any, text: str) -> None:
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth]) or "the recipe"
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {text!r}: {where} has {len(node)} entries, numbered 0 to {len(node) - 1}; "
+                                  f"got {key!r}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {text!r}: {where} is a value, not a section with keys")
+        if depth == len(keys) - 1:
+            node[key] = value  # an unknown key is reported, with the valid ones, when the recipe is checked
+            return
+        if isinstance(node, dict) and key not in node:
+            node[key] = {} if key != "steps" else []
+        node = node[key]
 
 
 def library_versions() -> dict[str, str]:

@@ -56,7 +56,7 @@ class PruneConfig(ChecksLayers, StepConfig):
         implied = 1 - nm[0] / nm[1] if nm else 0.5
         if nm and self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
             raise ConfigError(f"pattern {self.pattern} fixes the sparsity at {implied:g}, but sparsity is "
-                              f"{self.sparsity:g}; give one or the other")
+                              f"{self.sparsity:g}; give one or the other (sparsity: null leaves it to the pattern)")
         self.sparsity = implied if nm or self.sparsity is None else self.sparsity
 
     def check(self, model: nn.Module | None) -> None:
