@@ -87,6 +87,19 @@ def test_lora_target_that_matches_nothing_is_refused(tiny):
         finetune_(tiny.model, tiny.tokenizer, config, TEXT)
 
 
+def test_training_verbs_refuse_what_they_cannot_train(tiny):
+    with pytest.raises(ConfigError, match="the training text must be a str, got list"):
+        finetune_(tiny.model, tiny.tokenizer, FinetuneConfig(), text=["a", "b"])
+    with pytest.raises(ConfigError, match="training needs data: set the config's 'data'"):
+        finetune_(tiny.model, tiny.tokenizer, FinetuneConfig())
+    with pytest.raises(ConfigError, match="finetune_: the config must be a FinetuneConfig, got dict"):
+        finetune_(tiny.model, tiny.tokenizer, {"method": "lora"}, text="x")
+    with pytest.raises(ConfigError, match="distill_: the model must be a torch nn.Module .*got LoadedModel: pass its .model"):
+        distill_(tiny, tiny.tokenizer, tiny.model, text="x")
+    with pytest.raises(ConfigError, match="distill_: the teacher must be an nn.Module or a Teacher, got str"):
+        distill_(tiny.model, tiny.tokenizer, "smollm2-135m", text="x")
+
+
 def test_resume_continues_and_refuses_a_different_recipe(tiny_dir, tmp_path):
     work = tmp_path / "work"
     first = load_model(tiny_dir, device="cpu")

@@ -18,7 +18,7 @@ from torch import nn
 from leanlm.core.config import to_dict
 from leanlm.core.data import data_files
 from leanlm.core.models import resolve_source
-from leanlm.core.structure import matches
+from leanlm.core.structure import check_arguments, matches
 from leanlm.core.train_data import IGNORE
 from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
 from leanlm.distill.distill_ops import forward_kl, generalized_jsd, hidden_mse, reverse_kl, topk_forward_kl
@@ -139,8 +139,11 @@ def distill_(student: nn.Module, tokenizer: Any, teacher: Teacher | nn.Module, t
              accelerator=None, resume: bool = False) -> dict:
     """Train `student` toward `teacher` as `config` says, in place; returns the training stats."""
     config = config or DistillConfig()
+    check_arguments("distill_", student, config, DistillConfig)
     if isinstance(teacher, nn.Module):
         teacher = Teacher(teacher, teacher_tokenizer)
+    if not isinstance(teacher, Teacher):
+        raise ConfigError(f"distill_: the teacher must be an nn.Module or a Teacher, got {type(teacher).__name__}")
     as_finetune = FinetuneConfig(data=config.data, train=config.train)
     examples = training_examples(tokenizer, as_finetune, text)
     cache = _teacher_cache(teacher, config, examples)

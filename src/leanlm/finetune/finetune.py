@@ -74,7 +74,10 @@ def training_examples(tokenizer: Any, config: FinetuneConfig, default_text: str 
         return chat_examples(tokenizer, config.data, seq, config.too_long)
     text = read_text(config.data, tokenizer) if config.data else default_text
     if text is None:
-        raise ConfigError("fine-tuning needs data: set 'data' or run it inside `leanlm optimize`")
+        raise ConfigError("training needs data: set the config's 'data' (a file), pass text=..., or run the step "
+                          "inside `leanlm optimize`")
+    if not isinstance(text, str):
+        raise ConfigError(f"the training text must be a str, got {type(text).__name__}")
     return text_examples(tokenizer, text, seq)
 
 
