@@ -141,6 +141,7 @@ def test_python_configs_take_what_yaml_takes_and_python_numbers_and_paths():
     assert ScanConfig(skip=["lm_head"]).skip == ("lm_head",)
     gptq = GPTQConfig(group_size=np.int64(64), damp=np.float32(0.02), skip=("lm_head",))
     assert type(gptq.group_size) is int and type(gptq.damp) is float and gptq.skip == ["lm_head"]
+    assert type(GPTQConfig(bits=np.int64(8)).bits) is int  # a Literal keeps its own plain value
     assert DistillConfig(teacher=Path("/models/teacher")).teacher == "/models/teacher"
     with pytest.raises(ConfigError, match="GPTQConfig.group_size: True is not a valid int or null"):
         GPTQConfig(group_size=True)

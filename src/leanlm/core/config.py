@@ -77,9 +77,9 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: {value!r} is not a valid {_describe(hint)}")
     if origin is Literal:
-        if value not in args:
+        if isinstance(value, bool) is not isinstance(args[0], bool) or value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
+        return args[args.index(value)]  # the plain Python value, even for a numpy one
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
