@@ -6,12 +6,19 @@ import torch
 from leanlm.core.generate import generate
 from leanlm.core.models import load_model, save_model
 from leanlm.core.structure import find_structure
-from leanlm.errors import InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
+from leanlm.errors import ConfigError, InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
 
 
 def test_unknown_name_lists_known_models():
     with pytest.raises(ModelNotFoundError, match=r"(?s)'smolm2' not found.*Did you mean 'smollm2-135m'.*Built-in models: smollm2-135m"):
         load_model("smolm2")
+
+
+def test_a_model_source_that_is_not_a_name_or_path(tiny):
+    with pytest.raises(ConfigError, match="a model is a built-in name, a Hugging Face directory or a .gguf path; got int"):
+        load_model(3)
+    with pytest.raises(ConfigError, match=r"got LoadedModel \(pass its source path"):
+        load_model(tiny)
 
 
 def test_nonexistent_path(tmp_path):

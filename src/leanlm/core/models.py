@@ -106,6 +106,11 @@ def resolve_dtype(dtype: str, stored: torch.dtype | None) -> torch.dtype:
 
 def resolve_source(source: str | os.PathLike) -> Path:
     """Turn a model name or path into a local directory or GGUF file, fetching built-ins once."""
+    if not isinstance(source, (str, os.PathLike)):
+        held = " (pass its source path, or use the loaded model's .model with the Python verbs)" \
+            if isinstance(source, LoadedModel) else ""
+        raise ConfigError(f"a model is a built-in name, a Hugging Face directory or a .gguf path; "
+                          f"got {type(source).__name__}{held}")
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
