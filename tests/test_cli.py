@@ -44,6 +44,15 @@ def test_optimize_set_changes_recipe_options_and_checks_them(tiny_dir, tmp_path,
     assert "unknown key 'bitz' (did you mean 'bits'?)" in capsys.readouterr().err
 
 
+def test_recipes_shows_one_recipe_resolved_with_its_overrides(capsys):
+    assert main(["recipes", "sparsegpt-2of4", "--set", "calibration.samples=16"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["calibration"]["samples"] == 16 and shown["steps"][0]["pattern"] == "2:4"
+    assert shown["steps"][0]["sparsity"] == 0.5 and shown["steps"][0]["refit"] is True
+    assert main(["recipes", "--set", "calibration.samples=16"]) == 2
+    assert "--set changes a recipe: name it" in capsys.readouterr().err
+
+
 def test_eval_and_bench_json(tiny_dir, tmp_path, capsys):
     from leanlm.core.data import default_corpus
 

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from leanlm.errors import LeanLMError
+from leanlm.errors import ConfigError, LeanLMError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -94,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "written to OUT until the run completes.")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to optimize (default: {DEFAULT_MODEL})")
     p.add_argument("--recipe", help="recipe YAML path or shipped recipe name (default: 'default'; see `leanlm recipes`)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="change one recipe option, checked like the recipe file (repeatable): steps.0.sparsity=0.6, "
-                        "calibration.samples=32")
+    _set_option(p)
     p.add_argument("--data", help="your data: first 90%% of characters for calibration/training, last 10%% for eval")
     p.add_argument("--eval-data", help="separate held-out text for evaluation (evaluated whole)")
     p.add_argument("--tasks", help="JSONL of multiple-choice tasks to score before and after")
@@ -155,9 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_train.add_parsers(sub)
 
-    sub.add_parser("recipes", help="list shipped recipes and step types",
-                   description="List the recipes shipped with leanlm and every step type with its options.")
+    p = sub.add_parser("recipes", help="list shipped recipes and step types, or show one recipe resolved",
+                       description="List the recipes shipped with leanlm and every step type with its options; "
+                                   "with RECIPE, print that recipe as it would run (every default filled in, "
+                                   "--set applied), without running it.")
+    p.add_argument("recipe", nargs="?", help="a shipped recipe's name or a recipe YAML path")
+    _set_option(p)
     return parser
+
+
+def _set_option(p) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one recipe option, checked like the recipe file (repeatable): steps.0.sparsity=0.6, "
+                        "calibration.samples=32")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,7 +379,14 @@ def cmd_recipes(args) -> int:
     from leanlm.pipeline.recipe import load_recipe, shipped_recipes
     from leanlm.pipeline.steps import STEPS
 
-    print("shipped recipes (use with `leanlm optimize --recipe NAME`):")
+    if args.recipe:
+        import yaml
+
+        print(yaml.safe_dump(load_recipe(args.recipe, args.overrides).to_dict(), sort_keys=False, width=110), end="")
+        return 0
+    if args.overrides:
+        raise ConfigError("--set changes a recipe: name it (leanlm recipes RECIPE --set KEY=VALUE)")
+    print("shipped recipes (use with `leanlm optimize --recipe NAME`, or see one with `leanlm recipes NAME`):")
     for name, path in sorted(shipped_recipes().items()):
         print(f"  {name:16s} {load_recipe(path).description}")
     print("\nstep types:")
