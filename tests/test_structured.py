@@ -229,6 +229,9 @@ def test_head_pruning_bad_inputs(tokenizer, calibration):
         prune_(tiny_llama(len(tokenizer)), HeadsConfig(kv_groups=2, heads_per_group=2), calibration=calibration)
     with pytest.raises(ConfigError, match="each KV group has one query head here: set kv_groups"):
         prune_(mha_model("gpt_neox"), HeadsConfig(heads_per_group=1), calibration=calibration)
+    not_an_lm = nn.Sequential(nn.Embedding(320, 8), nn.Linear(8, 8))
+    with pytest.raises(UnsupportedModelError, match="no integer num_attention_heads and hidden_size; head pruning needs"):
+        prune_(not_an_lm, HeadsConfig(kv_groups=1), calibration=calibration)
 
 
 def family_model(name: str, **extra):

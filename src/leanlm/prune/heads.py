@@ -77,7 +77,7 @@ class Attention:
 
 
 def head_counts(model: nn.Module) -> Heads:
-    c = model.config
+    c = getattr(model, "config", None)
     heads, hidden = getattr(c, "num_attention_heads", None), getattr(c, "hidden_size", None)
     if not isinstance(heads, int) or not isinstance(hidden, int):
         raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer num_attention_heads and "
