@@ -125,6 +125,8 @@ def test_other_text_benchmark_checks_its_recipe_overrides_before_loading():
     (DepthConfig, {"blocks": 1.5}, r"DepthConfig.blocks: expected int, got 1.5"),
     (GPTQConfig, {"skip": "lm_head"}, r"GPTQConfig.skip: expected a list, got 'lm_head'"),
     (ScanConfig, {"skip": [3]}, r"ScanConfig.skip\[0\]: expected str, got 3"),
+    (GPTQConfig, {"batch_size": "8"}, r"GPTQConfig.batch_size: expected int, got '8'"),
+    (GPTQConfig, {"damp": "x"}, r"GPTQConfig.damp: expected float, got 'x'"),
 ])
 def test_configs_built_in_python_are_checked_like_yaml(cls, options, message):
     with pytest.raises(ConfigError, match=message):

@@ -25,12 +25,15 @@ class Validated:
     config built in Python is checked exactly as one parsed from YAML."""
 
     def __post_init__(self) -> None:
+        self.check_types()
+        self.validate()
+
+    def check_types(self) -> None:
         hints = _type_hints(type(self))
         for f in dataclasses.fields(self):
             if f.init:
                 value = check_type(getattr(self, f.name), hints[f.name], f"{type(self).__name__}.{f.name}")
                 object.__setattr__(self, f.name, value)  # ints given for floats become floats
-        self.validate()
 
     def validate(self) -> None:
         pass

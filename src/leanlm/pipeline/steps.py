@@ -27,6 +27,7 @@ class StepConfig(Validated):
     reshapes_model: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        self.check_types()  # before the comparisons below, which a string would break
         # options that mean the same in every step that has them, checked once here
         for name in ("batch_size", "block_size"):
             value = getattr(self, name, None)
@@ -35,7 +36,7 @@ class StepConfig(Validated):
         damp = getattr(self, "damp", None)
         if damp is not None and damp <= 0:
             raise ConfigError(f"damp (added to the Hessian's diagonal, relative to its mean) must be > 0, got {damp}")
-        super().__post_init__()
+        self.validate()
 
     def to_dict(self) -> dict:
         return {"type": self.type, **to_dict(self)}
