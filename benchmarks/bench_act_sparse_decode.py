@@ -19,14 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-from bench_compiled_decode import tokens_per_second  # benchmarks/ is on sys.path when run as a script
+from bench_compiled_decode import (
+    tokens_per_second,  # benchmarks/ is on sys.path when run as a script
+)
+from leanlm.runtime.decoder import EagerDecoder
 
-from leanlm.core.bench import EagerDecoder
-from leanlm.core.builtin import DEFAULT_MODEL
-from leanlm.core.compiled_decode import CompiledDecoder
-from leanlm.core.data import calibration_samples, default_corpus
-from leanlm.core.models import load_model
+from leanlm.data.corpus import calibration_samples, default_corpus
 from leanlm.kernels import kernel_status
+from leanlm.models.builtin import DEFAULT_MODEL
+from leanlm.models.load import load_model
+from leanlm.runtime.compiled_decode import CompiledDecoder
 from leanlm.sparsify import ActSparsityConfig, sparsify_activations_
 
 

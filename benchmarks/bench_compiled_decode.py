@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from leanlm.core.builtin import DEFAULT_MODEL
-from leanlm.core.compiled_decode import CompiledDecoder
-from leanlm.core.models import load_model
 from leanlm.kernels import kernel_status
+from leanlm.models.builtin import DEFAULT_MODEL
+from leanlm.models.load import load_model
 from leanlm.quantize import RTNConfig, quantize_
+from leanlm.runtime.compiled_decode import CompiledDecoder
 
 INT4 = RTNConfig(bits=4, group_size=64, symmetric=False)
 VARIANTS = {  # name: the RTN configs applied in turn, none for the float32 baseline

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from leanlm.core.builtin import BUILTIN_MODELS, ensure_builtin
 from leanlm.core.paths import cache_dir
+from leanlm.models.builtin import BUILTIN_MODELS, ensure_builtin
 
 MODEL = "smollm2-135m"
 

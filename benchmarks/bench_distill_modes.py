@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from leanlm.core.data import default_corpus
-from leanlm.core.evaluate import eval_windows, score_windows
-from leanlm.core.models import load_model
-from leanlm.core.trainer import TrainConfig
+from leanlm.data.corpus import default_corpus
 from leanlm.distill import DistillConfig, Teacher, distill_
+from leanlm.measure.evaluate import eval_windows, score_windows
+from leanlm.models.load import load_model
 from leanlm.prune.depth import remove_blocks
+from leanlm.train.trainer import TrainConfig
 
 MODEL = "smollm2-135m"
 

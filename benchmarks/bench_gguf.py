@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from leanlm.core.data import default_corpus
-from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
-from leanlm.core.models import load_model
+from leanlm.data.corpus import default_corpus
 from leanlm.export import export
-from leanlm.export.llamacpp import LlamaCppLM, bench_llamacpp
+from leanlm.measure.evaluate import eval_windows, prepare_reference, score_windows
+from leanlm.models.load import load_model
+from leanlm.runtime.llamacpp import LlamaCppLM, bench_llamacpp
 
 MODEL = "smollm2-135m"
 

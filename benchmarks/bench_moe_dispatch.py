@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from leanlm.core.builtin import DEFAULT_MODEL
-from leanlm.core.generate import decode_one_token, new_cache, prefill
-from leanlm.core.models import load_model
+from leanlm.models.builtin import DEFAULT_MODEL
+from leanlm.models.load import load_model
+from leanlm.runtime.generate import decode_one_token, new_cache, prefill
 from leanlm.sparsify import MoEFFN
 
 SHAPES = {"prefill 512": (1, 512, 0), "prefill 64": (1, 64, 0), "decode x1": (1, 32, 32), "decode x8": (8, 32, 32)}

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from leanlm.core.data import calibration_samples, default_corpus
-from leanlm.core.evaluate import eval_windows, evaluate, prepare_reference
-from leanlm.core.models import load_model
+from leanlm.core.step import StepContext
+from leanlm.data.corpus import calibration_samples, default_corpus
 from leanlm.errors import ConfigError
+from leanlm.measure.evaluate import eval_windows, evaluate, prepare_reference
+from leanlm.models.load import load_model
 from leanlm.pipeline.optimize import apply_recipe
 from leanlm.pipeline.recipe import load_recipe
-from leanlm.pipeline.steps import StepContext
 
 DEFAULT = ["magnitude-50", "wanda-50:refit=false", "wanda-50", "sparsegpt-50:refit=false", "sparsegpt-50",
            "sparsegpt-2of4", "act-sparse-40", "act-sparse-50"]

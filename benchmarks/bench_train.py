@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from leanlm.core.data import default_corpus
-from leanlm.core.models import load_model
-from leanlm.core.train_data import text_examples
-from leanlm.core.trainer import TrainConfig, Trainer
+from leanlm.data.corpus import default_corpus
 from leanlm.finetune.finetune import causal_lm_loss
 from leanlm.finetune.lora import add_lora, lora_targets
+from leanlm.models.load import load_model
+from leanlm.train.examples import text_examples
+from leanlm.train.trainer import TrainConfig, Trainer
 
 
 def measure(mode: str, args) -> dict:

@@ -64,7 +64,7 @@ def build(family: str, root: Path, tokenizer) -> Path:
 def run(model: Path, recipe, root: Path) -> dict:
     eval_text = root / "eval.txt"
     if not eval_text.exists():
-        from leanlm.core.data import default_corpus
+        from leanlm.data.corpus import default_corpus
 
         eval_text.write_text(default_corpus().eval[:40_000])
     if isinstance(recipe, dict):

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from leanlm.core.bench import BenchConfig, benchmark
-from leanlm.core.models import LoadedModel
+from leanlm.measure.bench import BenchConfig, benchmark
+from leanlm.models.load import LoadedModel
 from leanlm.quantize import RTNConfig, quantize_
 from leanlm.quantize.int4_linear import Int4Linear
 

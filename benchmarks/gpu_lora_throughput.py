@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from leanlm.core.train_data import Examples
-from leanlm.core.trainer import TrainConfig, Trainer
 from leanlm.finetune.finetune import causal_lm_loss
 from leanlm.finetune.lora import add_lora, lora_targets
+from leanlm.train.examples import Examples
+from leanlm.train.trainer import TrainConfig, Trainer
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from leanlm.kernels.sparse24_ops import compress_24
 from leanlm.prune.prune_ops import magnitude_mask
-from leanlm.prune.sparse24_ops import compress_24
 
 CALLS = {"gate/up": 2, "down": 1}
 
@@ -183,9 +183,10 @@ def time_decode(setup: Setup, layers: int, dtype: torch.dtype) -> dict:
     """A Llama-1B-shaped model with random weights, dense vs 2:4, through leanlm's compiled loop (CUDA graphs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from leanlm.core.bench import BenchConfig, benchmark
-    from leanlm.core.models import LoadedModel
-    from leanlm.prune import MagnitudeConfig, prune_, sparse24_
+    from leanlm.measure.bench import BenchConfig, benchmark
+    from leanlm.models.load import LoadedModel
+    from leanlm.prune import MagnitudeConfig, prune_
+    from leanlm.sparsify import sparse24_
 
     config = LlamaConfig(**{**setup.model, "num_hidden_layers": layers})
     bench = BenchConfig(**setup.bench)

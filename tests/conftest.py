@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanlm.core.data import default_corpus
+from leanlm.data.corpus import default_corpus
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,15 @@ def build_tokenizer(vocab_size: int = 320, split: str | None = None):
 def build_spm_tokenizer(vocab_size: int = 600, metaspace: bool = False):
     """A SentencePiece-style BPE as Llama 2's tokenizer.json has it: byte fallback, "▁" for spaces put in by
     the normalizer (or, as newer conversions do, by a Metaspace pre-tokenizer), and BOS added."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
@@ -82,6 +90,6 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture
 def tiny(tiny_dir):
-    from leanlm.core.models import load_model
+    from leanlm.models.load import load_model
 
     return load_model(tiny_dir, device="cpu")

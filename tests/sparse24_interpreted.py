@@ -9,8 +9,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 from leanlm.kernels import sparse24 as kernel  # noqa: E402
+from leanlm.kernels.sparse24_ops import compress_24  # noqa: E402
 from leanlm.prune.prune_ops import magnitude_mask  # noqa: E402
-from leanlm.prune.sparse24_ops import compress_24  # noqa: E402
 
 
 def pruned(n: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -40,8 +40,9 @@ def check(rows: int, n: int, k: int, dtype: torch.dtype, config=None) -> float:
 
 def check_model() -> None:
     """A tiny 2:4-pruned Llama in float16: converted layers through the kernel give the dense logits."""
-    from leanlm.prune import MagnitudeConfig, prune_, sparse24_
-    from leanlm.prune.sparse24 import Sparse24Linear
+    from leanlm.prune import MagnitudeConfig, prune_
+    from leanlm.sparsify import sparse24_
+    from leanlm.sparsify.sparse24 import Sparse24Linear
     from tests.conftest import tiny_llama
 
     model = tiny_llama(vocab_size=96)

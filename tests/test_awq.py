@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from leanlm.core.scale_pairs import apply_scale, call, capture_calls, find_scale_pairs
 from leanlm.core.structure import find_structure
 from leanlm.quantize import AWQConfig, RTNConfig, awq_ops, quantize_, rtn_ops
-from leanlm.quantize.scale_pairs import apply_scale, call, capture_calls, find_scale_pairs
 
 
 def family_model(family, kv_heads=2):
@@ -91,9 +91,9 @@ def test_clip_search_never_worse_than_no_clip():
 
 
 def test_awq_on_tiny_model_beats_rtn(tiny_dir, tokenizer):
-    from leanlm.core.data import calibration_samples, default_corpus
-    from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
-    from leanlm.core.models import load_model
+    from leanlm.data.corpus import calibration_samples, default_corpus
+    from leanlm.measure.evaluate import eval_windows, prepare_reference, score_windows
+    from leanlm.models.load import load_model
 
     text = default_corpus()
     calib = calibration_samples(tokenizer, text.train[:100_000], 16, 128)

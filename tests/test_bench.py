@@ -1,6 +1,6 @@
 import pytest
 
-from leanlm.core.bench import BenchConfig, benchmark
+from leanlm.measure.bench import BenchConfig, benchmark
 
 
 def test_benchmark_reports_every_figure(tiny):
@@ -21,7 +21,7 @@ def test_benchmark_refuses_a_path_for_a_loaded_model(tiny_dir):
 
 def test_benchmark_names_the_kernels_of_a_quantized_model(tiny_dir):
     from leanlm import kernels
-    from leanlm.core.models import load_model
+    from leanlm.models.load import load_model
     from leanlm.quantize import RTNConfig, quantize_
 
     float_out = benchmark(load_model(tiny_dir, device="cpu"), BenchConfig(prompt_tokens=8, decode_prompt_tokens=4,

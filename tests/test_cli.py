@@ -54,7 +54,7 @@ def test_recipes_shows_one_recipe_resolved_with_its_overrides(capsys):
 
 
 def test_eval_and_bench_json(tiny_dir, tmp_path, capsys):
-    from leanlm.core.data import default_corpus
+    from leanlm.data.corpus import default_corpus
 
     text = tmp_path / "t.txt"
     text.write_text(default_corpus().eval[:3000])
@@ -69,9 +69,9 @@ def test_eval_and_bench_json(tiny_dir, tmp_path, capsys):
 
 
 def test_report_command(tmp_path, tiny_dir, capsys):
+    from leanlm.data.corpus import default_corpus
     from leanlm.pipeline.optimize import optimize
     from tests.test_optimize import _recipe
-    from leanlm.core.data import default_corpus
 
     text = tmp_path / "t.txt"
     text.write_text(default_corpus().eval[:4000])

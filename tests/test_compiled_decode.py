@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from leanlm.core.bench import BenchConfig, benchmark
-from leanlm.core.compiled_decode import CompiledDecoder
-from leanlm.core.generate import decode_one_token, new_cache, prefill
+from leanlm.measure.bench import BenchConfig, benchmark
 from leanlm.quantize import RTNConfig, quantize_
 from leanlm.quantize.int4_linear import Int4Linear
+from leanlm.runtime.compiled_decode import CompiledDecoder
+from leanlm.runtime.generate import decode_one_token, new_cache, prefill
 
 from .conftest import tiny_llama
 
@@ -94,7 +94,7 @@ def _w8a8(model, calibration):
 def test_modules_with_host_side_paths_compile_and_match_eager(tiny, tokenizer, transform):
     """Their batch-1 paths read data-dependent sizes or cache on the host; compiled, they must take
     the static path and still give the eager loop's logits."""
-    from leanlm.core.data import calibration_samples, default_corpus
+    from leanlm.data.corpus import calibration_samples, default_corpus
 
     transform(tiny.model, calibration_samples(tokenizer, default_corpus().train, 4, 64, 0))
     ids = torch.randint(0, tiny.model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from leanlm.core.conv1d import hf_layout, linearize
-from leanlm.core.models import load_model, save_model
 from leanlm.errors import UnsupportedModelError
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
 
 IDS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
 

@@ -3,7 +3,14 @@ import json
 import pytest
 import torch
 
-from leanlm.core.data import calibration_samples, default_corpus, load_corpus, load_texts, make_windows, tokenize
+from leanlm.data.corpus import (
+    calibration_samples,
+    default_corpus,
+    load_corpus,
+    load_texts,
+    make_windows,
+    tokenize,
+)
 from leanlm.errors import DataError
 
 

@@ -6,13 +6,17 @@ import copy
 import pytest
 import torch
 
-from leanlm.core.models import load_model
-from leanlm.core.train_data import IGNORE
-from leanlm.distill import DistillConfig, Teacher, distill_
-from leanlm.distill import distill_ops
-from leanlm.distill.on_policy import _label_generated, prompt_lengths, rollout, takes_rollout
+from leanlm.distill import DistillConfig, Teacher, distill_, distill_ops
+from leanlm.distill.on_policy import (
+    _label_generated,
+    prompt_lengths,
+    rollout,
+    takes_rollout,
+)
 from leanlm.errors import ConfigError
+from leanlm.models.load import load_model
 from leanlm.pipeline.recipe import parse_recipe
+from leanlm.train.examples import IGNORE
 from tests.test_train import TEXT, small_train
 
 

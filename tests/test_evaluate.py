@@ -4,9 +4,17 @@ import math
 import pytest
 import torch
 
-from leanlm.core.data import default_corpus, tokenize
-from leanlm.core.evaluate import evaluate, eval_windows, load_tasks, prepare_reference, score_tasks, score_windows, Task
+from leanlm.data.corpus import default_corpus, tokenize
 from leanlm.errors import ConfigError, DataError
+from leanlm.measure.evaluate import (
+    Task,
+    eval_windows,
+    evaluate,
+    load_tasks,
+    prepare_reference,
+    score_tasks,
+    score_windows,
+)
 from tests.conftest import tiny_llama
 
 
@@ -64,7 +72,7 @@ def test_task_accuracy_is_loglikelihood_argmax(tiny):
     tasks = [Task("The keyword to define a function is", ["def", "xyzzy qq"], 0),
              Task("A list is written with", ["square brackets", "zz"], 1)]
     out = score_tasks(tiny.model, tiny.tokenizer, tasks)
-    from leanlm.core.evaluate import _choice_loglik
+    from leanlm.measure.evaluate import _choice_loglik
 
     expected = 0
     for t in tasks:
@@ -74,7 +82,7 @@ def test_task_accuracy_is_loglikelihood_argmax(tiny):
 
 
 def test_choice_loglik_scores_only_the_continuation(tiny):
-    from leanlm.core.evaluate import _choice_loglik
+    from leanlm.measure.evaluate import _choice_loglik
 
     q, c = "import os and", "sys"
     ll, _ = _choice_loglik(tiny.model, tiny.tokenizer, q, c, "cpu")
@@ -129,7 +137,7 @@ def test_evaluate_takes_text_or_the_built_in_eval_split_and_refuses_what_it_cann
 
 
 def test_logit_cache_keeps_the_newest_entries_when_full():
-    from leanlm.core.refcache import KEEP, LogitCache, cache_root
+    from leanlm.measure.refcache import KEEP, LogitCache, cache_root
 
     for i in range(KEEP + 2):
         cache = LogitCache.create(f"entry{i}", (1, 3, 5))

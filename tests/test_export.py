@@ -7,9 +7,10 @@ import pytest
 import torch
 from gguf.quants import dequantize as gguf_dequantize
 
-from leanlm.core.models import load_model, save_model
 from leanlm.errors import ConfigError, OutputExistsError, UnsupportedModelError
 from leanlm.export import export, gguf_ops
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
 from leanlm.quantize import RTNConfig, quantize_, rtn_ops
 
 IDS = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -293,7 +294,7 @@ def wide_tiny_dir(tokenizer, tmp_path) -> Path:
 
 
 def test_k_quant_export_falls_back_on_narrow_rows_and_loads(tokenizer, tmp_path, caplog):
-    from leanlm.core.evaluate import prepare_reference, score_windows
+    from leanlm.measure.evaluate import prepare_reference, score_windows
 
     source = wide_tiny_dir(tokenizer, tmp_path)
     info = export(source, tmp_path / "k.gguf", "gguf", weight_type="q4_k", imatrix_samples=2)

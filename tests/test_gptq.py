@@ -115,10 +115,9 @@ def test_layerwise_outputs_match_the_model(tiny):
 
 
 def test_gptq_on_tiny_model_beats_rtn(tiny_dir, tokenizer):
-    from leanlm.core.data import default_corpus
-    from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
-    from leanlm.core.data import calibration_samples
-    from leanlm.core.models import load_model
+    from leanlm.data.corpus import calibration_samples, default_corpus
+    from leanlm.measure.evaluate import eval_windows, prepare_reference, score_windows
+    from leanlm.models.load import load_model
 
     text = default_corpus()
     calib = calibration_samples(tokenizer, text.train[:100_000], 16, 128)

@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from leanlm.cli import main
-from leanlm.core.evaluate import prepare_reference, score_windows
-from leanlm.core.models import load_model, save_model
 from leanlm.export import export
 from leanlm.export.gguf_vocab import SPLIT_RULES
+from leanlm.measure.evaluate import prepare_reference, score_windows
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
 from leanlm.quantize import RTNConfig, quantize_
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install 'leanlm[llamacpp]' with the README's "
                         "CMAKE_ARGS); GGUF files are still checked through transformers' GGUF reader")
-from leanlm.export.llamacpp import LlamaCppLM, bench_llamacpp  # noqa: E402
+from leanlm.runtime.llamacpp import LlamaCppLM, bench_llamacpp  # noqa: E402
 
 WINDOWS = torch.randint(3, 300, (3, 64), generator=torch.Generator().manual_seed(1))
 

@@ -3,10 +3,16 @@ import json
 import pytest
 import torch
 
-from leanlm.core.generate import generate
-from leanlm.core.models import load_model, save_model
 from leanlm.core.structure import find_structure
-from leanlm.errors import ConfigError, InsufficientMemoryError, ModelNotFoundError, UnsupportedModelError
+from leanlm.errors import (
+    ConfigError,
+    InsufficientMemoryError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
+from leanlm.runtime.generate import generate
 
 
 def test_unknown_name_lists_known_models():

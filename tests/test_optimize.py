@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from leanlm.core.models import load_model
 from leanlm.errors import ConfigError, OutputExistsError
+from leanlm.models.load import load_model
 from leanlm.pipeline import optimize as optimize_mod
 from leanlm.pipeline.recipe import parse_recipe
 
@@ -20,7 +20,7 @@ def _recipe(*steps):
 
 @pytest.fixture
 def eval_text(tmp_path):
-    from leanlm.core.data import default_corpus
+    from leanlm.data.corpus import default_corpus
 
     f = tmp_path / "heldout.txt"
     f.write_text(default_corpus().eval[:6_000])
@@ -41,8 +41,8 @@ def test_optimize_writes_model_report_and_chart(tmp_path, tiny_dir, eval_text):
 
 
 def test_cast_result_is_plain_hf(tmp_path, tiny_dir, eval_text):
-    from transformers import AutoModelForCausalLM
     import torch
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
     optimize_mod.optimize(str(tiny_dir), _recipe({"type": "cast", "dtype": "bfloat16"}), out=out, device="cpu",
@@ -200,7 +200,7 @@ def test_steps_are_checked_against_the_model_before_the_baseline(tmp_path, tiny_
 
 
 def test_steps_after_a_reshaping_step_are_checked_when_they_run(tmp_path, tiny_dir, eval_text):
-    from leanlm.pipeline.steps import check_steps
+    from leanlm.core.step import check_steps
 
     model = load_model(tiny_dir, device="cpu").model
     second = {"type": "depth", "blocks": 1}
@@ -216,7 +216,7 @@ def test_steps_after_a_reshaping_step_are_checked_when_they_run(tmp_path, tiny_d
 
 
 def test_per_linear_steps_after_moefy_pass_the_check_when_they_leave_out_the_experts(tiny_dir):
-    from leanlm.pipeline.steps import check_steps
+    from leanlm.core.step import check_steps
 
     model = load_model(tiny_dir, device="cpu").model
     moefy = {"type": "moefy", "experts": 8, "shared": 2, "top_k": 2}

@@ -3,9 +3,15 @@ import torch
 
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.pipeline.recipe import parse_recipe
-from leanlm.prune import MagnitudeConfig, SparseGPTConfig, WandaConfig, prune_
-from leanlm.prune import prune_ops
-from leanlm.prune.base import finish, register_pruner
+from leanlm.prune import (
+    MagnitudeConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    prune_,
+    prune_ops,
+)
+from leanlm.core.registry import register_step
+from leanlm.prune.base import PRUNERS, finish
 from leanlm.quantize import RTNConfig
 
 
@@ -87,8 +93,8 @@ def test_prune_dispatch_refuses_other_configs_models_and_a_second_handler(tiny):
         prune_(tiny.model.state_dict(), MagnitudeConfig())
     with pytest.raises(ConfigError, match="got LoadedModel: pass its .model, the nn.Module it holds"):
         prune_(tiny, MagnitudeConfig())
-    with pytest.raises(ValueError, match="MagnitudeConfig has a pruner already"):
-        register_pruner(MagnitudeConfig)(lambda model, config: {})
+    with pytest.raises(ValueError, match="step type 'magnitude' registered twice"):
+        register_step("magnitude", MagnitudeConfig, lambda model, config: {}, family=PRUNERS)
 
 
 def test_pattern_that_does_not_divide_a_layer_is_refused(tiny):
@@ -103,9 +109,9 @@ def test_a_layer_left_too_dense_is_an_error(tiny):
 
 
 def test_pruning_the_tiny_model_orders_the_methods(tiny_dir, tokenizer):
-    from leanlm.core.data import calibration_samples, default_corpus
-    from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
-    from leanlm.core.models import load_model
+    from leanlm.data.corpus import calibration_samples, default_corpus
+    from leanlm.measure.evaluate import eval_windows, prepare_reference, score_windows
+    from leanlm.models.load import load_model
 
     text = default_corpus()
     calib = calibration_samples(tokenizer, text.train[:100_000], 16, 128)
@@ -126,7 +132,7 @@ def test_pruning_the_tiny_model_orders_the_methods(tiny_dir, tokenizer):
 
 
 def test_bitmask_pack_round_trips():
-    from leanlm.core import sparse_storage
+    from leanlm.models import sparse_storage
 
     w = torch.randn(7, 13)
     w[w.abs() < 0.6] = 0
@@ -136,9 +142,10 @@ def test_bitmask_pack_round_trips():
 
 
 def test_pruned_checkpoint_is_smaller_and_loads_back_exactly(tiny_dir, tmp_path):
-    from leanlm.core.models import load_model, save_model
     from leanlm.core.paths import dir_size
     from leanlm.export import export
+    from leanlm.models.load import load_model
+    from leanlm.models.save import save_model
 
     m = load_model(tiny_dir, device="cpu")
     prune_(m.model, MagnitudeConfig(sparsity=0.5))
@@ -160,8 +167,8 @@ def test_owl_spreads_sparsity_by_outliers_around_the_target():
 
 
 def test_wanda_with_owl_prunes_each_block_to_its_own_target(tiny_dir):
-    from leanlm.core.data import calibration_samples, default_corpus
-    from leanlm.core.models import load_model
+    from leanlm.data.corpus import calibration_samples, default_corpus
+    from leanlm.models.load import load_model
 
     m = load_model(tiny_dir, device="cpu")
     calib = calibration_samples(m.tokenizer, default_corpus().train, 4, 64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from leanlm.core.data import calibration_samples
+from leanlm.data.corpus import calibration_samples
 from leanlm.errors import ConfigError
 from leanlm.finetune import FinetuneConfig, finetune_
 from leanlm.finetune.qlora import QLoRALinear, merge_qlora
@@ -91,7 +91,8 @@ def test_finetune_cli_on_a_quantized_model_saves_it_requantized(tiny, tmp_path):
     import subprocess
     import sys
 
-    from leanlm.core.models import load_model, save_model
+    from leanlm.models.load import load_model
+    from leanlm.models.save import save_model
 
     quantize_(tiny.model, RTNConfig(bits=4, group_size=32))
     save_model(tiny.model, tiny.tokenizer, tmp_path / "q4")

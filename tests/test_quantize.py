@@ -2,11 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from leanlm.core.generate import generate
-from leanlm.core.models import load_model, save_model
 from leanlm.errors import ConfigError
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
 from leanlm.quantize import RTNConfig, quantize_, rtn_ops
 from leanlm.quantize.int8_linear import Int8Linear
+from leanlm.runtime.generate import generate
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -147,7 +148,7 @@ def test_scale_search_with_diagonal_only_never_loses_to_max_abs():
 
 
 def test_rtn_scale_search_through_quantize_(tiny, tokenizer):
-    from leanlm.core.data import calibration_samples, default_corpus
+    from leanlm.data.corpus import calibration_samples, default_corpus
 
     calib = calibration_samples(tokenizer, default_corpus().train[:50_000], 8, 64)
     ids = calibration_samples(tokenizer, default_corpus().eval[:20_000], 2, 64, seed=1)
@@ -185,14 +186,14 @@ def test_int4_body_with_int8_lm_head_round_trip(tmp_path, tiny):
     back = load_model(tmp_path / "q", device="cpu")
     assert type(back.model.lm_head) is Int8Linear and type(back.model.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
     assert torch.equal(generate(back.model, ids, 8), before)
-    from leanlm.core.models import parameter_count
+    from leanlm.core.packed import parameter_count
 
     assert parameter_count(back.model) == parameter_count(tiny.model)  # the embedding counted once, the head once
 
 
 @pytest.mark.parametrize("config", [RTNConfig(), RTNConfig(bits=4, group_size=32, symmetric=False, skip=[])])
 def test_packed_codes_are_frozen_parameters_counted_by_what_they_encode(tiny, config):
-    from leanlm.core.models import parameter_count
+    from leanlm.core.packed import parameter_count
 
     before = parameter_count(tiny.model)
     quantize_(tiny.model, config)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanlm.core.data import default_corpus
-from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
-from leanlm.core.models import load_model
 from leanlm.core.structure import find_structure
+from leanlm.data.corpus import default_corpus
+from leanlm.measure.evaluate import eval_windows, prepare_reference, score_windows
+from leanlm.models.load import load_model
 from leanlm.quantize import RTNConfig, quantize_
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_readme_quick_start_runs(tmp_path):
 
 
 def test_gguf_file_loads_directly_and_matches_the_cached_conversion(smol):
-    from leanlm.core.builtin import BUILTIN_MODELS, _find_gguf
+    from leanlm.models.builtin import BUILTIN_MODELS, _find_gguf
 
     gguf = _find_gguf(BUILTIN_MODELS["smollm2-135m"])
     direct = load_model(gguf, device="cpu")
@@ -91,7 +91,7 @@ def test_gguf_file_loads_directly_and_matches_the_cached_conversion(smol):
 def test_gguf_q8_0_export_in_llama_cpp_stays_within_kld_target(smol, windows, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'leanlm[llamacpp]')")
     from leanlm.export import export
-    from leanlm.export.llamacpp import LlamaCppLM
+    from leanlm.runtime.llamacpp import LlamaCppLM
 
     export("smollm2-135m", tmp_path / "q8.gguf", "gguf", weight_type="q8_0", embeddings="q8_0")
     ref = prepare_reference(smol, windows)

@@ -1,12 +1,17 @@
 import pytest
 import yaml
 
-from leanlm.core.bench import BenchConfig
 from leanlm.errors import ConfigError
-from leanlm.pipeline.recipe import dump_recipe, load_recipe, parse_recipe, shipped_recipes
+from leanlm.measure.bench import BenchConfig
+from leanlm.pipeline.recipe import (
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+    shipped_recipes,
+)
+from leanlm.pipeline.scan import ScanConfig
 from leanlm.prune.depth import DepthConfig
 from leanlm.prune.magnitude import MagnitudeConfig
-from leanlm.prune.scan import ScanConfig
 from leanlm.prune.sparsegpt import SparseGPTConfig
 from leanlm.prune.wanda import WandaConfig
 from leanlm.prune.width import WidthConfig
@@ -134,8 +139,9 @@ def test_configs_built_in_python_are_checked_like_yaml(cls, options, message):
 
 
 def test_python_configs_take_what_yaml_takes_and_python_numbers_and_paths():
-    import numpy as np
     from pathlib import Path
+
+    import numpy as np
 
     from leanlm.distill import DistillConfig
 

@@ -7,12 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanlm.core.models import load_model, parameter_count, save_model
+from leanlm.core.packed import parameter_count
 from leanlm.errors import ConfigError
+from leanlm.kernels.sparse24_ops import (
+    compress_24,
+    compressed_bytes,
+    decompress_24,
+    expand_words,
+    violations_24,
+)
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
 from leanlm.pipeline.recipe import parse_recipe
-from leanlm.prune import MagnitudeConfig, Sparse24Config, Sparse24Linear, prune_, sparse24_
+from leanlm.prune import MagnitudeConfig, prune_
 from leanlm.prune.prune_ops import magnitude_mask
-from leanlm.prune.sparse24_ops import compress_24, compressed_bytes, decompress_24, expand_words, violations_24
+from leanlm.sparsify import Sparse24Config, Sparse24Linear, sparse24_
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

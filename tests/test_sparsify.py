@@ -5,14 +5,25 @@ import pytest
 import torch
 from torch import nn
 
-from leanlm.core.data import calibration_samples, default_corpus
-from leanlm.core.models import load_model, save_model
 from leanlm.core.structure import find_structure
+from leanlm.data.corpus import calibration_samples, default_corpus
 from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import export
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
 from leanlm.pipeline.recipe import parse_recipe
-from leanlm.sparsify import ActSparseLinear, ActSparsityConfig, MoEFFN, MoefyConfig, moefy_, sparsify_activations_
-from leanlm.sparsify import act_sparse_ops, moe_ffn, moe_ops, rotation_ops
+from leanlm.sparsify import (
+    ActSparseLinear,
+    ActSparsityConfig,
+    MoEFFN,
+    MoefyConfig,
+    act_sparse_ops,
+    moe_ffn,
+    moe_ops,
+    moefy_,
+    rotation_ops,
+    sparsify_activations_,
+)
 from leanlm.sparsify.rotated_norm import NormThenRotate
 
 IDS = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -87,7 +98,7 @@ def test_act_sparsity_step_round_trips_and_keeps_quality_close(tiny_dir, tmp_pat
 
 def test_evaluation_measures_the_sparsity_the_text_reaches(tiny_dir, calibration):
     """Thresholds are calibrated on one text; the report says what another text reaches through them."""
-    from leanlm.core.evaluate import evaluate
+    from leanlm.measure.evaluate import evaluate
 
     m = load_model(tiny_dir, device="cpu")
     assert "measured_act_sparsity" not in evaluate(m, calibration[:2])
@@ -375,7 +386,10 @@ def test_moefy_bad_inputs(tiny_dir, calibration):
 
 
 def test_moefy_ignores_attention_biases(calibration):
-    from transformers import Qwen2Config, Qwen2ForCausalLM  # q/k/v have biases, the FFN none
+    from transformers import (  # q/k/v have biases, the FFN none
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -428,7 +442,12 @@ def test_moefy_splits_a_biased_conv1d_ffn_and_round_trips(tokenizer, tmp_path, c
 
 @pytest.mark.parametrize("family", ["gpt_neox", "phi3"])
 def test_moefy_splits_neox_and_fused_gate_up_ffns(family, calibration):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+    )
 
     torch.manual_seed(0)
     if family == "gpt_neox":  # biased dense_h_to_4h / dense_4h_to_h, parallel residual
@@ -450,7 +469,10 @@ def test_moefy_splits_neox_and_fused_gate_up_ffns(family, calibration):
 
 
 def test_moefy_refuses_an_ffn_without_its_own_module(calibration):
-    from transformers import OPTConfig, OPTForCausalLM  # fc1/fc2 sit in the decoder layer itself
+    from transformers import (  # fc1/fc2 sit in the decoder layer itself
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     model = OPTForCausalLM(OPTConfig(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                      num_attention_heads=4, word_embed_proj_dim=64)).eval()
@@ -459,7 +481,10 @@ def test_moefy_refuses_an_ffn_without_its_own_module(calibration):
 
 
 def test_moefy_reads_gemmas_activation_name(calibration):
-    from transformers import Gemma2Config, Gemma2ForCausalLM  # hidden_activation, not hidden_act
+    from transformers import (  # hidden_activation, not hidden_act
+        Gemma2Config,
+        Gemma2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(Gemma2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

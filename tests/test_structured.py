@@ -5,16 +5,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from leanlm.core.data import calibration_samples, default_corpus
-from leanlm.core.models import save_model
+from leanlm.core.anatomy import ffn_width, find_ffn
 from leanlm.core.structure import find_structure
+from leanlm.data.corpus import calibration_samples, default_corpus
 from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import export
+from leanlm.models.save import save_model
 from leanlm.pipeline.recipe import parse_recipe
-from leanlm.prune import DepthConfig, HeadsConfig, WidthConfig, prune_
-from leanlm.prune import structured_ops
+from leanlm.prune import DepthConfig, HeadsConfig, WidthConfig, prune_, structured_ops
 from leanlm.prune.depth import remove_blocks
-from leanlm.prune.width import ffn_width, find_ffn
 from tests.conftest import tiny_llama
 
 IDS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -137,7 +136,7 @@ def test_width_bad_inputs(tokenizer, calibration):
 
 
 def test_depth_pruned_model_exports_to_gguf(tokenizer, tmp_path):
-    from leanlm.core.models import load_model
+    from leanlm.models.load import load_model
 
     model = tiny_llama(len(tokenizer), layers=3)
     remove_blocks(model, [1])
@@ -149,7 +148,7 @@ def test_depth_pruned_model_exports_to_gguf(tokenizer, tmp_path):
 
 
 def test_skipping_a_block_in_the_scan_equals_removing_it(tokenizer):
-    from leanlm.prune.scan import skipped
+    from leanlm.pipeline.scan import skipped
 
     model = tiny_llama(len(tokenizer), layers=3)
     with skipped(find_structure(model).blocks[1]):
@@ -178,7 +177,7 @@ def test_scan_cli_writes_table_chart_and_json(tiny_dir, tmp_path, capsys, unit, 
 
 @pytest.mark.parametrize("keep", [{"heads_per_group": 1}, {"kv_groups": 1}])
 def test_head_pruning_gives_a_smaller_hf_model_that_exports(tokenizer, calibration, tmp_path, keep):
-    from leanlm.core.models import load_model
+    from leanlm.models.load import load_model
 
     model = tiny_llama(len(tokenizer), layers=2)  # 4 query heads in 2 KV groups, head_dim 16
     stats = prune_(model, HeadsConfig(**keep), calibration=calibration)

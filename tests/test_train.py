@@ -9,16 +9,15 @@ import sys
 import pytest
 import torch
 
-from leanlm.core.data import default_corpus
-from leanlm.core.models import load_model
-from leanlm.core.train_data import IGNORE, chat_examples, chat_tokens
-from leanlm.core.trainer import TrainConfig
-from leanlm.distill import DistillConfig, distill_
-from leanlm.distill import distill_ops
+from leanlm.data.corpus import default_corpus
+from leanlm.distill import DistillConfig, distill_, distill_ops
 from leanlm.errors import ConfigError, DataError
 from leanlm.finetune import FinetuneConfig, finetune_
+from leanlm.models.load import load_model
 from leanlm.pipeline.recipe import parse_recipe
 from leanlm.prune.depth import remove_blocks
+from leanlm.train.examples import IGNORE, chat_examples, chat_tokens
+from leanlm.train.trainer import TrainConfig
 
 TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
@@ -169,7 +168,7 @@ def test_a_time_limit_stop_still_judges_the_last_steps(tiny):
 
 
 def test_held_out_split_too_short_names_the_option(tiny):
-    from leanlm.cli_train import _eval_ppl
+    from leanlm.cli.train import _eval_ppl
 
     assert _eval_ppl(tiny.model, tiny.tokenizer, TEXT[:4000], 32) > 1
     with pytest.raises(DataError, match=r"held-out 10% of the data.*fewer than one 4096-token window.*--seq-len"):
@@ -177,8 +176,8 @@ def test_held_out_split_too_short_names_the_option(tiny):
 
 
 def test_distill_command_refuses_a_missing_teacher_before_measuring(tiny_dir, tmp_path, monkeypatch, capsys):
-    from leanlm import cli_train
     from leanlm.cli import main
+    from leanlm.cli import train as cli_train
 
     monkeypatch.setattr(cli_train, "_eval_ppl", lambda *a, **k: pytest.fail("measured before refusing"))
     assert main(["distill", str(tiny_dir), "--teacher", "/no/such/teacher", "--out", str(tmp_path / "d")]) == 2

@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from leanlm.core.evaluate import eval_windows, prepare_reference, score_windows
-from leanlm.core.models import load_model, save_model
 from leanlm.errors import ConfigError
+from leanlm.measure.evaluate import eval_windows, prepare_reference, score_windows
+from leanlm.models.load import load_model
+from leanlm.models.save import save_model
 from leanlm.pipeline.recipe import parse_recipe
 from leanlm.quantize import MixedConfig, SmoothQuantConfig, quantize_, rtn_ops
 from leanlm.quantize.sensitivity_ops import allocate, parse_format
@@ -25,7 +26,7 @@ def test_w8a8_linear_is_exact_integer_math():
 
 @pytest.fixture(scope="module")
 def setting(tokenizer):
-    from leanlm.core.data import calibration_samples, default_corpus
+    from leanlm.data.corpus import calibration_samples, default_corpus
 
     text = default_corpus()
     return (calibration_samples(tokenizer, text.train[:100_000], 16, 128),

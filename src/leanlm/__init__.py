@@ -1,8 +1,9 @@
 """leanlm: make a causal LM cheaper, faster and better at one job, and measure every step."""
 
-__version__ = "0.1.0"
+from leanlm.core.paths import leanlm_version
+from leanlm.errors import LeanLMError
 
-from leanlm.errors import LeanLMError  # noqa: E402
+__version__ = leanlm_version()
 
 __all__ = ["LeanLMError", "__version__", "load_model", "evaluate", "benchmark", "optimize", "load_recipe", "quantize_",
            "prune_"]
@@ -11,13 +12,13 @@ __all__ = ["LeanLMError", "__version__", "load_model", "evaluate", "benchmark", 
 def __getattr__(name: str):
     # Heavy imports (torch, transformers) wait until the API is used, so `leanlm --help` is instant.
     if name == "load_model":
-        from leanlm.core.models import load_model
+        from leanlm.models.load import load_model
         return load_model
     if name == "evaluate":
-        from leanlm.core.evaluate import evaluate
+        from leanlm.measure.evaluate import evaluate
         return evaluate
     if name == "benchmark":
-        from leanlm.core.bench import benchmark
+        from leanlm.measure.bench import benchmark
         return benchmark
     if name == "optimize":
         from leanlm.pipeline.optimize import optimize

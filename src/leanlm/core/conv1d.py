@@ -18,6 +18,7 @@ from torch import nn
 
 from leanlm.core.structure import replace_module
 
+
 def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanlm.core.data import check_token_ids
-from leanlm.core.structure import ModelStructure, find_structure
+from leanlm.core.structure import ModelStructure, check_token_ids, find_structure
 from leanlm.errors import ConfigError, LeanLMError
 
 
@@ -88,7 +87,7 @@ def check_calibration(model: nn.Module, config: Any, samples: Any) -> None:
     if samples is None:
         if getattr(config, "needs_calibration", False):
             raise ConfigError(f"{what} needs calibration=token ids [samples, length] "
-                              "(leanlm.core.data.calibration_samples(tokenizer, text, 128, 512) builds them)")
+                              "(leanlm.data.corpus.calibration_samples(tokenizer, text, 128, 512) builds them)")
         return
     if not isinstance(samples, torch.Tensor) or samples.dim() != 2 or samples.dtype not in (torch.int64, torch.int32):
         got = f"a {samples.dim()}-d {samples.dtype} tensor" if isinstance(samples, torch.Tensor) else type(samples).__name__

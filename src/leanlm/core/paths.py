@@ -12,6 +12,16 @@ from typing import Iterator
 
 from leanlm.errors import OutputError, OutputExistsError
 
+
+def leanlm_version() -> str:
+    """The installed distribution's version (pyproject.toml), the one place it is written."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("leanlm")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
 log = logging.getLogger(__name__)
 
 

@@ -11,9 +11,10 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from leanlm.errors import ConfigError, UnsupportedModelError
+from leanlm.errors import ConfigError, DataError, UnsupportedModelError
 
 
 def check_arguments(verb: str, model: Any, config: Any = None, expected: type | None = None) -> None:
@@ -160,3 +161,13 @@ def check_config_describes(model: nn.Module, what: str) -> None:
                 f"{what} is not supported for {type(model).__name__}: after it, {name} is {list(param.shape)} but "
                 f"the model its config describes has {list(want)} (the architecture derives that size from other "
                 "config keys), so the saved model would not load")
+
+
+def check_token_ids(model: Any, ids: torch.Tensor, what: str) -> None:
+    """Refuse token ids the model cannot embed (the mark of another model's tokenizer), which would
+    otherwise fail deep in a forward pass as an index error."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        raise DataError(f"{what} holds token id {int(ids.max())} (min {int(ids.min())}) but the model's embedding "
+                        f"has {vocab} rows: the tokenizer does not belong to this model; tokenize with the model's own")

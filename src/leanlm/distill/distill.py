@@ -16,17 +16,22 @@ import torch
 from torch import nn
 
 from leanlm.core.config import to_dict
-from leanlm.core.data import data_files
-from leanlm.core.models import resolve_source
+from leanlm.core.step import StepConfig, StepContext, register_step
 from leanlm.core.structure import check_arguments, matches
-from leanlm.core.train_data import IGNORE
-from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
-from leanlm.distill.distill_ops import forward_kl, generalized_jsd, hidden_mse, reverse_kl, topk_forward_kl
+from leanlm.data.corpus import data_files
+from leanlm.distill.distill_ops import (
+    forward_kl,
+    generalized_jsd,
+    hidden_mse,
+    reverse_kl,
+    topk_forward_kl,
+)
 from leanlm.distill.on_policy import rollout, takes_rollout
 from leanlm.distill.teacher_cache import TeacherCache, model_signature, source_signature
 from leanlm.errors import ConfigError
-from leanlm.finetune.finetune import FinetuneConfig, training_examples
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
+from leanlm.models.load import resolve_source
+from leanlm.train.examples import IGNORE, training_examples
+from leanlm.train.trainer import TrainConfig, Trainer, fingerprint
 
 
 @dataclass
@@ -124,7 +129,7 @@ class Teacher:
 
     def load(self) -> nn.Module:
         if self.model is None:
-            from leanlm.core.models import load_model
+            from leanlm.models.load import load_model
 
             loaded = load_model(self.source, device=self.device)
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
@@ -144,8 +149,7 @@ def distill_(student: nn.Module, tokenizer: Any, teacher: Teacher | nn.Module, t
         teacher = Teacher(teacher, teacher_tokenizer)
     if not isinstance(teacher, Teacher):
         raise ConfigError(f"distill_: the teacher must be an nn.Module or a Teacher, got {type(teacher).__name__}")
-    as_finetune = FinetuneConfig(data=config.data, train=config.train)
-    examples = training_examples(tokenizer, as_finetune, text)
+    examples = training_examples(tokenizer, config.data, config.train.seq_len, text)
     cache = _teacher_cache(teacher, config, examples)
     if cache is None or not cache.exists():
         _check_teacher(student, tokenizer, teacher.load(), teacher.tokenizer, config)
@@ -191,7 +195,6 @@ def _check_teacher(student: nn.Module, tokenizer: Any, teacher: nn.Module, teach
         p.requires_grad_(False)
 
 
-@register_step("distill", DistillConfig)
 def _distill_step(model: nn.Module, config: DistillConfig, ctx: StepContext) -> dict:
     source = config.teacher or ctx.source
     if source is None:
@@ -201,3 +204,6 @@ def _distill_step(model: nn.Module, config: DistillConfig, ctx: StepContext) -> 
                      resume=ctx.resume)
     stats["teacher"] = str(source)
     return stats
+
+
+register_step("distill", DistillConfig, handler=_distill_step)

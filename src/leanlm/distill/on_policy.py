@@ -15,7 +15,7 @@ import random
 import torch
 from torch import nn
 
-from leanlm.core.train_data import IGNORE
+from leanlm.train.examples import IGNORE
 
 
 def takes_rollout(share: float, seed: int, example_id: torch.Tensor) -> bool:

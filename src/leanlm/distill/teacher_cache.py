@@ -19,15 +19,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.core.paths import atomic_file
-from leanlm.core.train_data import Examples
-from leanlm.core.trainer import fingerprint
+from leanlm.train.examples import Examples
+from leanlm.train.trainer import fingerprint
 
 log = logging.getLogger(__name__)
 
 
 def source_signature(source: str | os.PathLike) -> list:
     """What identifies a saved teacher without loading it: its files' names, sizes and times."""
-    from leanlm.core.models import resolve_source
+    from leanlm.models.load import resolve_source
 
     path = resolve_source(source)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

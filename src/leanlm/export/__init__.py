@@ -12,9 +12,9 @@ import logging
 import time
 from pathlib import Path
 
-from leanlm.core.models import load_model
 from leanlm.core.paths import atomic_dir, atomic_file, check_output, dir_size
 from leanlm.errors import ConfigError, UnsupportedModelError
+from leanlm.models.load import load_model
 
 log = logging.getLogger(__name__)
 FORMATS = ("hf", "compressed-tensors", "gguf")
@@ -55,7 +55,7 @@ def export(model: str | Path, out: str | Path, format: str = "hf", overwrite: bo
 
 
 def _importance(loaded, samples: int, data: str | Path | None) -> dict:
-    from leanlm.core.data import calibration_samples, load_corpus
+    from leanlm.data.corpus import calibration_samples, load_corpus
     from leanlm.export.gguf_export import importance_matrix
 
     calibration = calibration_samples(loaded.tokenizer, load_corpus(data, loaded.tokenizer).train, samples, 512)
@@ -64,13 +64,13 @@ def _importance(loaded, samples: int, data: str | Path | None) -> dict:
 
 def check_exportable(model) -> None:
     """Refuse modules no other runtime has an equivalent of (e.g. MoE-fied FFNs), naming them."""
-    from leanlm.core.models import QUANTIZED_MODULES
+    from leanlm.core.packed import is_runtime_module
 
     refusals = [(n, m.export_refusal) for n, m in model.named_modules() if hasattr(m, "export_refusal")]
     if refusals:
         raise UnsupportedModelError(f"{len(refusals)} modules (e.g. {refusals[0][0]}) cannot be exported: {refusals[0][1]}")
     odd = [n for n, m in model.named_modules()
-           if type(m) in QUANTIZED_MODULES.values() and not hasattr(m, "dequantized_weight")]
+           if is_runtime_module(m) and not hasattr(m, "dequantized_weight")]
     if odd:
         raise UnsupportedModelError(f"{len(odd)} modules (e.g. {odd[0]}, {type(model.get_submodule(odd[0])).__name__}) "
                                     "have no dense equivalent in other runtimes: a MoE-fied model runs in leanlm only")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from leanlm.core.conv1d import has_conv1d_layout
-from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.packed import is_runtime_module
 from leanlm.errors import LeanLMError, UnsupportedModelError
 from leanlm.export.hf_export import dequantize_model
 
@@ -60,13 +60,16 @@ def _scheme(names: list[str], key: tuple):
 def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: Path) -> dict:
     try:
         from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+        from compressed_tensors.quantization import (
+            QuantizationConfig,
+            apply_quantization_config,
+        )
     except ImportError as err:
         raise LeanLMError("compressed-tensors export needs the package: pip install 'leanlm[export]'") from err
     if has_conv1d_layout(model):
         raise UnsupportedModelError(f"{type(model).__name__} stores its linear layers as Conv1D, which vLLM transposes "
                                     "as it loads them: packed codes cannot take that; export --format hf instead")
-    packed = {n: m for n, m in model.named_modules() if type(m) in QUANTIZED_MODULES.values()}
+    packed = {n: m for n, m in model.named_modules() if is_runtime_module(m)}
     if not packed:
         raise LeanLMError("this model has no quantized layers; quantize it first (leanlm optimize --recipe w4-g64-gptq)"
                           " or export --format hf")

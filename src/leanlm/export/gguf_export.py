@@ -29,7 +29,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from torch import nn
 
-from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.packed import is_runtime_module
 from leanlm.core.structure import is_linear, is_norm
 from leanlm.errors import ConfigError, UnsupportedModelError
 from leanlm.export import gguf_ops, kquant_ops
@@ -201,7 +201,7 @@ def _write_tensors(writer: gguf.GGUFWriter, model: nn.Module, target: Target, we
             continue
         if module is embed or module is model.get_output_embeddings():
             tensors = [("weight", *_float_tensor(module.weight, embed_type))]
-        elif is_linear(module) or type(module) in QUANTIZED_MODULES.values():
+        elif is_linear(module) or is_runtime_module(module):
             tensors = [("weight", *_linear_tensor(module, weight_type, hf_name, importance.get(hf_name)))]
             linear_types[tensors[0][2].name] = linear_types.get(tensors[0][2].name, 0) + 1
             if getattr(module, "bias", None) is not None:
@@ -291,8 +291,8 @@ def _float_tensor(weight: torch.Tensor, qtype, importance: torch.Tensor | None =
 def _linear_tensor(module: nn.Module, weight_type, name: str,
                    importance: torch.Tensor | None = None) -> tuple[np.ndarray, Any]:
     """A leanlm-quantized layer from its codes when its format maps to a GGUF type; else requantized."""
-    if hasattr(module, "gguf_blocks"):
-        blocks = module.gguf_blocks()
+    if hasattr(module, "quantized_codes"):
+        blocks = gguf_ops.blocks_from_codes(module.quantized_codes())
         if blocks is not None and (weight_type is None or weight_type == QT[blocks[1]]):
             return blocks[0], QT[blocks[1]]
         target = QT.F16 if weight_type is None else weight_type

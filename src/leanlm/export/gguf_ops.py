@@ -66,3 +66,18 @@ def interleave_rope_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     packed blocks as well as on float weights."""
     per_head = rows.shape[0] // heads
     return rows.reshape(heads, 2, per_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def blocks_from_codes(q) -> tuple[np.ndarray, str] | None:
+    """llama.cpp blocks written straight from a layer's codes (a core.packed.QuantizedWeight): symmetric
+    int8 -> Q8_0, int4 -> Q4_0 when every zero point is 8, else Q4_1; None when no GGUF type holds the
+    codes as they are (asymmetric int8, groups that are not a multiple of 32, per-channel int4)."""
+    if q.group_size is not None and q.group_size % BLOCK:
+        return None
+    if q.bits == 8:
+        return (q8_0(q.codes, q.scale), "Q8_0") if q.zero is None else None
+    if q.bits != 4 or q.group_size is None:
+        return None
+    if bool((q.zero == 8).all()):
+        return q4_0(q.codes.to(torch.int16) - 8, q.scale), "Q4_0"
+    return q4_1(q.codes, q.scale, q.zero), "Q4_1"

@@ -10,15 +10,16 @@ import torch
 from torch import nn
 
 from leanlm.core.conv1d import hf_layout
-from leanlm.core.models import DTYPES, QUANTIZED_MODULES
+from leanlm.core.packed import is_runtime_module
 from leanlm.core.structure import replace_module
+from leanlm.models.load import DTYPES
 
 log = logging.getLogger(__name__)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, warn_w8a8: bool = True) -> int:
     """Replace each leanlm runtime module by an nn.Linear holding its dequantized weight; returns how many."""
-    packed = [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZED_MODULES.values()]
+    packed = [(n, m) for n, m in model.named_modules() if is_runtime_module(m)]
     for name, module in packed:
         weight = module.dequantized_weight(torch.float32)
         bias = getattr(module, "bias", None)

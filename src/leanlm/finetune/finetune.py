@@ -16,15 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.core.config import to_dict
-from leanlm.core.data import data_files, read_text
-from leanlm.core.models import QUANTIZED_MODULES
+from leanlm.core.packed import is_runtime_module
+from leanlm.core.step import StepConfig, StepContext, register_step
 from leanlm.core.structure import check_arguments
-from leanlm.core.train_data import IGNORE, Examples, chat_examples, is_chat_file, text_examples
-from leanlm.core.trainer import TrainConfig, Trainer, fingerprint
+from leanlm.data.corpus import data_files
 from leanlm.errors import ConfigError
-from leanlm.finetune.lora import add_lora, lora_targets, refuse_opaque_targets, trainable_counts
+from leanlm.finetune.lora import (
+    add_lora,
+    lora_targets,
+    refuse_opaque_targets,
+    trainable_counts,
+)
 from leanlm.finetune.qlora import add_qlora, merge_qlora
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
+from leanlm.train.examples import (
+    IGNORE,
+    training_examples,
+)
+from leanlm.train.trainer import TrainConfig, Trainer, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +76,6 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
-def training_examples(tokenizer: Any, config: FinetuneConfig, default_text: str | None) -> Examples:
-    seq = config.train.seq_len
-    if config.data and is_chat_file(config.data):
-        return chat_examples(tokenizer, config.data, seq, config.too_long)
-    text = read_text(config.data, tokenizer) if config.data else default_text
-    if text is None:
-        raise ConfigError("training needs data: set the config's 'data' (a file), pass text=..., or run the step "
-                          "inside `leanlm optimize`")
-    if not isinstance(text, str):
-        raise ConfigError(f"the training text must be a str, got {type(text).__name__}")
-    return text_examples(tokenizer, text, seq)
-
-
 def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: str | None = None,
               work_dir: Path | None = None, accelerator=None, source: str = "", resume: bool = False,
               calibration: Callable[[], torch.Tensor] | None = None, device=None) -> tuple[nn.Module, dict]:
@@ -89,7 +84,7 @@ def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: st
     layers (QLoRA) and merging requantizes them; `calibration` supplies GPTQ's data for that."""
     check_arguments("finetune_", model, config, FinetuneConfig)
     quantized = _check_quantized_base(model, config)
-    train, validation = training_examples(tokenizer, config, text).split(config.train.validation_fraction)
+    train, validation = training_examples(tokenizer, config.data, config.train.seq_len, text, config.too_long).split(config.train.validation_fraction)
     run_id = fingerprint(to_dict(config), source, len(train), train.input_ids[:2].tolist())
     if config.method == "lora":
         targets, quantized = lora_targets(model, config.targets)
@@ -122,7 +117,7 @@ def finetune_(model: nn.Module, tokenizer: Any, config: FinetuneConfig, text: st
 
 
 def _check_quantized_base(model: nn.Module, config: FinetuneConfig) -> bool:
-    quantized = any(type(m) in QUANTIZED_MODULES.values() for m in model.modules())
+    quantized = any(is_runtime_module(m) for m in model.modules())
     if quantized and config.method == "full":
         raise ConfigError("full fine-tuning cannot update packed quantized weights; use method: lora (QLoRA: "
                           "adapters over the quantized layers, requantized on merge) or fine-tune before quantizing")
@@ -133,7 +128,6 @@ def _ppl(loss: float) -> float:
     return float(torch.tensor(loss).exp())
 
 
-@register_step("finetune", FinetuneConfig)
 def _finetune_step(model: nn.Module, config: FinetuneConfig, ctx: StepContext) -> dict:
     if not config.merge:
         raise ConfigError("in a recipe the LoRA must be merged (merge: true) so later steps see plain weights; "
@@ -143,3 +137,6 @@ def _finetune_step(model: nn.Module, config: FinetuneConfig, ctx: StepContext) -
     if tuned is not model:
         raise ConfigError("internal: the merged model is not the one the recipe holds")
     return stats
+
+
+register_step("finetune", FinetuneConfig, handler=_finetune_step)

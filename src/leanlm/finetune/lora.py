@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from leanlm.core.models import QUANTIZED_MODULES, parameter_count
+from leanlm.core.packed import is_runtime_module, parameter_count, runtime_module_types
 from leanlm.core.structure import find_structure, matches, opaque_modules, refuse_opaque
 from leanlm.errors import ConfigError
 
@@ -19,13 +19,13 @@ def lora_targets(model: nn.Module, patterns: list[str]) -> tuple[list[str], bool
     prefixes = tuple(f"{n}." for n in find_structure(model).block_names())
     inside = {n: m for n, m in model.named_modules() if n.startswith(prefixes) and matches(n, patterns)}
     refuse_opaque_targets({n: kind for n, kind in opaque_modules(model).items() if n.startswith(prefixes)}, patterns)
-    quantized = [n for n, m in inside.items() if type(m) in QUANTIZED_MODULES.values()]
+    quantized = [n for n, m in inside.items() if is_runtime_module(m)]
     floats = [n for n, m in inside.items() if isinstance(m, nn.Linear)]
     if quantized and floats:
         raise ConfigError(f"LoRA targets mix quantized layers ({quantized[0]}, ...) and float ones ({floats[0]}, ...); "
                           "narrow 'targets' so they are all of one kind")
     if not quantized and not floats:
-        layer_types = (nn.Linear, *QUANTIZED_MODULES.values())
+        layer_types = (nn.Linear, *runtime_module_types())
         example = next((n for n, m in model.named_modules() if n.startswith(prefixes) and isinstance(m, layer_types)),
                        "none")
         raise ConfigError(f"LoRA target patterns {patterns} match no linear layer inside the decoder blocks "

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.core.registry import step_type
 from leanlm.core.structure import replace_module
 from leanlm.errors import ConfigError
 
@@ -71,26 +72,16 @@ def add_qlora(model: nn.Module, targets: list[str], rank: int, alpha: float, dro
 def merge_qlora(model: nn.Module, method: str = "gptq", calibration: torch.Tensor | None = None,
                 device=None) -> dict:
     """Fold every adapter into its layer and requantize it to the layer's own scheme, in place."""
-    from leanlm.quantize import rtn_ops
-    from leanlm.quantize.base import finish_totals, new_totals, swap_in_packed
-    from leanlm.quantize.gptq import GPTQConfig, quantize_gptq
-
     wrapped = {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
     if not wrapped:
         raise ConfigError("the model has no LoRA adapters on quantized layers to merge")
     plan = {n: m.base.quant_scheme() for n, m in wrapped.items()}
     for name, module in wrapped.items():
         replace_module(model, name, module.merged_linear())
-    if method == "gptq":
-        if calibration is None:
-            raise ConfigError("requantizing a merged LoRA with GPTQ needs calibration data; "
-                              "give some or set requantize: rtn")
-        stats = quantize_gptq(model, GPTQConfig(targets=list(plan), skip=[]), calibration, device, plan=plan)
-    else:
-        totals = new_totals()
-        for name, (bits, group, sym) in plan.items():
-            layer = model.get_submodule(name)
-            codes, scale, zero = rtn_ops.rtn(layer.weight.data, bits, group, sym)
-            swap_in_packed(model, name, codes, scale, zero, bits, group, sym, totals)
-        stats = finish_totals(totals)
+    if method == "gptq" and calibration is None:
+        raise ConfigError("requantizing a merged LoRA with GPTQ needs calibration data; give some or set requantize: rtn")
+    # the quantizer is found by its step name, so fine-tuning does not import the quantize package
+    quantizer = step_type(method)
+    config = quantizer.config(targets=list(plan), skip=[])
+    stats = quantizer.verb(model, config, calibration=calibration, device=device, plan=plan)
     return {"requantize": method, "layers_requantized": len(plan), **stats}

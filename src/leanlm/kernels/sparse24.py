@@ -1,7 +1,7 @@
 """GPU matmul with a compressed 2:4 weight (Triton): y = x @ Wᵀ reading 56% of W's bytes.
 
 At the batch sizes of decoding and small-batch serving the matmul is bound by reading the weight, so
-a 2:4 weight stored compressed (`prune.sparse24_ops`: each group's two kept values as one 32-bit word
+a 2:4 weight stored compressed (`sparse24_ops`: each group's two kept values as one 32-bit word
 plus 4 flag bits) can be read in about half the time. Each program loads a [BLOCK_N, BLOCK_K] tile
 of the compressed weight, expands each group's word into its two output words in registers (a shift,
 a select and a mask each) and feeds the dense tile to the tensor cores. This does not use the sparse
@@ -22,6 +22,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from leanlm.kernels.sparse24_ops import (
+    decompress_24,  # the format's reference math, to check each tile
+)
 
 try:
     import triton
@@ -132,8 +136,6 @@ def tune(rows: int, values: torch.Tensor, meta: torch.Tensor, configs: list[Tile
     """The fastest config on this device for this shape, each timed as a whole call (do_bench: median of
     repeats, L2 flushed between them). Each is first checked against the dense product: a tile that
     this GPU or compiler gets wrong is dropped, with a warning, rather than chosen for its speed."""
-    from leanlm.prune.sparse24_ops import decompress_24  # the format's reference math (prune imports this module)
-
     n, k = values.shape[0], values.shape[1] * 2
     x = torch.randn(rows_bucket(rows), k, device=values.device, dtype=values.dtype)
     want = x.float() @ decompress_24(values, meta).float().T
@@ -228,7 +230,7 @@ if triton is not None:
     @triton.jit
     def _expand(words, flags, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """The dense [BLOCK_N, BLOCK_K] tile from words [BLOCK_N, BLOCK_K/32, 8] (a group's `first |
-        second << 16`) and their flags (the group's 4 bits at the bottom; see prune.sparse24_ops)."""
+        second << 16`) and their flags (the group's 4 bits at the bottom; see sparse24_ops)."""
         # positions (0, 1): the pair, or the first value moved up; then the high half cleared unless used
         pos01 = tl.where((flags & 1) != 0, words, words << 16)
         pos01 = tl.where((flags & 2) != 0, pos01, pos01 & 0xFFFF)

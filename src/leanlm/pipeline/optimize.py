@@ -10,31 +10,79 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import shutil
 import logging
-import subprocess
-import sys
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from leanlm.core.bench import BenchConfig
-from leanlm.core.data import calibration_samples, load_corpus, read_text
-from leanlm.core.evaluate import eval_windows, evaluate, load_tasks, prepare_reference, score_tasks
-from leanlm.core.models import load_model, save_model
 from leanlm.core.paths import atomic_dir, check_output
-from leanlm.errors import ConfigError, LeanLMError
+from leanlm.core.step import StepContext, apply_step, check_steps, naming_step
+from leanlm.data.corpus import Corpus, calibration_samples, load_corpus, read_text
+from leanlm.errors import ConfigError
+from leanlm.measure.bench import BenchConfig
+from leanlm.measure.evaluate import (
+    Reference,
+    Task,
+    eval_windows,
+    evaluate,
+    load_tasks,
+    prepare_reference,
+    score_tasks,
+)
+from leanlm.models.builtin import DEFAULT_MODEL
+from leanlm.models.load import LoadedModel, load_model
+from leanlm.models.save import save_model
+from leanlm.pipeline.bench_worker import bench_in_subprocess
 from leanlm.pipeline.recipe import Recipe, dump_recipe, library_versions, load_recipe
 from leanlm.pipeline.report import machine_info, write_report
-from leanlm.pipeline.steps import StepContext, apply_step, check_steps, naming_step
 
 log = logging.getLogger(__name__)
 DEFAULT_OUT = "leanlm-out"
 
 
-def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | dict | None = None, data: str | None = None,
+@dataclass
+class Baseline:
+    """The original model measured once: what every candidate (one recipe, or a search's many) is compared with."""
+    loaded: LoadedModel | None  # None once a recipe has changed it in place
+    corpus: Corpus
+    windows: torch.Tensor
+    reference: Reference
+    tasks: list[Task] | None
+    quality: dict
+    speed: dict
+    eval_name: str
+
+
+def measure_baseline(loaded: LoadedModel, recipe: Recipe, data: str | None = None, eval_data: str | None = None,
+                     tasks: str | None = None, bench: bool = True, device: str = "auto", dtype: str = "auto") -> Baseline:
+    """Perplexity, reference logits, generations, task accuracy and (in a fresh process) speed of `loaded`."""
+    corpus = load_corpus(data, loaded.tokenizer)
+    eval_text = read_text(eval_data, loaded.tokenizer) if eval_data else corpus.eval
+    task_list = load_tasks(tasks or recipe.eval.tasks) if (tasks or recipe.eval.tasks) else None
+    windows = eval_windows(loaded.tokenizer, eval_text, recipe.eval.window)
+    log.info("measuring the baseline (%s)", loaded.source)
+    reference = prepare_reference(loaded, windows, recipe.eval.prompts, recipe.eval.max_new_tokens)
+    quality = {"perplexity": reference.perplexity, "tokens": windows.numel() - windows.shape[0], "kld": 0.0,
+               "top1": 1.0, "generations": reference.generations}
+    if task_list:
+        quality.update(score_tasks(loaded.model, loaded.tokenizer, task_list))
+    speed = run_bench(loaded.path, recipe.bench, device, dtype) if bench else {}
+    return Baseline(loaded, corpus, windows, reference, task_list, quality, speed,
+                    eval_data or f"{corpus.name} (eval split)")
+
+
+def measure_result(path: Path, baseline: Baseline, recipe: Recipe, device: str = "auto", bench: bool = True) -> dict:
+    """The saved artifact at `path` measured against the baseline: reloaded (a round trip) and benchmarked."""
+    quality = evaluate(load_model(path, device), baseline.windows, baseline.reference, baseline.tasks,
+                       recipe.eval.prompts, recipe.eval.max_new_tokens, desc="evaluating result")
+    return {"quality": quality, "speed": run_bench(path, recipe.bench, device, "auto") if bench else {}}
+
+
+def optimize(model: str = DEFAULT_MODEL, recipe: str | Path | Recipe | dict | None = None, data: str | None = None,
              out: str | Path = DEFAULT_OUT, overwrite: bool = False, device: str = "auto", dtype: str = "auto",
              eval_data: str | None = None, tasks: str | None = None, bench: bool = True, resume: bool = False,
              overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -52,40 +100,32 @@ def optimize(model: str = "smollm2-135m", recipe: str | Path | Recipe | dict | N
                           "as it is, use `leanlm eval` and `leanlm bench`")
     loaded = load_model(model, device, dtype)
     check_steps(loaded.model, recipe.steps)
-    corpus = load_corpus(data, loaded.tokenizer)
-    eval_text = read_text(eval_data, loaded.tokenizer) if eval_data else corpus.eval
-    task_list = load_tasks(tasks or recipe.eval.tasks) if (tasks or recipe.eval.tasks) else None
-    windows = eval_windows(loaded.tokenizer, eval_text, recipe.eval.window)
-
-    log.info("measuring the baseline (%s)", model)
-    reference = prepare_reference(loaded, windows, recipe.eval.prompts, recipe.eval.max_new_tokens)
-    baseline = {"perplexity": reference.perplexity, "tokens": windows.numel() - windows.shape[0], "kld": 0.0,
-                "top1": 1.0, "generations": reference.generations}
-    if task_list:
-        baseline.update(score_tasks(loaded.model, loaded.tokenizer, task_list))
-    baseline_speed = run_bench(loaded.path, recipe.bench, device, dtype) if bench else {}
-
+    baseline = measure_baseline(loaded, recipe, data, eval_data, tasks, bench, device, dtype)
     with atomic_dir(out, overwrite) as tmp:
         work = out.parent / f".{out.name}.work"
-        ctx = StepContext(loaded.tokenizer, _calibration(recipe, corpus.train, loaded.tokenizer), loaded.device,
-                          train_text=corpus.train, source=str(loaded.path), work_dir=work, resume=resume)
+        train = baseline.corpus.train
+        ctx = StepContext(loaded.tokenizer, _calibration(recipe, train, loaded.tokenizer), loaded.device,
+                          train_text=train, source=str(loaded.path), work_dir=work, resume=resume)
         steps = apply_recipe(loaded.model, recipe, ctx)
         save_model(loaded.model, loaded.tokenizer, tmp / "model")
         del loaded
+        baseline.loaded = None  # the model was changed in place: free it before the result loads
         gc.collect()
-        result = measure_saved(tmp / "model", windows, reference, task_list, recipe, device)
-        result_speed = run_bench(tmp / "model", recipe.bench, device, "auto") if bench else {}
+        result = measure_result(tmp / "model", baseline, recipe, device, bench)
         dump_recipe(recipe, tmp / "recipe.yaml")
-        report = {
-            "model": str(model), "data": corpus.name, "eval_data": eval_data or f"{corpus.name} (eval split)",
-            "recipe": recipe.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-            "versions": library_versions(), "steps": steps,
-            "baseline": {"quality": baseline, "speed": baseline_speed},
-            "result": {"quality": result, "speed": result_speed},
-        }
-        write_report(report, tmp)
+        write_report(build_report(str(model), recipe, baseline, steps, result), tmp)
     shutil.rmtree(work, ignore_errors=True)
     return json.loads((out / "report.json").read_text())
+
+
+def build_report(model: str, recipe: Recipe, baseline: Baseline, steps: list[dict], result: dict) -> dict:
+    return {
+        "model": model, "data": baseline.corpus.name, "eval_data": baseline.eval_name,
+        "recipe": recipe.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
+        "versions": library_versions(), "steps": steps,
+        "baseline": {"quality": baseline.quality, "speed": baseline.speed},
+        "result": result,
+    }
 
 
 def _calibration(recipe: Recipe, text: str, tokenizer: Any):
@@ -113,19 +153,6 @@ def apply_recipe(model, recipe: Recipe, ctx: StepContext) -> list[dict]:
     return done
 
 
-def measure_saved(path: Path, windows: torch.Tensor, reference, tasks, recipe: Recipe, device: str) -> dict:
-    """Quality of the saved artifact: reload it (a round trip) and compare with the reference."""
-    return evaluate(load_model(path, device), windows, reference, tasks, recipe.eval.prompts,
-                    recipe.eval.max_new_tokens, desc="evaluating result")
-
-
 def run_bench(path: Path, cfg: BenchConfig, device: str, dtype: str) -> dict:
     """Benchmark in a fresh process so peak memory is the model's own, not this process's history."""
-    cmd = [sys.executable, "-m", "leanlm", "bench", str(path), "--json", "--device", device, "--dtype", dtype,
-           "--prompt-tokens", str(cfg.prompt_tokens), "--decode-prompt-tokens", str(cfg.decode_prompt_tokens),
-           "--new-tokens", str(cfg.new_tokens), "--batch", str(cfg.batch), "--repeats", str(cfg.repeats),
-           "--warmup", str(cfg.warmup)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise LeanLMError(f"benchmarking {path} failed (exit {proc.returncode}); run `{' '.join(cmd[2:])}` to see why")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return bench_in_subprocess(path, cfg, device, dtype)

@@ -16,11 +16,12 @@ from typing import Any
 
 import yaml
 
-from leanlm.core.bench import BenchConfig
-from leanlm.core.evaluate import DEFAULT_PROMPTS
-from leanlm.errors import ConfigError
 from leanlm.core.config import Validated, parse_config, to_dict
-from leanlm.pipeline.steps import StepConfig, parse_step
+from leanlm.core.paths import leanlm_version
+from leanlm.core.step import StepConfig, parse_step
+from leanlm.errors import ConfigError
+from leanlm.measure.bench import BenchConfig
+from leanlm.measure.evaluate import DEFAULT_PROMPTS
 
 DEFAULT_RECIPE = "default"
 
@@ -176,9 +177,7 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import leanlm
-
-    return {"leanlm": leanlm.__version__, "torch": str(torch.__version__), "transformers": transformers.__version__,
+    return {"leanlm": leanlm_version(), "torch": str(torch.__version__), "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 

@@ -13,15 +13,14 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import InputRecorder, process_layerwise
-from leanlm.core.registry import Registry
+from leanlm.core.registry import Family
+from leanlm.core.selection import ChecksLayers, layers_by_block, select_layers
+from leanlm.core.step import StepConfig
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError, LeanLMError
-from leanlm.pipeline.steps import StepConfig
 from leanlm.prune.prune_ops import outlier_ratio, owl_sparsities, parse_pattern
-from leanlm.quantize.base import ChecksLayers, layers_by_block, select_layers
 
-PRUNERS = Registry("prune_", "pruner")
-register_pruner = PRUNERS.register
+PRUNERS = Family("prune_", "pruner")  # each method registers its step type with family=PRUNERS
 
 
 def prune_(model: nn.Module, config, **kwargs) -> dict:

@@ -15,11 +15,15 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import process_layerwise
+from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.prune.base import prune_, register_pruner
-from leanlm.prune.structured_ops import angular_distance, block_influence, blocks_to_remove
+from leanlm.prune.base import PRUNERS
+from leanlm.prune.structured_ops import (
+    angular_distance,
+    block_influence,
+    blocks_to_remove,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,6 @@ def _shrink_config(config, total: int, drop: list[int]) -> None:
             log.info("config.%s: dropped the entries of removed blocks", key)
 
 
-@register_pruner(DepthConfig)
 def prune_depth(model: nn.Module, config: DepthConfig, calibration: torch.Tensor, device=None) -> dict:
     config.check(model)
     total = len(find_structure(model).blocks)
@@ -132,6 +135,4 @@ def prune_depth(model: nn.Module, config: DepthConfig, calibration: torch.Tensor
             "angular_distance": [round(v, 5) for v in angular_distance(hidden, config.blocks).tolist()]}
 
 
-@register_step("depth", DepthConfig)
-def _depth_step(model: nn.Module, config: DepthConfig, ctx: StepContext) -> dict:
-    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("depth", DepthConfig, prune_depth, family=PRUNERS)

@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from leanlm.core.anatomy import Attention, Heads, find_attention, head_counts
 from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_config_describes, find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.prune.base import prune_, register_pruner
+from leanlm.prune.base import PRUNERS
 from leanlm.prune.structured_ops import head_importance, kept_heads, refit_down
-from leanlm.prune.width import sliced, slice_error, zeroed_output
+from leanlm.prune.width import slice_error, sliced, zeroed_output
 
 
 @dataclass
@@ -57,35 +58,6 @@ class HeadsConfig(StepConfig):
             check_head_size_kept(model, counts, target_counts(counts, self))
 
 
-@dataclass
-class Heads:
-    heads: int
-    kv: int
-    head_dim: int
-
-    @property
-    def per_group(self) -> int:
-        return self.heads // self.kv
-
-
-@dataclass
-class Attention:
-    module: nn.Module  # the attention module (common parent of q and o)
-    q: str  # the query projection, or the fused qkv projection
-    kv: list[str]  # key and value projections; empty when fused into q
-    o: str
-
-
-def head_counts(model: nn.Module) -> Heads:
-    c = getattr(model, "config", None)
-    heads, hidden = getattr(c, "num_attention_heads", None), getattr(c, "hidden_size", None)
-    if not isinstance(heads, int) or not isinstance(hidden, int):
-        raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer num_attention_heads and "
-                                    "hidden_size; head pruning needs both")
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    return Heads(heads, kv, getattr(c, "head_dim", None) or hidden // heads)
-
-
 def target_counts(current: Heads, config: HeadsConfig) -> Heads:
     kv = config.kv_groups or current.kv
     per_group = config.heads_per_group or current.per_group
@@ -97,35 +69,6 @@ def target_counts(current: Heads, config: HeadsConfig) -> Heads:
         raise ConfigError(f"keeping {kv} KV groups of {per_group} query heads removes nothing; lower kv_groups "
                           f"or heads_per_group{hint}")
     return Heads(kv * per_group, kv, current.head_dim)
-
-
-def find_attention(block: nn.Module, collector: HessianCollector, counts: Heads, hidden: int) -> Attention:
-    """q/k/v: the linears sharing one input with head-shaped outputs, or else the first fused qkv linear;
-    o: the next linear whose input is head-shaped (the call order of the collector's first batch)."""
-    order = list(collector.owner)
-    layers = collector.layers
-    q_out, kv_out = counts.heads * counts.head_dim, counts.kv * counts.head_dim
-    groups: dict[str, list[str]] = {}
-    for name in order:
-        groups.setdefault(collector.owner[name], []).append(name)
-    qkv = next((g for g in groups.values() if len(g) == 3 and all(layers[n].in_features == hidden for n in g)
-                and sorted(layers[n].out_features for n in g) == sorted([q_out, kv_out, kv_out])), None)
-    if qkv is None:
-        qkv = [n for n in order if layers[n].in_features == hidden and layers[n].out_features == q_out + 2 * kv_out][:1]
-    if not qkv:
-        raise UnsupportedModelError(
-            f"could not find the attention projections of {type(block).__name__}: looked for three nn.Linear "
-            f"layers reading one input, {hidden} -> {q_out} (q) and {hidden} -> {kv_out} (k, v), or one fused "
-            f"{hidden} -> {q_out + 2 * kv_out}")
-    q = next(n for n in qkv if len(qkv) == 1 or layers[n].out_features == q_out)
-    after = order[max(order.index(n) for n in qkv) + 1:]
-    o = next((n for n in after if layers[n].in_features == q_out and layers[n].out_features == hidden), None)
-    if o is None:
-        raise UnsupportedModelError(f"could not find the output projection ({q_out} -> {hidden}) after {q}")
-    parent = q.rpartition(".")[0]
-    if o.rpartition(".")[0] != parent:
-        raise UnsupportedModelError(f"{q} and {o} are not in one attention module")
-    return Attention(block.get_submodule(parent) if parent else block, q, [n for n in qkv if n != q], o)
 
 
 def check_head_size_kept(model: nn.Module, counts: Heads, target: Heads) -> None:
@@ -216,7 +159,6 @@ def _share_config(model: nn.Module) -> None:
             module.config = module.__dict__.pop("_leanlm_shared_config")
 
 
-@register_pruner(HeadsConfig)
 def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor, device=None) -> dict:
     config.check(model)
     counts, hidden = head_counts(model), model.config.hidden_size
@@ -251,6 +193,4 @@ def prune_heads(model: nn.Module, config: HeadsConfig, calibration: torch.Tensor
             "max_slice_diff": max(d["max_slice_diff"] for d in done)}
 
 
-@register_step("heads", HeadsConfig)
-def _heads_step(model: nn.Module, config: HeadsConfig, ctx: StepContext) -> dict:
-    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("heads", HeadsConfig, prune_heads, family=PRUNERS)

@@ -6,10 +6,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from leanlm.core.step import register_step
 from leanlm.errors import ConfigError
-
-from leanlm.pipeline.steps import StepContext, register_step
-from leanlm.prune.base import PruneConfig, apply_mask, chosen_layers, finish, prune_, register_pruner
+from leanlm.prune.base import (
+    PRUNERS,
+    PruneConfig,
+    apply_mask,
+    chosen_layers,
+    finish,
+)
 from leanlm.prune.prune_ops import magnitude_mask
 
 
@@ -21,7 +26,6 @@ class MagnitudeConfig(PruneConfig):
             raise ConfigError("OWL needs activation statistics; use it with wanda or sparsegpt, not magnitude")
 
 
-@register_pruner(MagnitudeConfig)
 def prune_magnitude(model: nn.Module, config: MagnitudeConfig) -> dict:
     layers = chosen_layers(model, config)
     for layer in layers.values():
@@ -29,6 +33,4 @@ def prune_magnitude(model: nn.Module, config: MagnitudeConfig) -> dict:
     return finish(layers, config)
 
 
-@register_step("magnitude", MagnitudeConfig)
-def _magnitude_step(model: nn.Module, config: MagnitudeConfig, ctx: StepContext) -> dict:
-    return prune_(model, config)
+register_step("magnitude", MagnitudeConfig, prune_magnitude, family=PRUNERS)

@@ -11,9 +11,14 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector
+from leanlm.core.step import register_step
 from leanlm.errors import ConfigError
-from leanlm.pipeline.steps import StepContext, register_step
-from leanlm.prune.base import PruneConfig, apply_mask, prune_, prune_layerwise, register_pruner
+from leanlm.prune.base import (
+    PRUNERS,
+    PruneConfig,
+    apply_mask,
+    prune_layerwise,
+)
 from leanlm.prune.prune_ops import masked_refit, sparsegpt
 
 
@@ -32,7 +37,6 @@ class SparseGPTConfig(PruneConfig):
             raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
 
 
-@register_pruner(SparseGPTConfig)
 def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: torch.Tensor, device=None) -> dict:
     def prune_block(block: nn.Module, layers: dict[str, nn.Module], observe, sparsity: float) -> None:
         with HessianCollector(block, layers) as collector:
@@ -47,6 +51,4 @@ def prune_sparsegpt(model: nn.Module, config: SparseGPTConfig, calibration: torc
     return prune_layerwise(model, config, calibration, device, "SparseGPT", prune_block)
 
 
-@register_step("sparsegpt", SparseGPTConfig)
-def _sparsegpt_step(model: nn.Module, config: SparseGPTConfig, ctx: StepContext) -> dict:
-    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("sparsegpt", SparseGPTConfig, prune_sparsegpt, family=PRUNERS)

@@ -44,11 +44,6 @@ def blocks_to_remove(hidden: list[torch.Tensor], count: int, method: str, keep_l
     return sorted(scores.topk(count, largest=False).indices.tolist())
 
 
-def channel_importance(input_sq_sum: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-    """How much each FFN channel contributes to the block output: ||x_j|| * ||W_down[:, j]||."""
-    return input_sq_sum.float().sqrt() * down_weight.float().norm(dim=0)
-
-
 def kept_channels(importance: torch.Tensor, keep: int) -> torch.Tensor:
     """The `keep` most important channels, in their original order."""
     return importance.topk(keep).indices.sort().values

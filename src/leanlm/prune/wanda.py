@@ -12,8 +12,13 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector, InputRecorder
-from leanlm.pipeline.steps import StepContext, register_step
-from leanlm.prune.base import PruneConfig, apply_mask, prune_, prune_layerwise, register_pruner
+from leanlm.core.step import register_step
+from leanlm.prune.base import (
+    PRUNERS,
+    PruneConfig,
+    apply_mask,
+    prune_layerwise,
+)
 from leanlm.prune.prune_ops import masked_refit, wanda_mask
 
 
@@ -26,7 +31,6 @@ class WandaConfig(PruneConfig):
     damp: float = 0.01  # used by refit
 
 
-@register_pruner(WandaConfig)
 def prune_wanda(model: nn.Module, config: WandaConfig, calibration: torch.Tensor, device=None) -> dict:
     def prune_block(block: nn.Module, layers: dict[str, nn.Module], observe, sparsity: float) -> None:
         if config.refit:
@@ -47,6 +51,4 @@ def prune_wanda(model: nn.Module, config: WandaConfig, calibration: torch.Tensor
     return prune_layerwise(model, config, calibration, device, "Wanda", prune_block)
 
 
-@register_step("wanda", WandaConfig)
-def _wanda_step(model: nn.Module, config: WandaConfig, ctx: StepContext) -> dict:
-    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("wanda", WandaConfig, prune_wanda, family=PRUNERS)

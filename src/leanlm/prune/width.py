@@ -19,12 +19,17 @@ from typing import Literal
 import torch
 from torch import nn
 
+from leanlm.core.anatomy import FFN, channel_importance, ffn_dims, ffn_width, find_ffn
 from leanlm.core.layerwise import HessianCollector, process_layerwise
-from leanlm.core.structure import check_config_describes, find_structure, is_linear, replace_module
+from leanlm.core.step import StepConfig, register_step
+from leanlm.core.structure import (
+    check_config_describes,
+    find_structure,
+    replace_module,
+)
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.prune.base import prune_, register_pruner
-from leanlm.prune.structured_ops import channel_importance, kept_channels, refit_down
+from leanlm.prune.base import PRUNERS
+from leanlm.prune.structured_ops import kept_channels, refit_down
 
 
 @dataclass
@@ -49,37 +54,6 @@ class WidthConfig(StepConfig):
             intermediate = ffn_dims(model)[1]
             keep_count(intermediate, self)
             ffn_width_key(model, intermediate)
-
-
-@dataclass
-class FFN:
-    expanders: dict[str, nn.Linear]  # hidden -> intermediate (gate and up), or 2 x intermediate when fused
-    reducer: tuple[str, nn.Linear]  # intermediate -> hidden (down)
-    intermediate: int = 0
-
-    def fused(self) -> list[str]:
-        """Expanders that compute gate and up in one (Phi-3's gate_up_proj: gate rows, then up rows)."""
-        return [n for n, m in self.expanders.items() if m.out_features == 2 * self.intermediate]
-
-    def expander_rows(self, name: str, kept: torch.Tensor) -> torch.Tensor:
-        return torch.cat([kept, kept + self.intermediate]) if name in self.fused() else kept
-
-
-def find_ffn(block: nn.Module, hidden: int, intermediate: int) -> FFN:
-    linears = {n: m for n, m in block.named_modules() if is_linear(m)}
-    expanders = {n: m for n, m in linears.items() if isinstance(m, nn.Linear)
-                 and m.in_features == hidden and m.out_features in (intermediate, 2 * intermediate)}
-    reducers = [(n, m) for n, m in linears.items() if isinstance(m, nn.Linear)
-                and m.in_features == intermediate and m.out_features == hidden]
-    if len(reducers) == 1:  # an attention projection of the same shape (fused qkv) is not part of the FFN
-        parent = reducers[0][0].rpartition(".")[0]
-        expanders = {n: m for n, m in expanders.items() if n.rpartition(".")[0] == parent}
-    if not expanders or len(reducers) != 1:
-        raise UnsupportedModelError(
-            f"could not find the FFN of {type(block).__name__}: looked for nn.Linear layers {hidden} -> {intermediate} "
-            f"(or -> {2 * intermediate}, gate and up fused; found {sorted(expanders) or 'none'}) and exactly one "
-            f"{intermediate} -> {hidden} (found {[n for n, _ in reducers] or 'none'}); expert FFNs are not supported")
-    return FFN(expanders, reducers[0], intermediate)
 
 
 def keep_count(intermediate: int, config: WidthConfig) -> int:
@@ -140,7 +114,6 @@ def shrink_ffn(block: nn.Module, ffn: FFN, kept: torch.Tensor, down_weight: torc
     return diff
 
 
-@register_pruner(WidthConfig)
 def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor, device=None) -> dict:
     hidden, intermediate = ffn_dims(model)
     keep = keep_count(intermediate, config)
@@ -165,35 +138,6 @@ def prune_width(model: nn.Module, config: WidthConfig, calibration: torch.Tensor
     return {"intermediate_before": intermediate, "intermediate_after": keep, "refit": config.refit,
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
             "max_slice_diff": max(c["max_slice_diff"] for c in checks)}
-
-
-def ffn_dims(model: nn.Module, purpose: str = "width pruning") -> tuple[int, int]:
-    """(hidden size, FFN width): the config's `intermediate_size`, or else the width of the one FFN in the
-    first block's module graph (a linear hidden -> X beside the one reading X back)."""
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not isinstance(hidden, int):
-        raise UnsupportedModelError(f"{type(model).__name__}'s config has no integer hidden_size; {purpose} "
-                                    "needs it to find the FFN")
-    blocks = find_structure(model).blocks  # fails clearly when the blocks can't be found
-    intermediate = getattr(model.config, "intermediate_size", None)
-    return hidden, intermediate if isinstance(intermediate, int) else ffn_width(blocks[0], hidden, purpose)
-
-
-def ffn_width(block: nn.Module, hidden: int, purpose: str) -> int:
-    """The X of a linear X -> hidden (X != hidden) with a sibling hidden -> X (or 2X, gate and up fused)."""
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-    def expands_to(width: int, parent: str) -> bool:
-        return any(n.rpartition(".")[0] == parent and m.in_features == hidden and m.out_features in (width, 2 * width)
-                   for n, m in linears.items())
-
-    widths = {m.in_features for n, m in linears.items() if m.out_features == hidden and m.in_features != hidden
-              and expands_to(m.in_features, n.rpartition(".")[0])}
-    if len(widths) != 1:
-        raise UnsupportedModelError(
-            f"the config of this model has no intermediate_size and {type(block).__name__}'s module graph shows "
-            f"{'no' if not widths else len(widths)} FFN widths ({sorted(widths)}); {purpose} needs exactly one")
-    return widths.pop()
 
 
 def ffn_width_key(model: nn.Module, width: int) -> str:
@@ -225,6 +169,4 @@ def ffn_width_key(model: nn.Module, width: int) -> str:
                                 "width-pruned model could not be saved in a form that loads")
 
 
-@register_step("width", WidthConfig)
-def _width_step(model: nn.Module, config: WidthConfig, ctx: StepContext) -> dict:
-    return prune_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("width", WidthConfig, prune_width, family=PRUNERS)

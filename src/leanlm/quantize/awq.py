@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import InputRecorder
+from leanlm.core.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse
+from leanlm.core.selection import ChecksLayers
+from leanlm.core.step import StepConfig, register_step
 from leanlm.errors import ConfigError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import awq_ops, rtn_ops
-from leanlm.quantize.base import ChecksLayers, quantize_, register_quantizer, swap_in_packed
-from leanlm.quantize.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse, quantize_with_scale_pairs
+from leanlm.quantize.base import QUANTIZERS, swap_in_packed
+from leanlm.quantize.scale_search import quantize_with_scale_pairs
 
 
 @dataclass
@@ -94,11 +96,8 @@ class _BlockAWQ:
             swap_in_packed(self.block, name, codes, scale, zero, cfg.bits, cfg.group_size, cfg.symmetric, totals)
 
 
-@register_quantizer(AWQConfig)
 def quantize_awq(model: nn.Module, config: AWQConfig, calibration: torch.Tensor, device=None) -> dict:
     return quantize_with_scale_pairs(model, config, calibration, device, _BlockAWQ, "AWQ")
 
 
-@register_step("awq", AWQConfig)
-def _awq_step(model: nn.Module, config: AWQConfig, ctx: StepContext) -> dict:
-    return quantize_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("awq", AWQConfig, quantize_awq, family=QUANTIZERS)

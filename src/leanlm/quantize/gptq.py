@@ -14,11 +14,21 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.selection import (
+    ChecksLayers,
+    check_group_size,
+    layers_by_block,
+    select_layers,
+)
+from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.quantize.base import (ChecksLayers, check_group_size, finish_totals, layers_by_block, new_totals,
-                                  quantize_, register_quantizer, select_layers, swap_in_packed)
+from leanlm.quantize.base import (
+    QUANTIZERS,
+    finish_totals,
+    new_totals,
+    swap_in_packed,
+)
 from leanlm.quantize.gptq_ops import gptq
 
 
@@ -47,7 +57,6 @@ class GPTQConfig(ChecksLayers, StepConfig):
             raise ConfigError(f"group_size must be a positive integer or null, got {self.group_size}")
 
 
-@register_quantizer(GPTQConfig)
 def quantize_gptq(model: nn.Module, config: GPTQConfig, calibration: torch.Tensor, device=None,
                   plan: dict[str, tuple[int, int | None, bool]] | None = None) -> dict:
     """GPTQ as `config` says; `plan` maps layer names to their own (bits, group_size, symmetric)."""
@@ -77,6 +86,4 @@ def quantize_gptq(model: nn.Module, config: GPTQConfig, calibration: torch.Tenso
     return finish_totals(totals)
 
 
-@register_step("gptq", GPTQConfig)
-def _gptq_step(model: nn.Module, config: GPTQConfig, ctx: StepContext) -> dict:
-    return quantize_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("gptq", GPTQConfig, quantize_gptq, family=QUANTIZERS)

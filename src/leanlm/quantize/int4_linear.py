@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm import kernels
-from leanlm.core.models import packed_tensor, register_module
+from leanlm.core.packed import QuantizedWeight, packed_tensor, register_module
 from leanlm.quantize.rtn_ops import dequantize
 
 KERNEL_GROUPS = (32, 64, 128, 256)
@@ -101,16 +101,9 @@ class Int4Linear(nn.Module):
                                    *shape, torch.bfloat16)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
-    def gguf_blocks(self):
-        """llama.cpp blocks from the codes: Q4_0 when every zero point is 8 (symmetric), else Q4_1."""
-        from leanlm.export import gguf_ops
-
-        if self.group_size is None or self.group_size % gguf_ops.BLOCK:
-            return None
-        codes = unpack_int4(self.qweight)
-        if bool((self.zero == 8).all()):
-            return gguf_ops.q4_0(codes.to(torch.int16) - 8, self.scale), "Q4_0"
-        return gguf_ops.q4_1(codes, self.scale, self.zero), "Q4_1"
+    def quantized_codes(self) -> QuantizedWeight:
+        """Codes 0..15 with their zero points (8 everywhere when symmetric)."""
+        return QuantizedWeight(unpack_int4(self.qweight), self.scale, self.zero, 4, self.group_size)
 
     def _kernel_ok(self, x: torch.Tensor) -> bool:
         rows = x.numel() // self.in_features

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm import kernels
-from leanlm.core.models import packed_tensor, register_module
-from leanlm.quantize.rtn_ops import dequantize
+from leanlm.core.packed import QuantizedWeight, packed_tensor, register_module
+from leanlm.quantize.rtn_ops import dequantize, rtn
 
 HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 SMALL_BATCH = 16  # rows up to which the packed int8 kernel beats dequantize + float matmul on CPU
@@ -56,6 +56,12 @@ class Int8Linear(nn.Module):
             mod.bias.data.copy_(linear.bias.data)
         return mod
 
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int | None = None, symmetric: bool = True) -> "Int8Linear":
+        """`linear` rounded to the nearest int8 codes (max-abs scales)."""
+        codes, scale, zero = rtn(linear.weight.data, 8, group_size, symmetric)
+        return cls.from_codes(linear, codes, scale, zero, group_size, symmetric)
+
     def manifest(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
                 "group_size": self.group_size, "symmetric": self.symmetric,
@@ -82,13 +88,9 @@ class Int8Linear(nn.Module):
                                    self.in_features, self.out_features, self.bias, torch.bfloat16)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
-    def gguf_blocks(self):
-        """Q8_0 blocks straight from symmetric codes (per-channel or groups of 32k)."""
-        from leanlm.export import gguf_ops
-
-        if not self.symmetric or (self.group_size is not None and self.group_size % gguf_ops.BLOCK):
-            return None
-        return gguf_ops.q8_0(self.qweight, self.scale.float()), "Q8_0"
+    def quantized_codes(self) -> QuantizedWeight:
+        zero = None if self.zero is None else self.zero.float()
+        return QuantizedWeight(self.qweight, self.scale.float(), zero, 8, self.group_size)
 
     # converting the scale per call costs about what a kernel does at batch 1, so each kernel's copy is kept
     def _float_scale(self) -> torch.Tensor:

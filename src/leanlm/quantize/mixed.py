@@ -21,14 +21,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanlm.core.packed import module_bytes
+from leanlm.core.scale_pairs import BlockCall, shared_input_groups
+from leanlm.core.selection import ChecksLayers, select_layers
+from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import rtn_ops
-from leanlm.quantize.base import (ChecksLayers, finish_totals, module_bytes, new_totals, packed_module, quantize_,
-                                  register_quantizer, select_layers, swap_in_packed)
+from leanlm.quantize.base import (
+    QUANTIZERS,
+    finish_totals,
+    new_totals,
+    packed_module,
+    swap_in_packed,
+)
 from leanlm.quantize.gptq import GPTQConfig, quantize_gptq
-from leanlm.quantize.scale_pairs import BlockCall, shared_input_groups
 from leanlm.quantize.sensitivity_ops import Format, allocate, fisher_error, parse_format
 
 
@@ -133,7 +140,6 @@ def unit_options(units: list[list[str]], options: dict) -> dict[str, dict[str, t
     return merged
 
 
-@register_quantizer(MixedConfig)
 def quantize_mixed(model: nn.Module, config: MixedConfig, calibration: torch.Tensor, device=None) -> dict:
     layers = select_layers(model, config.targets, config.skip)
     formats = {f.name: f for f in map(parse_format, config.formats)}
@@ -172,6 +178,4 @@ def _plan_stats(options: dict, choice: dict[str, str], layers: dict[str, nn.Modu
             "format_counts": counts, "layers": rows}
 
 
-@register_step("mixed", MixedConfig)
-def _mixed_step(model: nn.Module, config: MixedConfig, ctx: StepContext) -> dict:
-    return quantize_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("mixed", MixedConfig, quantize_mixed, family=QUANTIZERS)

@@ -16,11 +16,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.selection import (
+    ChecksLayers,
+    check_group_size,
+    layers_by_block,
+    select_layers,
+)
+from leanlm.core.step import StepConfig, register_step
 from leanlm.errors import ConfigError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import rtn_ops
-from leanlm.quantize.base import (ChecksLayers, check_group_size, finish_totals, layers_by_block, new_totals, quantize_,
-                                  register_quantizer, select_layers, swap_in_packed)
+from leanlm.quantize.base import (
+    QUANTIZERS,
+    finish_totals,
+    new_totals,
+    swap_in_packed,
+)
 
 
 @dataclass
@@ -57,10 +67,15 @@ class RTNConfig(ChecksLayers, StepConfig):
         return torch.cat([torch.linspace(self.search_min, self.search_max, self.search_steps + 1), torch.ones(1)]).unique()
 
 
-@register_quantizer(RTNConfig)
-def quantize_rtn(model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None = None, device=None) -> dict:
+def quantize_rtn(model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None = None, device=None,
+                 plan: dict[str, tuple[int, int | None, bool]] | None = None) -> dict:
+    """RTN as `config` says; `plan` maps layer names to their own (bits, group_size, symmetric)."""
     layers = select_layers(model, config.targets, config.skip)
-    check_group_size(layers, config.group_size)
+    plan = plan or {}
+    for name, layer in layers.items():
+        check_group_size({name: layer}, plan.get(name, (None, config.group_size))[1])
+    if plan and config.scale_search != "none":
+        raise ConfigError("a per-layer plan is for plain round-to-nearest; use scale_search: none with it")
     if config.scale_search == "activation":
         if calibration is None:
             raise ConfigError("rtn with scale_search: activation needs calibration data: "
@@ -68,9 +83,10 @@ def quantize_rtn(model: nn.Module, config: RTNConfig, calibration: torch.Tensor 
         return _rtn_searched(model, config, layers, calibration, device)
     totals = new_totals()
     for name, layer in tqdm(layers.items(), desc=f"RTN int{config.bits}", unit="layer", leave=False):
+        bits, group, sym = plan.get(name, (config.bits, config.group_size, config.symmetric))
         with torch.no_grad():
-            codes, scale, zero = rtn_ops.rtn(layer.weight.data, config.bits, config.group_size, config.symmetric)
-        swap_in_packed(model, name, codes, scale, zero, config.bits, config.group_size, config.symmetric, totals)
+            codes, scale, zero = rtn_ops.rtn(layer.weight.data, bits, group, sym)
+        swap_in_packed(model, name, codes, scale, zero, bits, group, sym, totals)
     return finish_totals(totals)
 
 
@@ -99,8 +115,4 @@ def _rtn_searched(model: nn.Module, config: RTNConfig, layers: dict[str, nn.Modu
     return finish_totals(totals)
 
 
-@register_step("rtn", RTNConfig)
-def _rtn_step(model: nn.Module, config: RTNConfig, ctx: StepContext) -> dict:
-    if config.needs_calibration:
-        return quantize_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
-    return quantize_(model, config)
+register_step("rtn", RTNConfig, quantize_rtn, family=QUANTIZERS)

@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import InputRecorder
+from leanlm.core.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse
+from leanlm.core.selection import ChecksLayers
+from leanlm.core.step import StepConfig, register_step
 from leanlm.errors import ConfigError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
 from leanlm.quantize import awq_ops, rtn_ops
-from leanlm.quantize.base import ChecksLayers, quantize_, register_quantizer, swap_in
-from leanlm.quantize.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse, quantize_with_scale_pairs
+from leanlm.quantize.base import QUANTIZERS, swap_in
+from leanlm.quantize.scale_search import quantize_with_scale_pairs
 from leanlm.quantize.w8a8_linear import W8A8Linear, quantize_per_token
 
 
@@ -99,11 +101,8 @@ class _BlockSmooth:
             swap_in(self.block, name, W8A8Linear.from_codes(layer, codes, scale), totals)
 
 
-@register_quantizer(SmoothQuantConfig)
 def quantize_smoothquant(model: nn.Module, config: SmoothQuantConfig, calibration: torch.Tensor, device=None) -> dict:
     return quantize_with_scale_pairs(model, config, calibration, device, _BlockSmooth, "SmoothQuant")
 
 
-@register_step("smoothquant", SmoothQuantConfig)
-def _smoothquant_step(model: nn.Module, config: SmoothQuantConfig, ctx: StepContext) -> dict:
-    return quantize_(model, config, calibration=ctx.calibration_data(), device=ctx.device)
+register_step("smoothquant", SmoothQuantConfig, quantize_smoothquant, family=QUANTIZERS)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.core.models import packed_tensor, register_module
+from leanlm.core.packed import QuantizedWeight, packed_tensor, register_module
 
 HAS_INT_MM = hasattr(torch, "_int_mm")
 
@@ -97,11 +97,9 @@ class W8A8Linear(nn.Module):
         out = acc.mul_(row_scale).mul_(self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
-    def gguf_blocks(self):
-        """Q8_0 blocks from the int8 weights (llama.cpp quantizes activations to 8 bits itself)."""
-        from leanlm.export import gguf_ops
-
-        return gguf_ops.q8_0(self.qweight, self.scale[:, None]), "Q8_0"
+    def quantized_codes(self) -> QuantizedWeight:
+        """The int8 weights (another runtime quantizes activations its own way: llama.cpp to 8 bits too)."""
+        return QuantizedWeight(self.qweight, self.scale[:, None], None, 8, None)
 
     def _int_mm_ok(self, flat: torch.Tensor) -> bool:
         if not HAS_INT_MM:

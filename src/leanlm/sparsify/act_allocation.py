@@ -18,7 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from leanlm.quantize.scale_pairs import capture_calls, common_parent, output_mse, shared_input_groups
+from leanlm.core.scale_pairs import (
+    capture_calls,
+    common_parent,
+    output_mse,
+    shared_input_groups,
+)
 from leanlm.sparsify.act_sparse_ops import scores, threshold_for
 
 DENSE = -1.0  # a threshold no |score| falls below or on: the layer keeps every input

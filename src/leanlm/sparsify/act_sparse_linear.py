@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm import kernels
-from leanlm.core.models import register_module
+from leanlm.core.packed import register_module
 from leanlm.sparsify.act_sparse_ops import scores, sparse_gemv, sparsify
 
 

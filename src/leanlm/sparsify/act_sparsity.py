@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import InputRecorder, check_calibration, process_layerwise
+from leanlm.core.selection import ChecksLayers, layers_by_block, select_layers
+from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_arguments, find_structure, replace_module
 from leanlm.errors import ConfigError, UnsupportedModelError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.quantize.base import ChecksLayers, layers_by_block, select_layers
 from leanlm.sparsify.act_allocation import DENSE, Allocator, find_groups
 from leanlm.sparsify.act_sparse_linear import ActSparseLinear
 from leanlm.sparsify.rotation import rotate_block
@@ -123,7 +123,7 @@ def _weighted(levels: dict[str, float], layers: dict[str, nn.Module]) -> float:
 
 def _head_counts(model: nn.Module):
     """The attention's head layout, for folding a basis into the value/output projections (None: no fold)."""
-    from leanlm.prune.heads import head_counts
+    from leanlm.core.anatomy import head_counts
 
     try:
         return head_counts(model)
@@ -151,6 +151,4 @@ def _mean_by_suffix(levels: dict[str, float], block_names: list[str]) -> dict[st
     return {role: round(sum(v) / len(v), 4) for role, v in by_role.items()}
 
 
-@register_step("act_sparsity", ActSparsityConfig)
-def _act_sparsity_step(model: nn.Module, config: ActSparsityConfig, ctx: StepContext) -> dict:
-    return sparsify_activations_(model, config, ctx.calibration_data(), ctx.device)
+register_step("act_sparsity", ActSparsityConfig, sparsify_activations_)

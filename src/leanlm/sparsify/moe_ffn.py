@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from leanlm.core.models import register_module
+from leanlm.core.packed import register_module
 from leanlm.sparsify import moe_ops
-
 
 # bfloat16 products run on oneDNN (AMX where the CPU has it), which grouped_mm's CPU path does not use:
 # masked was faster below this (BENCHMARKS.md, session 17: grouped 0.51x at 8 rows, 0.93x at 256, 1.22x at

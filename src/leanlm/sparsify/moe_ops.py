@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from leanlm.prune.structured_ops import channel_importance
+from leanlm.core.anatomy import channel_importance
 
 
 def balanced_assign(dist: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -20,14 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.core.anatomy import FFN, ffn_dims, find_ffn
 from leanlm.core.layerwise import check_calibration, process_layerwise
+from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_arguments, find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.prune.width import FFN, ffn_dims, find_ffn
 from leanlm.sparsify.moe_ffn import MoEFFN
-from leanlm.sparsify.moe_ops import (assign_experts, expert_contributions, fit_router, refit_down, routed_channels,
-                                     top_recall)
+from leanlm.sparsify.moe_ops import (
+    assign_experts,
+    expert_contributions,
+    fit_router,
+    refit_down,
+    routed_channels,
+    top_recall,
+)
 
 
 @dataclass
@@ -291,6 +297,4 @@ def summarize(config: MoefyConfig, results: list[dict]) -> dict:
     return stats
 
 
-@register_step("moefy", MoefyConfig)
-def _moefy_step(model: nn.Module, config: MoefyConfig, ctx: StepContext) -> dict:
-    return moefy_(model, config, ctx.calibration_data(), ctx.device)
+register_step("moefy", MoefyConfig, moefy_)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanlm.core.models import register_module
-from leanlm.quantize.base import packed_module
-from leanlm.quantize.rtn_ops import rtn
+from leanlm.core.packed import register_module, runtime_module
 
 
 @register_module("norm_then_rotate")
@@ -31,9 +29,8 @@ class NormThenRotate(nn.Module):
     def build(cls, norm: nn.Module, basis: torch.Tensor, rotation_dtype: str) -> "NormThenRotate":
         linear = nn.Linear(len(basis), len(basis), bias=False, device=basis.device)
         linear.weight.data.copy_(basis.T)
-        if rotation_dtype == "int8":
-            codes, scale, zero = rtn(linear.weight.data, 8, None, True)
-            linear = packed_module(linear, codes, scale, zero, 8, None, True)
+        if rotation_dtype == "int8":  # leanlm's int8 layer, found by its scheme: sparsify does not import quantize
+            linear = runtime_module("int8_weight_only").from_float(linear)
         return cls(norm, linear)
 
     def basis(self) -> torch.Tensor:

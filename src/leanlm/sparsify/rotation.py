@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector
+from leanlm.core.scale_pairs import block_pairs
 from leanlm.core.structure import is_norm, replace_module
 from leanlm.errors import UnsupportedModelError
-from leanlm.quantize.scale_pairs import block_pairs
 from leanlm.sparsify.rotated_norm import NormThenRotate
 from leanlm.sparsify.rotation_ops import fold_into_readers, output_basis
 
@@ -63,7 +63,7 @@ def _rotate_norm(block: nn.Module, modules: dict, pair, stats: HessianCollector,
 
 @torch.no_grad()
 def _rotate_heads(block: nn.Module, layers: dict, stats: HessianCollector, counts, observe) -> list[dict]:
-    from leanlm.prune.heads import find_attention
+    from leanlm.core.anatomy import find_attention
 
     hidden = next(iter(layers.values())).in_features
     try:

@@ -18,11 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.core.config import Validated
-from leanlm.core.evaluate import Reference, score_windows
+from leanlm.core.selection import select_layers
 from leanlm.core.structure import find_structure
 from leanlm.errors import ConfigError
+from leanlm.measure.evaluate import Reference, score_windows
 from leanlm.prune.prune_ops import magnitude_mask
-from leanlm.quantize.base import select_layers
 
 
 @dataclass

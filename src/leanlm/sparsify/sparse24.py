@@ -16,13 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.core.models import packed_tensor, register_module
+from leanlm.core.packed import packed_tensor, register_module
+from leanlm.core.selection import ChecksLayers, select_layers
+from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_arguments, replace_module
 from leanlm.errors import ConfigError
 from leanlm.kernels import sparse24 as kernel
-from leanlm.pipeline.steps import StepConfig, StepContext, register_step
-from leanlm.prune.sparse24_ops import compress_24, compressed_bytes, decompress_24, violations_24
-from leanlm.quantize.base import ChecksLayers, select_layers
+from leanlm.kernels.sparse24_ops import (
+    compress_24,
+    compressed_bytes,
+    decompress_24,
+    violations_24,
+)
 
 log = logging.getLogger(__name__)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -128,6 +133,4 @@ def _check_runtime(weight: torch.Tensor) -> None:
         warnings.warn(CPU_WARNING.format(device=weight.device.type), RuntimeWarning, stacklevel=3)
 
 
-@register_step("sparse24", Sparse24Config)
-def _sparse24_step(model: nn.Module, config: Sparse24Config, ctx: StepContext) -> dict:
-    return sparse24_(model, config)
+register_step("sparse24", Sparse24Config, sparse24_)

@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.core.config import Validated
-from leanlm.core.train_data import IGNORE, Examples
 from leanlm.errors import ConfigError
+from leanlm.train.examples import IGNORE, Examples
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, dict], torch.Tensor]  # summed loss over the batch's counted tokens

@@ -60,7 +60,9 @@ def ensure_builtin(name: str) -> Path:
     spec = BUILTIN_MODELS[name]
     if spec.is_cached():
         return spec.cache_path
-    from leanlm.core.gguf_load import load_gguf  # imports torch: only when a conversion is needed
+    from leanlm.models.gguf_load import (
+        load_gguf,  # imports torch: only when a conversion is needed
+    )
 
     steps = tqdm(total=3, desc=f"preparing {name} (once)", unit="step")
     steps.set_postfix_str("fetching GGUF")

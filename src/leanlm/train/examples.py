@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import torch
 
-from leanlm.core.data import make_windows, render_chat, tokenize
-from leanlm.errors import DataError
+from leanlm.data.corpus import make_windows, read_text, render_chat, tokenize
+from leanlm.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -129,3 +129,18 @@ def _pad(rows: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> 
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(tok)] = 1
     return Examples(ids, labels, mask)
+
+
+def training_examples(tokenizer: Any, data: str | None, seq_len: int, default_text: str | None,
+                      too_long: Literal["truncate", "refuse"] = "truncate") -> Examples:
+    """Examples from `data` (a chat JSONL trains on assistant turns; other files as plain text), or else
+    from `default_text` (the run's training split)."""
+    if data and is_chat_file(data):
+        return chat_examples(tokenizer, data, seq_len, too_long)
+    text = read_text(data, tokenizer) if data else default_text
+    if text is None:
+        raise ConfigError("training needs data: set the config's 'data' (a file), pass text=..., or run the step "
+                          "inside `leanlm optimize`")
+    if not isinstance(text, str):
+        raise ConfigError(f"the training text must be a str, got {type(text).__name__}")
+    return text_examples(tokenizer, text, seq_len)

@@ -1,7 +1,9 @@
-"""Step types: a typed config class registered to its handler.
+"""The ground every step type stands on: its config base, the context a run gives it, the checks made
+before a recipe runs, and applying one step.
 
-A capability adds a step by decorating its handler with `@register_step("name", ConfigClass)`;
-the pipeline looks handlers up here and never changes when a step type is added.
+A technique adds a step type with one call beside its config, `register_step("gptq", GPTQConfig,
+quantize_gptq, family=QUANTIZERS)` (core.registry), and one line in core/catalog.py; the pipeline finds
+it by name and passes it calibration data and a device when the config says it needs them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,19 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from leanlm.core import catalog
 from leanlm.core.config import Validated, parse_config, to_dict
+from leanlm.core.registry import (
+    StepType,
+    register_step,
+    run_verb,
+    step_type,
+    step_types,
+)
 from leanlm.errors import ConfigError, LeanLMError
+
+__all__ = ["StepConfig", "StepContext", "StepType", "register_step", "step_type", "step_types", "parse_step",
+           "apply_step", "check_steps", "naming_step"]
 
 
 class StepConfig(Validated):
@@ -98,32 +111,29 @@ class StepContext:
             raise ConfigError("this step needs calibration data, but none was configured")
         return self.calibration()
 
-
-Handler = Callable[[nn.Module, StepConfig, StepContext], dict]
-STEPS: dict[str, tuple[type[StepConfig], Handler]] = {}
-
-
-def register_step(name: str, config_cls: type[StepConfig]) -> Callable[[Handler], Handler]:
-    def wrap(handler: Handler) -> Handler:
-        if name in STEPS:
-            raise ValueError(f"step type {name!r} registered twice")
-        config_cls.type = name
-        STEPS[name] = (config_cls, handler)
-        return handler
-    return wrap
+    def inputs(self, config: StepConfig) -> dict[str, Any]:
+        """A verb's keyword inputs: calibration data and the device for a step that calibrates, else none."""
+        if config.needs_calibration:
+            return {"calibration": self.calibration_data(), "device": self.device}
+        return {}
 
 
 def parse_step(data: Any, where: str) -> StepConfig:
-    import leanlm.capabilities  # noqa: F401  (fills STEPS)
-
     if not isinstance(data, dict) or "type" not in data:
-        raise ConfigError(f"{where}: a step is a mapping with a 'type' key; step types: {', '.join(sorted(STEPS))}")
+        raise ConfigError(f"{where}: a step is a mapping with a 'type' key; step types: {', '.join(sorted(catalog.STEPS))}")
     kind = data["type"]
-    if kind not in STEPS:
-        raise ConfigError(f"{where}: unknown step type {kind!r}; step types: {', '.join(sorted(STEPS))}")
-    return parse_config(STEPS[kind][0], data, f"{where} ({kind})", ignore=("type",))
+    try:
+        entry = step_type(kind) if isinstance(kind, str) else None
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if entry is None:
+        raise ConfigError(f"{where}: step type must be a name, got {kind!r}; step types: {', '.join(sorted(catalog.STEPS))}")
+    return parse_config(entry.config, data, f"{where} ({kind})", ignore=("type",))
 
 
 def apply_step(model: nn.Module, config: StepConfig, ctx: StepContext) -> dict:
-    _, handler = STEPS[config.type]
-    return handler(model, config, ctx) or {}
+    """Run one step: its handler with the run's context, or its verb with what the config says it needs."""
+    entry = step_type(config.type)
+    if entry.handler is not None:
+        return entry.handler(model, config, ctx) or {}
+    return run_verb(entry, model, config, **ctx.inputs(config))

@@ -95,7 +95,9 @@ def gguf_params(path: Path) -> int:
 
 def _gguf_supported_architectures() -> set[str]:
     try:
-        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+        from transformers.modeling_gguf_pytorch_utils import (
+            GGUF_SUPPORTED_ARCHITECTURES,
+        )
     except ImportError:
         return set()
     return set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # metadata sections, not architectures

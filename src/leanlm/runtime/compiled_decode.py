@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from leanlm.core.generate import _cache_kwarg, prefill
+from leanlm.runtime.generate import _cache_kwarg, prefill
 
 
 def _mark_static(model: nn.Module) -> None:
