@@ -148,3 +148,14 @@ def test_a_new_command_is_one_module_and_one_catalog_line(tmp_path, monkeypatch,
 
     assert main(["hello", "say", "world"]) == 0
     assert capsys.readouterr().out == "hello world\n"
+
+
+def test_moved_names_still_import_with_a_warning():
+    code = ("import warnings; warnings.simplefilter('error');\n"
+            "try:\n    from leanlm.core.data import default_corpus\nexcept DeprecationWarning as w:\n    print(w)\n"
+            "warnings.simplefilter('ignore')\n"
+            "from leanlm.core.data import calibration_samples; from leanlm.core.models import save_model, register_module\n"
+            "from leanlm.prune import sparse24_; print(save_model.__module__, register_module.__module__, sparse24_.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "moved to leanlm.data.corpus.default_corpus" in out
+    assert out.splitlines()[-1] == "leanlm.models.save leanlm.core.registry leanlm.sparsify.sparse24"

@@ -168,17 +168,17 @@ def test_a_time_limit_stop_still_judges_the_last_steps(tiny):
 
 
 def test_held_out_split_too_short_names_the_option(tiny):
-    from leanlm.cli.train import _eval_ppl
+    from leanlm.cli.train import eval_ppl
 
-    assert _eval_ppl(tiny.model, tiny.tokenizer, TEXT[:4000], 32) > 1
+    assert eval_ppl(tiny.model, tiny.tokenizer, TEXT[:4000], 32) > 1
     with pytest.raises(DataError, match=r"held-out 10% of the data.*fewer than one 4096-token window.*--seq-len"):
-        _eval_ppl(tiny.model, tiny.tokenizer, TEXT[:4000], 4096)
+        eval_ppl(tiny.model, tiny.tokenizer, TEXT[:4000], 4096)
 
 
 def test_distill_command_refuses_a_missing_teacher_before_measuring(tiny_dir, tmp_path, monkeypatch, capsys):
     from leanlm.cli import main
-    from leanlm.cli import train as cli_train
+    from leanlm.cli import distill as cli_distill
 
-    monkeypatch.setattr(cli_train, "_eval_ppl", lambda *a, **k: pytest.fail("measured before refusing"))
+    monkeypatch.setattr(cli_distill, "eval_ppl", lambda *a, **k: pytest.fail("measured before refusing"))
     assert main(["distill", str(tiny_dir), "--teacher", "/no/such/teacher", "--out", str(tmp_path / "d")]) == 2
     assert "'/no/such/teacher' not found" in capsys.readouterr().err and not (tmp_path / "d").exists()
