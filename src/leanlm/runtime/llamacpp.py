@@ -7,7 +7,10 @@ build flags this machine's CPU needs.
 
 from __future__ import annotations
 
+import functools
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,13 +22,34 @@ from leanlm.core.paths import dir_size
 from leanlm.errors import LeanLMError
 
 
+BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF "
+               "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
+
 def require_llama_cpp():
     try:
         import llama_cpp
     except ImportError as err:
         raise LeanLMError("running GGUF files in llama.cpp needs llama-cpp-python: pip install 'leanlm[llamacpp]' "
-                          "(see the README for the build flags)") from err
+                          "(see docs/export.md for the build flags)") from err
+    check_llama_cpp_runs()
     return llama_cpp
+
+
+@functools.cache
+def check_llama_cpp_runs() -> None:
+    """Start llama.cpp's backend once in a child process first: a build for instructions this CPU lacks
+    dies with SIGILL inside `llama_backend_init`, which would take this whole process down with it."""
+    probe = subprocess.run([sys.executable, "-c", "import llama_cpp; llama_cpp.llama_backend_init()"],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode == 0:
+        return
+    why = (f"was killed by signal {-probe.returncode}" if probe.returncode < 0
+           else f"exited with {probe.returncode}: {probe.stderr.strip()[-300:]}")
+    raise LeanLMError(f"llama-cpp-python is installed but its backend {why} when started; a build for "
+                      "instructions this CPU lacks (SIGILL is signal 4) must be rebuilt: "
+                      f'CMAKE_ARGS="{BUILD_FLAGS}" pip install --force-reinstall --no-cache-dir '
+                      "llama-cpp-python")
 
 
 class LlamaCppLM:
