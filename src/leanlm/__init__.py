@@ -5,7 +5,7 @@ from leanlm.errors import LeanLMError
 
 __version__ = leanlm_version()
 
-__all__ = ["LeanLMError", "__version__", "load_model", "evaluate", "benchmark", "optimize", "load_recipe", "quantize_",
+__all__ = ["LeanLMError", "__version__", "load_model", "evaluate", "benchmark", "optimize", "auto", "load_recipe", "quantize_",
            "prune_"]
 
 
@@ -23,6 +23,9 @@ def __getattr__(name: str):
     if name == "optimize":
         from leanlm.pipeline.optimize import optimize
         return optimize
+    if name == "auto":
+        from leanlm.auto import auto
+        return auto
     if name == "load_recipe":
         from leanlm.pipeline.recipe import load_recipe
         return load_recipe

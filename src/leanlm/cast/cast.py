@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from leanlm.core.search import Choice
 from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_arguments
 from leanlm.models.load import DTYPES
@@ -15,6 +16,8 @@ from leanlm.models.load import DTYPES
 
 @dataclass
 class CastConfig(StepConfig):
+    stage = "quantize"
+    search = {"dtype": Choice("bfloat16", "float16")}
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     reshapes_model = False
 

@@ -51,4 +51,5 @@ COMMANDS: dict[str, str] = {
     "finetune": "leanlm.cli.finetune",
     "distill": "leanlm.cli.distill",
     "recipes": "leanlm.cli.recipes",
+    "auto": "leanlm.cli.auto",
 }

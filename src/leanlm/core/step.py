@@ -38,6 +38,11 @@ class StepConfig(Validated):
     needs_calibration: ClassVar[bool] = False
     # replaces or removes modules, so the steps after it can only be checked against the model once it has run
     reshapes_model: ClassVar[bool] = True
+    # what an automatic search may try (core.search): the stage the step runs in, its searchable fields and
+    # their ranges, and the runtimes its result runs on (llama.cpp: through a GGUF export that keeps it)
+    stage: ClassVar[str | None] = None
+    search: ClassVar[dict[str, Any]] = {}
+    runtimes: ClassVar[tuple[str, ...]] = ("leanlm", "llama.cpp")
 
     def __post_init__(self) -> None:
         self.check_types()  # before the comparisons below, which a string would break

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from leanlm.core.config import to_dict
+from leanlm.core.search import Choice
 from leanlm.core.step import StepConfig, StepContext, register_step
 from leanlm.core.structure import check_arguments, matches
 from leanlm.data.corpus import data_files
@@ -37,6 +38,8 @@ from leanlm.train.trainer import TrainConfig, Trainer, fingerprint
 @dataclass
 class DistillConfig(StepConfig):
     """`teacher`: a model name/path; default: the model the recipe started from."""
+    stage = "heal"
+    search = {"loss": Choice("forward_kl", "jsd"), "train.max_minutes": Choice(2.0, 5.0, 10.0, 20.0)}
     teacher: str | None = None
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = 0.5

@@ -17,6 +17,7 @@ from torch import nn
 
 from leanlm.core.config import to_dict
 from leanlm.core.packed import is_runtime_module
+from leanlm.core.search import Choice
 from leanlm.core.step import StepConfig, StepContext, register_step
 from leanlm.core.structure import check_arguments
 from leanlm.data.corpus import data_files
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 class FinetuneConfig(StepConfig):
     """`data`: a text/JSONL file or directory (a JSONL of `messages` trains on assistant turns);
     default: the run's training split."""
+    stage = "heal"
+    search = {"rank": Choice(8, 16, 32), "train.max_minutes": Choice(2.0, 5.0, 10.0)}
     needs_calibration = True  # built lazily: only a LoRA merged into a quantized base (GPTQ requantize) uses it
     method: Literal["lora", "full"] = "lora"
     data: str | None = None

@@ -18,8 +18,9 @@ from leanlm.errors import LeanLMError
 from leanlm.measure.bench import BenchConfig
 
 
-def bench_in_subprocess(path: Path, cfg: BenchConfig, device: str, dtype: str) -> dict:
-    job = {"path": str(path), "device": device, "dtype": dtype, "config": dataclasses.asdict(cfg)}
+def bench_in_subprocess(path: Path, cfg: BenchConfig, device: str, dtype: str, runtime: str = "leanlm") -> dict:
+    """`runtime` llama.cpp benchmarks a GGUF file in llama.cpp (device and dtype are then its own)."""
+    job = {"path": str(path), "device": device, "dtype": dtype, "config": dataclasses.asdict(cfg), "runtime": runtime}
     proc = subprocess.run([sys.executable, "-m", "leanlm.pipeline.bench_worker"], input=json.dumps(job),
                           stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -35,7 +36,13 @@ def main() -> int:
 
     job = json.loads(sys.stdin.read())
     cfg = parse_config(BenchConfig, job["config"], "bench worker config")
-    result = benchmark(load_model(job["path"], job["device"], job["dtype"]), cfg)
+    if job.get("runtime", "leanlm") == "llama.cpp":
+        from leanlm.runtime.llamacpp import bench_llamacpp
+
+        result = bench_llamacpp(job["path"], cfg.prompt_tokens, cfg.decode_prompt_tokens, cfg.new_tokens,
+                                cfg.repeats, cfg.warmup)
+    else:
+        result = benchmark(load_model(job["path"], job["device"], job["dtype"]), cfg)
     print(json.dumps(result))
     return 0
 

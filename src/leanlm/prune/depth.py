@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import process_layerwise
+from leanlm.core.search import Choice, Span
 from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 class DepthConfig(StepConfig):
     """Remove `blocks` decoder blocks: the least influential ones (`block_influence`, ShortGPT) or the
     contiguous run whose ends are most alike (`angular`, Gromov et al.)."""
+    stage = "structure"
+    search = {"blocks": Span(1, 10), "method": Choice("angular", "block_influence")}
     needs_calibration = True
     blocks: int = 6
     method: Literal["block_influence", "angular"] = "angular"

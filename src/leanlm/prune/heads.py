@@ -24,6 +24,7 @@ from transformers import PretrainedConfig
 
 from leanlm.core.anatomy import Attention, Heads, find_attention, head_counts
 from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.search import Span
 from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_config_describes, find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
@@ -35,6 +36,8 @@ from leanlm.prune.width import slice_error, sliced, zeroed_output
 @dataclass
 class HeadsConfig(StepConfig):
     """Keep `kv_groups` KV groups and/or `heads_per_group` query heads of each kept group, per block."""
+    stage = "structure"
+    search = {"heads_per_group": Span(1, 8)}  # more than a group holds is refused by check()
     needs_calibration = True
     kv_groups: int | None = None
     heads_per_group: int | None = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from leanlm.core.search import Span
 from leanlm.core.step import register_step
 from leanlm.errors import ConfigError
 from leanlm.prune.base import (
@@ -20,6 +21,8 @@ from leanlm.prune.prune_ops import magnitude_mask
 
 @dataclass
 class MagnitudeConfig(PruneConfig):
+    stage = "weight_sparsity"
+    search = {"sparsity": Span(0.1, 0.6, step=0.05)}
     def validate(self) -> None:
         super().validate()
         if self.owl_lambda:

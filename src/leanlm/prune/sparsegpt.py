@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector
+from leanlm.core.search import Span
 from leanlm.core.step import register_step
 from leanlm.errors import ConfigError
 from leanlm.prune.base import (
@@ -24,6 +25,8 @@ from leanlm.prune.prune_ops import masked_refit, sparsegpt
 
 @dataclass
 class SparseGPTConfig(PruneConfig):
+    stage = "weight_sparsity"
+    search = {"sparsity": Span(0.1, 0.6, step=0.05)}
     needs_calibration = True
     damp: float = 0.01
     refit: bool = False  # after choosing the mask, solve each row's kept weights exactly (prune_ops.masked_refit)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector, InputRecorder
+from leanlm.core.search import Choice, Span
 from leanlm.core.step import register_step
 from leanlm.prune.base import (
     PRUNERS,
@@ -24,6 +25,8 @@ from leanlm.prune.prune_ops import masked_refit, wanda_mask
 
 @dataclass
 class WandaConfig(PruneConfig):
+    stage = "weight_sparsity"
+    search = {"sparsity": Span(0.1, 0.6, step=0.05), "refit": Choice(False, True)}
     needs_calibration = True
     batch_size: int = 8
     calibration_dtype: Literal["float32", "bfloat16"] = "bfloat16"

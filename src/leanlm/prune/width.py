@@ -21,6 +21,7 @@ from torch import nn
 
 from leanlm.core.anatomy import FFN, channel_importance, ffn_dims, ffn_width, find_ffn
 from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.search import Span
 from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import (
     check_config_describes,
@@ -35,6 +36,8 @@ from leanlm.prune.structured_ops import kept_channels, refit_down
 @dataclass
 class WidthConfig(StepConfig):
     """Keep `ffn_keep` of each block's FFN channels (rounded to a multiple of `multiple_of`)."""
+    stage = "structure"
+    search = {"ffn_keep": Span(0.5, 0.95, step=0.05)}
     needs_calibration = True
     ffn_keep: float = 0.75
     multiple_of: int = 64

@@ -21,6 +21,7 @@ from torch import nn
 
 from leanlm.core.layerwise import InputRecorder
 from leanlm.core.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse
+from leanlm.core.search import Choice
 from leanlm.core.selection import ChecksLayers
 from leanlm.core.step import StepConfig, register_step
 from leanlm.errors import ConfigError
@@ -31,6 +32,8 @@ from leanlm.quantize.scale_search import quantize_with_scale_pairs
 
 @dataclass
 class AWQConfig(ChecksLayers, StepConfig):
+    stage = "quantize"
+    search = {"bits": Choice(4), "group_size": Choice(32, 64, 128), "symmetric": Choice(True, False), "skip": Choice(["lm_head"], [])}
     needs_calibration = True
     bits: Literal[8, 4] = 4
     group_size: int | None = 64

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.search import Choice
 from leanlm.core.selection import (
     ChecksLayers,
     check_group_size,
@@ -34,6 +35,9 @@ from leanlm.quantize.gptq_ops import gptq
 
 @dataclass
 class GPTQConfig(ChecksLayers, StepConfig):
+    stage = "quantize"
+    search = {"bits": Choice(8, 4), "group_size": Choice(None, 32, 64, 128), "symmetric": Choice(True, False),
+              "act_order": Choice(True, False), "skip": Choice(["lm_head"], [])}
     needs_calibration = True
     bits: Literal[8, 4] = 4
     group_size: int | None = 64

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from leanlm.core.packed import module_bytes
 from leanlm.core.scale_pairs import BlockCall, shared_input_groups
+from leanlm.core.search import Choice, Span
 from leanlm.core.selection import ChecksLayers, select_layers
 from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import find_structure
@@ -41,6 +42,8 @@ from leanlm.quantize.sensitivity_ops import Format, allocate, fisher_error, pars
 
 @dataclass
 class MixedConfig(ChecksLayers, StepConfig):
+    stage = "quantize"
+    search = {"bits_per_weight": Span(4.25, 6.0, step=0.25), "method": Choice("gptq", "rtn"), "skip": Choice(["lm_head"], [])}
     needs_calibration = True
     bits_per_weight: float = 4.5  # budget over the quantized layers, scales and zero points included
     formats: list[str] = field(default_factory=lambda: ["int4-g128", "int4-g64", "int4-g32", "int8"])

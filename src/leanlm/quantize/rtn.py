@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanlm.core.layerwise import HessianCollector, process_layerwise
+from leanlm.core.search import Choice
 from leanlm.core.selection import (
     ChecksLayers,
     check_group_size,
@@ -35,6 +36,9 @@ from leanlm.quantize.base import (
 
 @dataclass
 class RTNConfig(ChecksLayers, StepConfig):
+    stage = "quantize"
+    search = {"bits": Choice(8, 4), "group_size": Choice(None, 32, 64, 128), "symmetric": Choice(True, False),
+              "scale_search": Choice("none", "activation"), "skip": Choice(["lm_head"], [])}
     bits: Literal[8, 4] = 8
     group_size: int | None = None  # None: one scale per output channel
     symmetric: bool = True

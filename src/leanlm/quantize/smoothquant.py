@@ -19,6 +19,7 @@ from torch import nn
 
 from leanlm.core.layerwise import InputRecorder
 from leanlm.core.scale_pairs import ScalePair, apply_scale, capture_calls, output_mse
+from leanlm.core.search import Choice
 from leanlm.core.selection import ChecksLayers
 from leanlm.core.step import StepConfig, register_step
 from leanlm.errors import ConfigError
@@ -30,6 +31,8 @@ from leanlm.quantize.w8a8_linear import W8A8Linear, quantize_per_token
 
 @dataclass
 class SmoothQuantConfig(ChecksLayers, StepConfig):
+    stage = "quantize"
+    search = {"alpha": Choice(None, 0.5, 0.8), "skip": Choice(["lm_head"], [])}
     needs_calibration = True
     alpha: float | None = None  # migration strength in [0, 1]; null: searched per pair on the grid
     grid: int = 10

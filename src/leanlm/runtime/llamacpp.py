@@ -21,7 +21,6 @@ import torch
 from leanlm.core.paths import dir_size
 from leanlm.errors import LeanLMError
 
-
 BUILD_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF "
                "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
 

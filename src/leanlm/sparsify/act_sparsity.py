@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from leanlm.core.layerwise import InputRecorder, check_calibration, process_layerwise
+from leanlm.core.search import Choice, Span
 from leanlm.core.selection import ChecksLayers, layers_by_block, select_layers
 from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_arguments, find_structure, replace_module
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class ActSparsityConfig(ChecksLayers, StepConfig):
     """Zero the `sparsity` fraction of smallest-magnitude inputs of every chosen linear layer."""
+    stage = "act_sparsity"
+    search = {"sparsity": Span(0.1, 0.6, step=0.05), "rotation": Choice("none", "int8"), "weighted": Choice(False, True)}
+    runtimes = ("leanlm",)  # a GGUF export keeps the weights, not the thresholds
     needs_calibration = True
     sparsity: float = 0.5
     targets: list[str] = field(default_factory=lambda: ["*"])

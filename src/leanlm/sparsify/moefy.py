@@ -22,6 +22,7 @@ from torch import nn
 
 from leanlm.core.anatomy import FFN, ffn_dims, find_ffn
 from leanlm.core.layerwise import check_calibration, process_layerwise
+from leanlm.core.search import Choice
 from leanlm.core.step import StepConfig, register_step
 from leanlm.core.structure import check_arguments, find_structure, replace_module
 from leanlm.errors import ConfigError, LeanLMError, UnsupportedModelError
@@ -38,6 +39,9 @@ from leanlm.sparsify.moe_ops import (
 
 @dataclass
 class MoefyConfig(StepConfig):
+    stage = "act_sparsity"
+    search = {"experts": Choice(16, 32, 64), "shared": Choice(4, 8, 12), "top_k": Choice(2, 4, 8)}
+    runtimes = ("leanlm",)  # llama.cpp has no dense equivalent of a MoE-fied FFN
     needs_calibration = True
     experts: int = 32
     shared: int = 12  # always-on experts, holding the channels that contribute most
