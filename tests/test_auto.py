@@ -17,7 +17,7 @@ from leanlm.auto import auto
 from leanlm.auto.budget import objective_value, parse_budget
 from leanlm.auto.space import build_space
 from leanlm.cli import main
-from leanlm.core import catalog
+from leanlm.core import catalog, registry
 from leanlm.core.registry import step_type
 from leanlm.core.search import STAGES, Choice, Span, search_fields
 from leanlm.errors import ConfigError, LeanLMError
@@ -75,12 +75,18 @@ def test_the_space_is_read_off_the_step_types():
     assert gguf.export is not None
 
 
-def test_a_new_step_type_joins_the_search_with_no_change_to_auto(monkeypatch, wide_dir, tmp_path):
+def test_a_new_step_type_joins_the_search_with_no_change_to_auto(monkeypatch, request, wide_dir, tmp_path):
     monkeypatch.setitem(catalog.STEPS, "toy_mantissa", "tests.auto_toy_step")
+    # unregistered afterwards, so the layering test still sees only leanlm's own step types
+    request.addfinalizer(lambda: (registry._STEPS.pop("toy_mantissa", None),
+                                  sys.modules.pop("tests.auto_toy_step", None)))
     space = build_space(families=["auto_toy_step"])
     assert [o.type for o in space.stages["quantize"]] == ["toy_mantissa"]
+    # forced, because the toy step buys no speed: left free, the untouched model may rightly win on noise
     report = auto(str(wide_dir), ["kld<=0.5"], "decode_tps", out=tmp_path / "out", families=["auto_toy_step"],
-                  max_trials=3, **FAST)
+                  fix=["steps.quantize=toy_mantissa"], max_trials=3, **FAST)
+    searched = {r["steps"][0]["bits"] for r in report["results"] if r.get("steps")}
+    assert len(searched) > 1, "the toy step's declared range was not searched"
     chosen = next(r for r in report["results"] if r["number"] == report["chosen"])
     assert chosen["steps"][0]["type"] == "toy_mantissa"
     assert load_recipe(tmp_path / "out" / "best" / "recipe.yaml").steps[0].type == "toy_mantissa"
