@@ -117,7 +117,9 @@ def _search(job, search_space, state, settings, seconds, out, overwrite, compare
             seed) -> dict:
     from leanlm.auto.finalists import baseline_for
 
-    baseline = baseline_for(job, settings, finalists + len(compare))
+    # --time-limit bounds the search and its finalists; the --compare recipes are the evidence it is judged
+    # against, run and measured on top of it (each about as long as `leanlm optimize` of that recipe)
+    baseline = baseline_for(job, settings, finalists)
     needed = baseline["seconds"] + baseline["reserve_s"] + baseline["trial_estimate_s"]
     if seconds - state.elapsed() < needed:
         raise ConfigError(f"--time-limit {seconds / 60:.1f} min is too short for even one trial here: measuring the "
@@ -127,7 +129,8 @@ def _search(job, search_space, state, settings, seconds, out, overwrite, compare
     executor = make_executor(job, jobs, ray)
     try:
         references = [c for c in reference_candidates(compare, job.runtime) if c.name not in state.done_names()]
-        run_trials(executor, state, search_space, job, references, seconds, max_trials, seed, baseline["reserve_s"])
+        run_references(executor, state, job, references)
+        run_trials(executor, state, search_space, job, seconds, max_trials, seed, baseline["reserve_s"])
     finally:
         executor.shutdown()
     return finish(state, job, baseline, settings, search_space, out, overwrite, finalists)
@@ -148,8 +151,22 @@ def reference_candidates(compare, runtime: str) -> list[Candidate]:
     return out
 
 
-def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob, references: list[Candidate],
-               seconds: float, max_trials: int | None, seed: int, reserve: float) -> None:
+def run_references(executor, state: SearchState, job: SearchJob, references: list[Candidate]) -> None:
+    """The --compare recipes (and for llama.cpp its own types), run like trials but outside the time limit."""
+    if not references:
+        return
+    pending = {executor.submit(cand): cand for cand in references}
+    with tqdm(total=len(pending), desc="reference recipes (not counted in --time-limit)", unit="recipe") as bar:
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                pending.pop(future)
+                state.record(future.result(), None, None, job)
+                bar.update(1)
+
+
+def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob, seconds: float,
+               max_trials: int | None, seed: int, reserve: float) -> None:
     """Ask Optuna for candidates and run them until the time (less what the finalists need) is spent."""
     import optuna
 
@@ -157,15 +174,15 @@ def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob,
     deadline = time.monotonic() + seconds - state.elapsed() - reserve
     started = time.monotonic()
     pending: dict = {}
-    queue = list(references)
-    bar = tqdm(total=max_trials, desc="auto search", unit="trial", initial=state.trial_count())
+    searched = sum(1 for r in state.results if r["number"] >= 0)
+    bar = tqdm(total=max_trials, desc="auto search", unit="trial", initial=searched)
     try:
         while True:
             left = deadline - time.monotonic()
             room = len(pending) < executor.slots
-            more = max_trials is None or state.trial_count() + len(pending) < max_trials + len(references)
+            more = max_trials is None or searched + len(pending) < max_trials
             if room and more and left > state.typical_trial_seconds():
-                cand, trial = next_candidate(queue, study, space, state, left)
+                cand, trial = next_candidate(study, space, state, left)
                 if cand is not None:
                     pending[executor.submit(cand)] = (cand, trial)
                     continue
@@ -176,6 +193,7 @@ def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob,
                 cand, trial = pending.pop(future)
                 result = future.result()
                 state.record(result, study, trial, job)
+                searched += 1
                 bar.update(1)
                 bar.set_postfix_str(state.progress(job, deadline))
             state.add_elapsed(time.monotonic() - started)
@@ -187,11 +205,9 @@ def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob,
         bar.close()
 
 
-def next_candidate(queue: list[Candidate], study, space: SearchSpace, state: SearchState, left: float):
+def next_candidate(study, space: SearchSpace, state: SearchState, left: float):
     import optuna
 
-    if queue:
-        return queue.pop(0), None
     for _ in range(20):  # a candidate seen before is answered from its result, not run again
         trial = study.ask()
         steps, export = space.suggest(trial)
@@ -351,7 +367,8 @@ class SearchState:
         return [(r["violation"], r["objective"]) for r in self.ok() if r["fidelity"] == full]
 
     def typical_trial_seconds(self) -> float:
-        times = sorted(r["seconds"] for r in self.results if r.get("seconds"))
+        searched = [r for r in self.results if r.get("seconds") and r["number"] >= 0]
+        times = sorted(r["seconds"] for r in searched or [r for r in self.results if r.get("seconds")])
         return times[len(times) // 2] if times else 0.0
 
     def best(self, objective: str) -> dict | None:

@@ -25,13 +25,15 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="your text: the first 90%% of characters for calibration, training and the search, "
                                   "the last 10%% for the final evaluation")
     p.add_argument("--tasks", help="JSONL of multiple-choice tasks (for task_acc budgets)")
-    p.add_argument("--time-limit", default="60m", help="wall time for the whole search: 90s, 45m, 1.5h (default: 60m)")
+    p.add_argument("--time-limit", default="60m", help="wall time for the search and its finalists (the --compare recipes come on top): 90s, 45m, "
+                        "1.5h (default: 60m)")
     p.add_argument("--families", help="search only these technique families, comma-separated (quantize,prune,...)")
     p.add_argument("--fix", action="append", default=[], metavar="KEY=VALUE",
                    help="pin part of the space (repeatable): steps.quantize=rtn, steps.structure=none, steps.rtn.bits=4")
     p.add_argument("--space", help="YAML search space: families, stages, fix, and narrowed steps ranges")
     p.add_argument("--compare", action="append", metavar="RECIPE",
-                   help="recipes measured beside the search, in the same run (repeatable; default: default)")
+                   help="recipes run and measured beside the search, in the same run, outside --time-limit "
+                        "(repeatable; default: default)")
     p.add_argument("--price-per-hour", type=float, help="the machine's price in $/hour, for --objective cost")
     p.add_argument("--finalists", type=positive_int, default=3,
                    help="searched candidates measured again in full (default: 3)")
