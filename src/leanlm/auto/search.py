@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from leanlm.auto.budget import OBJECTIVES, better, check_objective, parse_budget
+from leanlm.auto.budget import OBJECTIVES, Constraint, better, check_objective, parse_budget
 from leanlm.auto.executors import make_executor
 from leanlm.auto.finalists import finish
 from leanlm.auto.space import NONE, SearchSpace, build_space

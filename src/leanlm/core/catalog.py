@@ -52,4 +52,6 @@ COMMANDS: dict[str, str] = {
     "distill": "leanlm.cli.distill",
     "recipes": "leanlm.cli.recipes",
     "auto": "leanlm.cli.auto",
+    "serve": "leanlm.cli.serve",
+    "loadtest": "leanlm.cli.loadtest",
 }

@@ -1,0 +1,52 @@
+"""`leanlm serve`: an OpenAI-compatible server for a model leanlm loads or writes, or in front of another server."""
+
+from __future__ import annotations
+
+from leanlm.cli.options import command, positive_int
+
+
+def add_parser(sub) -> None:
+    p = command(sub, "serve", "serve a model behind OpenAI's API (chat, completions, streaming)",
+                "Serve MODEL (a built-in name, a Hugging Face or leanlm directory, or with --backend llama.cpp a "
+                ".gguf file) on OpenAI's API: POST /v1/chat/completions and /v1/completions (streaming too), "
+                "GET /v1/models, /health, /metrics (Prometheus) and a playground page at /. Concurrent requests "
+                "are batched token by token. With --upstream URL, leanlm's front (keys, limits, metrics) runs "
+                "before another OpenAI-compatible server instead. SIGTERM finishes the requests in flight, then "
+                "exits.", run)
+    p.add_argument("model", nargs="?", help="what to serve (omit with --upstream)")
+    p.add_argument("--backend", default="leanlm", choices=["leanlm", "llama.cpp"],
+                   help="leanlm (PyTorch, continuous batching) or llama.cpp (GGUF, one request at a time) "
+                        "(default: leanlm)")
+    p.add_argument("--upstream", metavar="URL", help="proxy to this OpenAI-compatible server instead of a MODEL")
+    p.add_argument("--upstream-key", help="API key to send to the upstream server")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--served-model-name", help="the model's id in the API (default: MODEL as given)")
+    p.add_argument("--api-keys", metavar="FILE", help="'KEY TENANT' per line; requests then need a key")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default: 16)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="requests waiting for a slot before new ones get 429 (default: 64)")
+    p.add_argument("--max-len", type=positive_int, default=2048,
+                   help="longest prompt plus answer, in tokens (default: 2048, or the model's context if shorter)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=256,
+                   help="prompt tokens run per step, so long prompts do not stall running answers (default: 256)")
+    p.add_argument("--max-n", type=positive_int, default=8, help="most choices (n) per request (default: 8)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (default: 600)")
+    p.add_argument("--max-body", type=positive_int, default=1 << 20, help="largest request body in bytes (default: 1 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds to let requests in flight finish on SIGTERM (default: 30)")
+
+
+def run(args) -> int:
+    from leanlm.cli.options import set_threads
+    from leanlm.serve import serve
+
+    set_threads(args)
+    serve(args.model, upstream=args.upstream, upstream_key=args.upstream_key, backend=args.backend, host=args.host,
+          port=args.port, device=args.device, served_name=args.served_model_name, api_keys=args.api_keys,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
+          max_n=args.max_n, request_timeout=args.request_timeout, max_body=args.max_body,
+          drain_timeout=args.drain_timeout)
+    return 0

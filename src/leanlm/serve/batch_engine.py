@@ -1,0 +1,200 @@
+"""The leanlm backend: continuous batching over any model leanlm loads (float, packed int8/int4, W8A8,
+activation-sparse, MoE-fied), on one thread that owns the model.
+
+Each loop: admit waiting requests into free cache rows, run one prefill chunk of the request being
+prefilled (long prompts are cut into `prefill_chunk`-token pieces so they never stall the running batch
+for long), then one decode step for every running sequence together. A sequence joins the batch the step
+after its prefill and leaves it the step it ends, is cancelled or its client goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable
+
+import torch
+
+from leanlm.runtime.compiled_decode import native_gqa
+from leanlm.runtime.generate import _cache_kwarg
+from leanlm.serve.errors import APIError
+from leanlm.serve.kv_slots import SlotCache
+from leanlm.serve.sequence import Sequence, eos_ids_of
+
+log = logging.getLogger(__name__)
+
+
+class BatchEngine:
+    backend = "leanlm"
+
+    def __init__(self, loaded, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048,
+                 prefill_chunk: int = 256, on_step: Callable[[int], None] | None = None):
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        context = getattr(cfg, "max_position_embeddings", None) or max_len
+        self.max_len = min(max_len, context)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.eos_ids = eos_ids_of(self.model, self.tokenizer)
+        self._check_attention(cfg)
+        self.window = getattr(cfg, "sliding_window", None) if "sliding_attention" in (getattr(cfg, "layer_types", None) or []) else None
+        self.cache = SlotCache.for_model(self.model, max_batch, self.max_len)
+        self.dtype = self.cache.dtype
+        self._kwarg = _cache_kwarg(self.model)
+        self._gqa = self.cache.device.type == "cpu"
+        self.on_step = on_step or (lambda batch: None)
+        self.waiting: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []  # rows[:decoding] decode; rows[decoding:] (at most one) is being prefilled
+        self.decoding = 0
+        self._prefilled = 0  # prompt tokens of rows[decoding] already in the cache
+        self._cond = threading.Condition()
+        self._accepting, self._stop = True, False
+        self._thread = threading.Thread(target=self._loop, name="leanlm-engine", daemon=True)
+        self._thread.start()
+
+    def _check_attention(self, cfg) -> None:
+        impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            raise APIError(500, f"the leanlm backend batches through attention masks, which the {impl!r} attention "
+                                "implementation does not take; load the model with attn_implementation='sdpa'")
+
+    # called from the server's threads
+    def submit(self, seqs: list[Sequence]) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+            # the rows are taken one prefill at a time, so a burst waits here first: the bound is on both
+            queued = len(self.waiting) + len(self.rows) - self.max_batch
+            if queued + len(seqs) > self.max_queue:
+                raise APIError(429, f"the queue is full ({max(0, queued)} waiting beyond the {self.max_batch} running, "
+                                    f"at most {self.max_queue}); retry shortly", headers={"Retry-After": "1"})
+            self.waiting.extend(seqs)
+            self._cond.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def load(self) -> dict:
+        return {"waiting": len(self.waiting), "running": len(self.rows), "slots": self.max_batch}
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with `drain`, finish those already taken first."""
+        with self._cond:
+            self._accepting = False
+            if not drain:
+                for seq in list(self.waiting) + self.rows:
+                    seq.cancelled = True
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def warmup(self) -> None:
+        """One short generation, so the first request does not pay for lazily built kernel layouts."""
+        done = threading.Event()
+
+        def sink(event: dict) -> None:
+            if event["type"] in ("done", "error"):
+                done.set()
+        self.submit([Sequence([0, 1, 2, 3], _greedy(2), self.tokenizer, set(), sink)])
+        done.wait(600)
+
+    # the engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self.waiting or self.rows or self._stop):
+                    self._cond.wait()
+                if self._stop and not (self.waiting or self.rows):
+                    return
+                self._admit()
+            try:
+                self._drop_cancelled()
+                if len(self.rows) > self.decoding:
+                    self._prefill_step()
+                if self.decoding:
+                    self._decode_step()
+            except Exception as err:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                for seq in self.rows:
+                    seq.fail(f"generation failed: {type(err).__name__}: {err}")
+                self.rows, self.decoding = [], 0
+                for r in range(self.max_batch):
+                    self.cache.clear(r)
+
+    def _admit(self) -> None:
+        while self.waiting and self.waiting[0].cancelled:
+            self.waiting.popleft().finish("cancelled")
+        if self.waiting and len(self.rows) == self.decoding and len(self.rows) < self.max_batch:
+            self.rows.append(self.waiting.popleft())
+            self._prefilled = 0
+
+    def _drop_cancelled(self) -> None:
+        for r in range(len(self.rows) - 1, -1, -1):
+            if self.rows[r].cancelled:
+                self.rows[r].finish("cancelled")
+                self._remove(r)
+
+    def _remove(self, r: int) -> None:
+        """Free row r, keeping rows contiguous: the last decoding row fills it, the prefilling one moves down."""
+        if r >= self.decoding:  # the row being prefilled
+            self.cache.clear(r)
+            self.rows.pop(r)
+            return
+        last = self.decoding - 1
+        self.cache.move(last, r)
+        self.rows[r] = self.rows[last]
+        self.decoding -= 1
+        if len(self.rows) > last + 1:  # a prefilling row sits after the decoding ones
+            self.cache.move(last + 1, last)
+            self.rows[last] = self.rows[last + 1]
+        self.rows.pop()
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
+        self.cache.begin(rows, positions)
+        mask = self.cache.mask(self.dtype)
+        if self.window is not None:
+            mask = {"full_attention": mask, "sliding_attention": self.cache.mask(self.dtype, self.window)}
+        try:
+            with torch.inference_mode(), native_gqa(self._gqa):
+                out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                                 logits_to_keep=1, **{self._kwarg: self.cache})
+        finally:
+            self.cache.finish()
+        return out.logits[:, -1, :]
+
+    def _prefill_step(self) -> None:
+        r = self.decoding
+        seq = self.rows[r]
+        prompt = seq.prompt_ids
+        stop = min(len(prompt), self._prefilled + self.prefill_chunk)
+        ids = torch.tensor([prompt[self._prefilled:stop]], device=self.cache.device)
+        positions = torch.arange(self._prefilled, stop, device=self.cache.device)[None]
+        logits = self._forward(ids, positions, slice(r, r + 1))
+        self._prefilled = stop
+        if stop < len(prompt):
+            return
+        if seq.next_token(logits[0]):
+            self._remove(r)
+        else:
+            self.decoding += 1
+
+    def _decode_step(self) -> None:
+        batch = self.rows[: self.decoding]
+        self.on_step(len(batch))
+        last = [seq.out_ids[-1] if seq.out_ids else seq.prompt_ids[-1] for seq in batch]
+        ids = torch.tensor(last, device=self.cache.device)[:, None]
+        positions = torch.tensor(self.cache.lengths[: len(batch)], device=self.cache.device)[:, None]
+        logits = self._forward(ids, positions, slice(0, len(batch)))
+        ended = [r for r, seq in enumerate(batch) if seq.next_token(logits[r])
+                 or self.cache.lengths[r] >= self.max_len and seq.finish("length", seq.text.flush())]
+        for r in reversed(ended):
+            self._remove(r)
+
+
+def _greedy(tokens: int):
+    from leanlm.serve.sequence import SamplingParams
+
+    return SamplingParams(max_tokens=tokens, temperature=0.0)
