@@ -37,6 +37,14 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body", type=positive_int, default=1 << 20, help="largest request body in bytes (default: 1 MiB)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds to let requests in flight finish on SIGTERM (default: 30)")
+    p.add_argument("--cache", default="", metavar="TIERS",
+                   help="caches, comma-separated: exact (whole answers to the same request, per tenant and model), "
+                        "prefix (the KV of shared prompt prefixes) (default: none)")
+    p.add_argument("--cache-store", metavar="URL", help="sqlite (default, in --cache-dir) or redis://HOST:PORT/DB")
+    p.add_argument("--cache-dir", default="~/.cache/leanlm/serve-cache", help="where the SQLite store lives")
+    p.add_argument("--cache-ttl", type=float, default=7 * 24 * 3600.0, help="seconds a cached answer lives (default: 7 days)")
+    p.add_argument("--cache-max-entries", type=positive_int, default=100_000, help="entries before LRU eviction")
+    p.add_argument("--prefix-cache-mb", type=positive_int, default=1024, help="memory for the prefix cache's KV (default: 1024)")
 
 
 def run(args) -> int:
@@ -44,9 +52,10 @@ def run(args) -> int:
     from leanlm.serve import serve
 
     set_threads(args)
-    serve(args.model, upstream=args.upstream, upstream_key=args.upstream_key, backend=args.backend, host=args.host,
-          port=args.port, device=args.device, served_name=args.served_model_name, api_keys=args.api_keys,
-          max_batch=args.max_batch, max_queue=args.max_queue, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-          max_n=args.max_n, request_timeout=args.request_timeout, max_body=args.max_body,
-          drain_timeout=args.drain_timeout)
+    options = {k: getattr(args, k) for k in ("backend", "upstream", "upstream_key", "host", "port", "device",
+                                               "api_keys", "max_batch", "max_queue", "max_len", "prefill_chunk",
+                                               "max_n", "request_timeout", "max_body", "drain_timeout", "cache",
+                                               "cache_store", "cache_dir", "cache_ttl", "cache_max_entries",
+                                               "prefix_cache_mb")}
+    serve(args.model, served_name=args.served_model_name, **options)
     return 0

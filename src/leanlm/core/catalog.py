@@ -54,4 +54,5 @@ COMMANDS: dict[str, str] = {
     "auto": "leanlm.cli.auto",
     "serve": "leanlm.cli.serve",
     "loadtest": "leanlm.cli.loadtest",
+    "cache": "leanlm.cli.cache",
 }

@@ -71,8 +71,9 @@ def create_app(state: State, on_start=None) -> FastAPI:
 
     @app.get("/stats")
     async def stats():
+        caches = await asyncio.to_thread(state.service.cache_stats) if state.service else {}
         return {**state.metrics.summary(), "ready": state.service is not None,
-                "model": state.service.models()[0]["id"] if state.service else None}
+                "model": state.service.models()[0]["id"] if state.service else None, "cache": caches}
 
     @app.get("/")
     async def page():
@@ -143,12 +144,13 @@ async def _complete(state: State, request: Request, kind, endpoint: str):
         service = _service(state)
         req = parse_request(kind, await _body(state, request))
         result = await service.handle(req, request, tenant, stats)
+        headers = {"X-LeanLM-Cache": stats["cache"]} if "cache" in stats else {}
         if isinstance(result, dict):
             status = 200
-            return JSONResponse(result)
+            return JSONResponse(result, headers=headers)
         streaming, status = True, 200
         return StreamingResponse(_sse(result, state, endpoint, tenant, stats), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
     except APIError as err:
         status = err.status
         raise
@@ -174,6 +176,6 @@ async def _sse(chunks: AsyncIterator[dict], state: State, endpoint: str, tenant:
 def _finish(state: State, endpoint: str, status: int, tenant: str, stats: dict) -> None:
     state.metrics.done(endpoint, status, stats)
     ttft = stats.get("first_token")
-    log.info("%s %d tenant=%s prompt_tokens=%s completion_tokens=%s ttft_ms=%s total_ms=%.0f", endpoint, status, tenant,
-             stats.get("prompt_tokens", "-"), stats.get("completion_tokens", "-"),
+    log.info("%s %d tenant=%s cache=%s prompt_tokens=%s completion_tokens=%s ttft_ms=%s total_ms=%.0f", endpoint,
+             status, tenant, stats.get("cache", "-"), stats.get("prompt_tokens", "-"), stats.get("completion_tokens", "-"),
              f"{(ttft - stats['start']) * 1000:.0f}" if ttft else "-", (time.perf_counter() - stats["start"]) * 1000)

@@ -20,6 +20,7 @@ from leanlm.runtime.compiled_decode import native_gqa
 from leanlm.runtime.generate import _cache_kwarg
 from leanlm.serve.errors import APIError
 from leanlm.serve.kv_slots import SlotCache
+from leanlm.serve.prefix_cache import PrefixCache
 from leanlm.serve.sequence import Sequence, eos_ids_of
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ class BatchEngine:
     backend = "leanlm"
 
     def __init__(self, loaded, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048,
-                 prefill_chunk: int = 256, on_step: Callable[[int], None] | None = None):
+                 prefill_chunk: int = 256, on_step: Callable[[int], None] | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         context = getattr(cfg, "max_position_embeddings", None) or max_len
@@ -43,6 +45,7 @@ class BatchEngine:
         self._kwarg = _cache_kwarg(self.model)
         self._gqa = self.cache.device.type == "cpu"
         self.on_step = on_step or (lambda batch: None)
+        self.prefix = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.rows: list[Sequence] = []  # rows[:decoding] decode; rows[decoding:] (at most one) is being prefilled
         self.decoding = 0
@@ -128,8 +131,11 @@ class BatchEngine:
         while self.waiting and self.waiting[0].cancelled:
             self.waiting.popleft().finish("cancelled")
         if self.waiting and len(self.rows) == self.decoding and len(self.rows) < self.max_batch:
-            self.rows.append(self.waiting.popleft())
+            seq = self.waiting.popleft()
+            self.rows.append(seq)
             self._prefilled = 0
+            if self.prefix is not None:  # a cached prefix is copied in, not run again
+                self._prefilled = self.prefix.load(self.prefix.match(seq.prompt_ids), self.cache, len(self.rows) - 1)
 
     def _drop_cancelled(self) -> None:
         for r in range(len(self.rows) - 1, -1, -1):
@@ -176,6 +182,8 @@ class BatchEngine:
         self._prefilled = stop
         if stop < len(prompt):
             return
+        if self.prefix is not None:
+            self.prefix.store(prompt, self.cache, r)
         if seq.next_token(logits[0]):
             self._remove(r)
         else:

@@ -33,6 +33,10 @@ class LocalService:
     def models(self) -> list[dict]:
         return [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "leanlm"}]
 
+    def cache_stats(self) -> dict:
+        prefix = getattr(self.engine, "prefix", None)
+        return {"prefix": prefix.stats()} if prefix is not None else {}
+
     # the request, checked and tokenized
     def prepare(self, req: ChatRequest | CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
         if req.model != self.model_name:

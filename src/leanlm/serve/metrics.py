@@ -36,6 +36,8 @@ class Metrics:
         self.generated = Counter("leanlm_generated_tokens", "tokens generated", registry=r)
         self.batch = Histogram("leanlm_batch_size", "sequences in each decode step", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.cache = Counter("leanlm_cache_lookups", "response-cache lookups by result (exact, semantic, miss)",
+                             ["result"], registry=r)
         self.load = load
         Gauge("leanlm_queue_depth", "requests waiting for a slot", registry=r).set_function(lambda: self.load()["waiting"])
         Gauge("leanlm_running", "sequences holding a slot", registry=r).set_function(lambda: self.load()["running"])
@@ -43,6 +45,9 @@ class Metrics:
         self._recent: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self.started = time.time()
+
+    def cache_result(self, result: str) -> None:
+        self.cache.labels(result).inc()
 
     def step(self, batch: int) -> None:
         self.batch.observe(batch)

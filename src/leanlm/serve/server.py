@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import importlib.util
 import logging
 import signal
 import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from leanlm.core.config import Validated, parse_config
 from leanlm.errors import ConfigError, LeanLMError
 
 log = logging.getLogger("leanlm.serve")
@@ -63,9 +67,44 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_engine(model: str, backend: str, device: str, max_batch: int, max_queue: int, max_len: int,
-                 prefill_chunk: int, metrics):
-    if backend == "llama.cpp":
+@dataclass
+class ServeConfig(Validated):
+    """Every option of `leanlm serve` (the CLI's flags are these fields)."""
+
+    backend: Literal["leanlm", "llama.cpp"] = "leanlm"
+    upstream: str | None = None
+    upstream_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    served_name: str | None = None
+    api_keys: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_len: int = 2048
+    prefill_chunk: int = 256
+    max_n: int = 8
+    request_timeout: float = 600.0
+    max_body: int = 1 << 20
+    drain_timeout: float = 30.0
+    cache: str = ""  # tiers, comma-separated: exact, semantic, prefix
+    cache_store: str | None = None
+    cache_dir: str = "~/.cache/leanlm/serve-cache"
+    cache_ttl: float = 7 * 24 * 3600.0
+    cache_max_entries: int = 100_000
+    prefix_cache_mb: int = 1024
+
+    def validate(self) -> None:
+        for name in ("max_batch", "max_queue", "max_len", "prefill_chunk", "max_n", "max_body", "prefix_cache_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+
+
+def build_engine(model: str, cfg: ServeConfig, metrics, prefix: bool):
+    """The engine for `model` (loaded here, before any port is bound) and the path of its files."""
+    if cfg.backend == "llama.cpp":
         path = Path(model)
         if path.suffix != ".gguf" or not path.is_file():
             raise ConfigError(f"--backend llama.cpp serves a .gguf file; {model!r} is not one (export one with "
@@ -75,17 +114,61 @@ def build_engine(model: str, backend: str, device: str, max_batch: int, max_queu
         from leanlm.serve.llamacpp_engine import LlamaCppEngine
 
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        return LlamaCppEngine(path, tokenizer, max_len=max_len, max_queue=max_queue, on_step=metrics.step)
-    if backend != "leanlm":
-        raise ConfigError(f"unknown backend {backend!r}; choose leanlm or llama.cpp")
+        return LlamaCppEngine(path, tokenizer, max_len=cfg.max_len, max_queue=cfg.max_queue, on_step=metrics.step), path
     from leanlm.models.load import load_model
     from leanlm.serve.batch_engine import BatchEngine
+    from leanlm.serve.prefix_cache import PrefixCache
 
-    loaded = load_model(model, device)
-    engine = BatchEngine(loaded, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                         prefill_chunk=prefill_chunk, on_step=metrics.step)
+    loaded = load_model(model, cfg.device)
+    engine = BatchEngine(loaded, max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
+                         prefill_chunk=cfg.prefill_chunk, on_step=metrics.step,
+                         prefix_cache=PrefixCache(budget_bytes=cfg.prefix_cache_mb << 20) if prefix else None)
     _check_kv_memory(engine)
-    return engine
+    return engine, loaded.path
+
+
+def build_service(model: str | None, cfg: ServeConfig, metrics):
+    """(the service the routes call, the engine or None, what warming up awaits)."""
+    from leanlm.cache.response_cache import parse_tiers
+    from leanlm.serve.local import Limits, LocalService
+
+    tiers = parse_tiers(cfg.cache) if cfg.cache else ()
+    engine = None
+    if cfg.upstream:
+        from leanlm.serve.upstream import UpstreamService
+
+        service = UpstreamService(cfg.upstream, metrics, cfg.upstream_key, max_inflight=cfg.max_queue,
+                                  request_timeout=cfg.request_timeout)
+        metrics.load, files, warm = service.load, None, service.check
+        if "prefix" in tiers:
+            raise ConfigError("--cache prefix keeps KV inside leanlm's own engine; with --upstream, use the "
+                              "upstream's prefix caching (vLLM: --enable-prefix-caching)")
+    else:
+        engine, files = build_engine(model, cfg, metrics, "prefix" in tiers)
+        metrics.load = engine.load
+        service = LocalService(engine, cfg.served_name or model, Limits(cfg.max_n, cfg.request_timeout), metrics)
+        warm = functools.partial(asyncio.to_thread, engine.warmup)
+    response_tiers = [t for t in tiers if t != "prefix"]
+    if response_tiers:
+        service = _with_response_cache(service, cfg, response_tiers, files, model or cfg.upstream, metrics)
+    return service, engine, warm
+
+
+def _with_response_cache(service, cfg: ServeConfig, tiers, files, name: str, metrics):
+    from leanlm.cache.keys import model_fingerprint
+    from leanlm.cache.response_cache import CacheConfig, ResponseCache, open_store
+    from leanlm.serve.cached import CachedService
+
+    config = CacheConfig(tiers=tuple(tiers), ttl_s=cfg.cache_ttl, max_entries=cfg.cache_max_entries)
+    store = open_store(cfg.cache_store, str(Path(cfg.cache_dir).expanduser()), config)
+    semantic = None
+    if "semantic" in tiers:
+        from leanlm.cache.semantic import SemanticTier
+
+        semantic = SemanticTier(store)
+    fingerprint = model_fingerprint(files, name, extra=cfg.upstream or "")
+    log.info("response cache: %s in %s, model fingerprint %s", ",".join(tiers), store.kind, fingerprint[:12])
+    return CachedService(service, ResponseCache(store, fingerprint, config, semantic), metrics)
 
 
 def _check_kv_memory(engine) -> None:
@@ -102,53 +185,37 @@ def _check_kv_memory(engine) -> None:
                     free / 2**30)
 
 
-def serve(model: str | None = None, *, upstream: str | None = None, upstream_key: str | None = None,
-          backend: str = "leanlm", host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          served_name: str | None = None, api_keys: str | None = None, max_batch: int = 16, max_queue: int = 64,
-          max_len: int = 2048, prefill_chunk: int = 256, max_n: int = 8, request_timeout: float = 600.0,
-          max_body: int = 1 << 20, drain_timeout: float = 30.0, ready: threading.Event | None = None) -> None:
-    """Serve `model` (or proxy `upstream`) on host:port until SIGTERM/SIGINT."""
+def serve(model: str | None = None, ready: threading.Event | None = None, **options) -> None:
+    """Serve `model` (or proxy `upstream=URL`) until SIGTERM/SIGINT; `options` are ServeConfig's fields."""
     require_serve_extra()
     import uvicorn
 
     from leanlm.serve.app import State, create_app
-    from leanlm.serve.local import Limits, LocalService
     from leanlm.serve.metrics import Metrics
 
-    if (model is None) == (upstream is None):
+    cfg = parse_config(ServeConfig, options, "serve")
+    if (model is None) == (cfg.upstream is None):
         raise ConfigError("serve a MODEL or an --upstream URL (one of them)")
-    keys = read_api_keys(api_keys) if api_keys else None
+    keys = read_api_keys(cfg.api_keys) if cfg.api_keys else None
     metrics = Metrics()
-    state = State(metrics, keys, max_body)
-    service = engine = None
-    if upstream:
-        from leanlm.serve.upstream import UpstreamService
-
-        service = UpstreamService(upstream, metrics, upstream_key, max_inflight=max_queue, request_timeout=request_timeout)
-        metrics.load = service.load
-    else:
-        engine = build_engine(model, backend, device, max_batch, max_queue, max_len, prefill_chunk, metrics)
-        metrics.load = engine.load
-        service = LocalService(engine, served_name or model, Limits(max_n, request_timeout), metrics)
-    sock = bind(host, port)
+    state = State(metrics, keys, cfg.max_body)
+    service, engine, warm_up = build_service(model, cfg, metrics)
+    sock = bind(cfg.host, cfg.port)
 
     async def warm():
         try:
-            if engine is not None:
-                await asyncio.to_thread(engine.warmup)
-            else:
-                await service.check()
+            await warm_up()
         except Exception as err:  # the server keeps answering 503 and says why
             log.error("not ready: %s", err)
             return
         state.service = service
-        log.info("ready: %s on http://%s:%d", service.models()[0]["id"] if service.models() else upstream,
-                 host, sock.getsockname()[1])
+        log.info("ready: %s on http://%s:%d", service.models()[0]["id"] if service.models() else cfg.upstream,
+                 cfg.host, sock.getsockname()[1])
         if ready is not None:
             ready.set()
 
     app = create_app(state, on_start=warm)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout, access_log=False,
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=cfg.drain_timeout, access_log=False,
                             lifespan="on")
     server = uvicorn.Server(config)
     if threading.current_thread() is threading.main_thread():
@@ -159,6 +226,9 @@ def serve(model: str | None = None, *, upstream: str | None = None, upstream_key
         server.run(sockets=[sock])
     finally:
         if engine is not None:
-            engine.close(drain=True, timeout=drain_timeout)
+            engine.close(drain=True, timeout=cfg.drain_timeout)
+        cache = getattr(service, "cache", None)
+        if cache is not None:
+            cache.flush()
         sock.close()
         log.info("stopped")

@@ -46,6 +46,9 @@ class UpstreamService:
     def models(self) -> list[dict]:
         return self._models or []
 
+    def cache_stats(self) -> dict:
+        return {}
+
     async def handle(self, req, request, tenant: str, stats: dict):
         if self.inflight >= self.max_inflight:
             raise APIError(429, f"{self.inflight} requests are already forwarded (at most {self.max_inflight}); "
