@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from leanlm.auto.budget import OBJECTIVES, Constraint, better, check_objective, parse_budget
 from leanlm.auto.executors import make_executor
 from leanlm.auto.finalists import finish
-from leanlm.auto.space import NONE, SearchSpace, build_space
+from leanlm.auto.space import NONE, SearchSpace, build_space, describe_candidate
 from leanlm.auto.trial import Candidate, SearchJob
 from leanlm.core.paths import check_output
 from leanlm.errors import ConfigError, LeanLMError
@@ -155,9 +155,12 @@ def run_references(executor, state: SearchState, job: SearchJob, references: lis
     """The --compare recipes (and for llama.cpp its own types), run like trials but outside the time limit."""
     if not references:
         return
-    pending = {executor.submit(cand): cand for cand in references}
-    with tqdm(total=len(pending), desc="reference recipes (not counted in --time-limit)", unit="recipe") as bar:
-        while pending:
+    queue, pending = list(references), {}
+    with tqdm(total=len(queue), desc="reference recipes (not counted in --time-limit)", unit="recipe") as bar:
+        while queue or pending:
+            while queue and len(pending) < executor.slots:  # one slot at a time, so each is recorded as it ends
+                cand = queue.pop(0)
+                pending[executor.submit(cand)] = cand
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in done:
                 pending.pop(future)
@@ -216,7 +219,7 @@ def next_candidate(study, space: SearchSpace, state: SearchState, left: float):
             continue
         seen = state.by_key.get(candidate_key(steps, export))
         if seen is None:
-            cand = Candidate(trial.number, steps, export, describe(steps, export), state.front())
+            cand = Candidate(trial.number, steps, export, describe_candidate(steps, export), state.front())
             return cand, trial
         state.tell(study, trial, seen)
     return None, None
@@ -238,16 +241,6 @@ def candidate_key(steps: list[dict], export: dict) -> str:
         except LeanLMError:
             full.append(step)
     return json.dumps([full, export], sort_keys=True, default=str)
-
-
-def describe(steps: list[dict], export: dict) -> str:
-    parts = []
-    for step in steps:
-        fields = ", ".join(f"{k}={v}" for k, v in step.items() if k != "type")
-        parts.append(f"{step['type']}({fields})")
-    if export:
-        parts.append(f"gguf {export.get('weight_type')}")
-    return " -> ".join(parts) or ("original" if not export else "")
 
 
 @contextmanager

@@ -295,3 +295,13 @@ def read_space_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}"
                           if unknown else f"{path}: a search space is a mapping with keys {', '.join(valid)}")
     return data
+
+
+def describe_candidate(steps: list[dict], export: dict) -> str:
+    parts = []
+    for step in steps:
+        fields = ", ".join(f"{k}={v}" for k, v in step.items() if k != "type")
+        parts.append(f"{step['type']}({fields})")
+    if export:
+        parts.append(f"gguf {export.get('weight_type')}")
+    return " -> ".join(parts) or ("original" if not export else "")

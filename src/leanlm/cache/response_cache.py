@@ -22,7 +22,7 @@ class CacheConfig:
     max_bytes: int = 1 << 30
 
 
-TIERS = ("exact", "prefix")
+TIERS = ("exact", "semantic", "prefix")
 
 
 def parse_tiers(text: str | list[str]) -> tuple[str, ...]:

@@ -39,7 +39,10 @@ def add_parser(sub) -> None:
                    help="seconds to let requests in flight finish on SIGTERM (default: 30)")
     p.add_argument("--cache", default="", metavar="TIERS",
                    help="caches, comma-separated: exact (whole answers to the same request, per tenant and model), "
-                        "prefix (the KV of shared prompt prefixes) (default: none)")
+                        "semantic (to the same question asked another way: retrieved by embedding, served only if "
+                        "the guards and the verifier pass), prefix (the KV of shared prompt prefixes) (default: none)")
+    p.add_argument("--semantic-config", metavar="JSON", help="verifier weights and threshold from `leanlm cache "
+                                                            "calibrate` (default: the shipped calibration)")
     p.add_argument("--cache-store", metavar="URL", help="sqlite (default, in --cache-dir) or redis://HOST:PORT/DB")
     p.add_argument("--cache-dir", default="~/.cache/leanlm/serve-cache", help="where the SQLite store lives")
     p.add_argument("--cache-ttl", type=float, default=7 * 24 * 3600.0, help="seconds a cached answer lives (default: 7 days)")
@@ -56,6 +59,6 @@ def run(args) -> int:
                                                "api_keys", "max_batch", "max_queue", "max_len", "prefill_chunk",
                                                "max_n", "request_timeout", "max_body", "drain_timeout", "cache",
                                                "cache_store", "cache_dir", "cache_ttl", "cache_max_entries",
-                                               "prefix_cache_mb")}
+                                               "prefix_cache_mb", "semantic_config")}
     serve(args.model, served_name=args.served_model_name, **options)
     return 0

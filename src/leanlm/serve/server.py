@@ -93,6 +93,7 @@ class ServeConfig(Validated):
     cache_ttl: float = 7 * 24 * 3600.0
     cache_max_entries: int = 100_000
     prefix_cache_mb: int = 1024
+    semantic_config: str | None = None
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_len", "prefill_chunk", "max_n", "max_body", "prefix_cache_mb"):
@@ -163,9 +164,9 @@ def _with_response_cache(service, cfg: ServeConfig, tiers, files, name: str, met
     store = open_store(cfg.cache_store, str(Path(cfg.cache_dir).expanduser()), config)
     semantic = None
     if "semantic" in tiers:
-        from leanlm.cache.semantic import SemanticTier
+        from leanlm.cache.semantic import SemanticConfig, SemanticTier
 
-        semantic = SemanticTier(store)
+        semantic = SemanticTier(store, SemanticConfig.load(cfg.semantic_config))
     fingerprint = model_fingerprint(files, name, extra=cfg.upstream or "")
     log.info("response cache: %s in %s, model fingerprint %s", ",".join(tiers), store.kind, fingerprint[:12])
     return CachedService(service, ResponseCache(store, fingerprint, config, semantic), metrics)
