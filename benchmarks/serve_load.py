@@ -105,9 +105,11 @@ def servers(paths: dict, peers: list[str]) -> list[tuple[str, list[str], str]]:
     return rows
 
 
-def measure_servers(paths, peers, levels, requests, work: Path) -> list[dict]:
+def measure_servers(paths, peers, levels, requests, work: Path, only: str | None = None) -> list[dict]:
     results = []
     for label, cmd, model_id in servers(paths, peers):
+        if only and not any(part in label for part in only.split(",")):
+            continue
         port = free_port()
         print(f"\n== {label}", flush=True)
         try:
@@ -220,6 +222,7 @@ def main() -> None:
     ap.add_argument("--peers", default="transformers,llama.cpp")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: servers, overhead, load")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--only", help="comma-separated parts of server names to measure (default: all)")
     ap.add_argument("--out", default="benchmarks/results/serve-cpu.json")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="leanlm-serve-bench-"))
@@ -230,7 +233,7 @@ def main() -> None:
               "cpus": os.cpu_count()}
     if "servers" not in skip:
         paths = prepare(work, args.model)
-        report["servers"] = measure_servers(paths, args.peers.split(","), levels, args.requests, work)
+        report["servers"] = measure_servers(paths, args.peers.split(","), levels, args.requests, work, args.only)
     if "overhead" not in skip:
         report["overhead"] = http_overhead(args.model, work)
         print(f"\nHTTP overhead at concurrency 1: {report['overhead']}")

@@ -53,7 +53,7 @@ async def _one(client, model: str, req: dict, record: list) -> None:
     import openai
 
     start = time.perf_counter()
-    times, tokens, status = [], 0, 200
+    times, tokens, status = [], None, 200
     try:
         stream = await client.chat.completions.create(model=model, stream=True, temperature=0.0,
                                                       stream_options={"include_usage": True}, **req)
@@ -66,7 +66,9 @@ async def _one(client, model: str, req: dict, record: list) -> None:
         status = err.status_code
     except openai.APIConnectionError:
         status = 0  # no HTTP answer at all
-    record.append({"status": status, "start": start, "end": time.perf_counter(), "times": times, "tokens": tokens})
+    # a server that sends no usage (llama_cpp.server ignores include_usage): one content chunk per token
+    record.append({"status": status, "start": start, "end": time.perf_counter(), "times": times,
+                   "tokens": tokens if tokens is not None else len(times)})
 
 
 async def _level(url: str, model: str, api_key: str, work: list[dict], concurrency: int, timeout: float) -> dict:

@@ -120,12 +120,11 @@ def build_engine(model: str, cfg: ServeConfig, metrics, prefix: bool):
     from leanlm.serve.batch_engine import BatchEngine
     from leanlm.serve.prefix_cache import PrefixCache
 
-    loaded = load_model(model, cfg.device)
-    engine = BatchEngine(loaded, max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
+    engine = BatchEngine(lambda: load_model(model, cfg.device), max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
                          prefill_chunk=cfg.prefill_chunk, on_step=metrics.step,
                          prefix_cache=PrefixCache(budget_bytes=cfg.prefix_cache_mb << 20) if prefix else None)
     _check_kv_memory(engine)
-    return engine, loaded.path
+    return engine, engine.loaded.path
 
 
 def build_service(model: str | None, cfg: ServeConfig, metrics):
