@@ -180,7 +180,7 @@ def test_bad_cache_settings_fail_before_serving(chat_model, tmp_path):
     (corrupt / "responses.sqlite").write_bytes(b"this is not a database" * 100)
     cases = [(["--cache", "exact", "--cache-dir", str(corrupt)], "responses.sqlite is corrupt"),
              (["--cache", "exact", "--cache-store", f"redis://127.0.0.1:{free_port()}/0"], "cannot be reached"),
-             (["--cache", "exact,everything"], "unknown tier; the tiers are exact, prefix"),
+             (["--cache", "exact,everything"], "unknown tier; the tiers are exact, semantic, prefix"),
              (["--cache", "exact", "--cache-dir", "/proc/leanlm-cache"], "is not writable")]
     for extra, says in cases:
         run = subprocess.run([sys.executable, "-m", "leanlm", "serve", str(chat_model), "--port", str(free_port()),
