@@ -55,4 +55,5 @@ COMMANDS: dict[str, str] = {
     "serve": "leanlm.cli.serve",
     "loadtest": "leanlm.cli.loadtest",
     "cache": "leanlm.cli.cache",
+    "data": "leanlm.cli.data",
 }
