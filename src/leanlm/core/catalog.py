@@ -56,4 +56,5 @@ COMMANDS: dict[str, str] = {
     "loadtest": "leanlm.cli.loadtest",
     "cache": "leanlm.cli.cache",
     "data": "leanlm.cli.data",
+    "prompt": "leanlm.cli.prompt",
 }
