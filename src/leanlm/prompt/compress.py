@@ -3,7 +3,8 @@
 Each token's information is its surprisal under the model (-log p(token | the question and the text before
 it)), scored in windows; a word's is the mean over its tokens. Words the question names, and words in the
 sentences that share most with the question, score higher (LongLLMLingua's question-aware idea, made
-lexical so it costs no second pass). Protected spans (numbers, names, quoted strings, code, URLs) are kept whole
+lexical so it costs no second pass), and the sentences sharing most with the question are kept whole,
+within half the budget. Protected spans (numbers, names, quoted strings, code, URLs) are kept whole
 and dropped, whole, only when nothing else is left to drop. Words go least informative first until the re-tokenized prompt fits the budget."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _WINDOW = 1024        # tokens scored per forward pass; longer prompts are score
 _NAMED = 6.0          # nats added to a word the question names: above nearly every unnamed word
 _TOPICAL = 2.0        # nats added, scaled by its sentence's share of the question's words
 _TOLERANCE = 0.02     # the budget is met within 2% of the requested tokens
+_INTACT = 0.5         # share of the budget for the sentences most relevant to the question, kept whole
 _REFILL = 200         # dropped units considered for putting back into the room an overshoot left
 _STOP = frozenset("a an the and or but if of to in on at by for with from as is are was were be been it its "
                   "this that these those what which who how when where why do does did can could should would "
@@ -73,7 +75,8 @@ def compress(prompt: str, budget: float, question: str | None = None, model=None
     target = target_tokens(budget, total)
     us = compress_ops.units(prompt)
     scores, costs = _unit_scores(loaded, prompt, question, us, scorer_blocks)
-    keep, warnings = _fit(tok, prompt, us, scores, costs, target)
+    intact = _relevant_sentences(us, costs, _stems(question or ""), _INTACT * target)
+    keep, warnings = _fit(tok, prompt, us, scores, costs, target, intact)
     text = compress_ops.render(prompt, us, keep)
     after = _count(tok, text)
     unspaced = sum(u.unspaced for u in us)
@@ -116,6 +119,27 @@ def _unit_scores(loaded, prompt: str, question: str | None, us, blocks) -> tuple
             for i in sent:
                 scores[i] += _TOPICAL * share + (_NAMED if _stem(us[i].word) in named else 0.0)
     return scores, counts
+
+
+def _relevant_sentences(us, costs, named: set[str], room: float) -> set[int]:
+    """Units of the sentences that share most with the question, kept intact while they fit in `room` tokens
+    (LongLLMLingua's coarse step): a sentence that answers the question is worth more whole than any word
+    elsewhere, and losing words from it breaks the very sequence a reader copies the answer from."""
+    if not named:
+        return set()
+    ranked = []
+    for sent in compress_ops.sentences(us):
+        share = len({_stem(us[i].word) for i in sent} & named) / len(named)
+        if share > 0:
+            ranked.append((-share, sent[0], sent))
+    keep: set[int] = set()
+    used = 0
+    for _, _, sent in sorted(ranked):
+        cost = sum(costs[i] for i in sent)
+        if used + cost <= room:
+            keep.update(sent)
+            used += cost
+    return keep
 
 
 def _token_surprisal(loaded, prompt: str, question: str | None) -> tuple[list[float], list[tuple[int, int]]]:
@@ -164,11 +188,11 @@ def _first_blocks(model, count: int | None):
         setattr(parent, child, st.blocks)
 
 
-def _fit(tok, prompt, us, scores, costs, target) -> tuple[list[bool], list[str]]:
+def _fit(tok, prompt, us, scores, costs, target, intact: set[int]) -> tuple[list[bool], list[str]]:
     """Drop the least informative units until the re-tokenized text fits `target`: a first guess from each
     unit's own token count, then a binary search on the real count (merges across a dropped word's
     neighbours change it by a token here and there)."""
-    order = compress_ops.order_to_drop(scores, us)
+    order = compress_ops.order_to_drop(scores, us, intact)
 
     def kept(m: int) -> list[bool]:
         keep = [True] * len(us)

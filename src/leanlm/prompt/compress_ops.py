@@ -74,11 +74,12 @@ def sentences(us: list[Unit]) -> list[list[int]]:
     return groups
 
 
-def order_to_drop(scores: list[float], us: list[Unit]) -> list[int]:
+def order_to_drop(scores: list[float], us: list[Unit], intact: set[int] = frozenset()) -> list[int]:
     """Positions of droppable units: ordinary words least informative first (ties: later first), then whole
-    protected spans the same way; text without spaces is never dropped."""
+    protected spans, then the same two for the sentences to keep `intact` (the sentence that answers the
+    question outranks a number elsewhere); text without spaces is never dropped."""
     droppable = [i for i, u in enumerate(us) if not u.unspaced]
-    return sorted(droppable, key=lambda i: (us[i].protected, scores[i], -i))
+    return sorted(droppable, key=lambda i: (i in intact, us[i].protected, scores[i], -i))
 
 
 def render(text: str, us: list[Unit], keep: list[bool]) -> str:
