@@ -160,11 +160,15 @@ def _eval_ngrams(cfg) -> set[str]:
 
 def _records(files, v: Verdicts, wanted: set[int], progress: bool, desc: str):
     """(gid, record) for the `wanted` records only; the others are framed but not parsed."""
+    by_file: dict[int, set[int]] = {}
+    for g in wanted:  # one pass over the wanted ids, not one per file
+        fileno, index = v.place(g)
+        by_file.setdefault(fileno, set()).add(index)
     for fileno, (path, _) in enumerate(files):
-        base = v.starts[fileno]
-        local = {g - base for g in wanted if base <= g < base + _count(v, fileno)}
+        local = by_file.get(fileno)
         if not local:
             continue
+        base = v.starts[fileno]
         for index, rec in tqdm(read_records(path, local), desc=f"{desc} {path.name}", unit=" rec",
                                disable=not progress, leave=False):
             if rec is not None:
@@ -257,8 +261,7 @@ def _decide_conflicts(groups, pairs, prompted, cfg, v: Verdicts) -> None:
         clusters = conflict_ops.answer_clusters([prompted[g][1] for g in grp])
         if len(clusters) < 2:
             continue
-        found += 1
-        _resolve(grp, clusters, [sum(votes.get(grp[i], 1) for i in c) for c in clusters], cfg.policy, v)
+        found += _resolve(grp, clusters, [sum(votes.get(grp[i], 1) for i in c) for c in clusters], cfg.policy, v)
     v.stats["conflict_groups"] = found
 
 
@@ -275,15 +278,16 @@ def _duplicate_votes(v: Verdicts) -> dict[int, int]:
     return votes
 
 
-def _resolve(grp: list[int], clusters: list[list[int]], weights: list[int], policy: str, v: Verdicts) -> None:
-    """Apply the policy to the group's records that are still kept (its near-duplicates are already gone)."""
+def _resolve(grp: list[int], clusters: list[list[int]], weights: list[int], policy: str, v: Verdicts) -> bool:
+    """Apply the policy to the group's records that are still kept (its near-duplicates are already gone);
+    False when nothing kept takes part in the contradiction."""
     kept = [[grp[i] for i in c if grp[i] not in v.removed] for c in clusters]
-    if sum(bool(k) for k in kept) < 2 and policy == "flag":
-        return  # the contradiction is only among copies already removed: nothing kept disagrees
+    if sum(bool(k) for k in kept) < 2 and (policy == "flag" or not any(kept)):
+        return False  # the contradiction is only among copies already removed: nothing kept disagrees
     sizes = sorted(weights, reverse=True)
     if policy == "flag":
         v.flagged.append([g for k in kept for g in k])
-        return
+        return True
     if policy == "majority" and sizes[0] > sizes[1]:
         win = weights.index(sizes[0])
         of = kept[win][0] if kept[win] else v.removed[grp[clusters[win][0]]][1]
@@ -291,10 +295,11 @@ def _resolve(grp: list[int], clusters: list[list[int]], weights: list[int], poli
             if c != win:
                 for g in k:
                     v.removed[g] = ("conflict", of)
-        return
+        return True
     for k in kept:  # `drop`, or a majority tie: no answer can be trusted over another
         for g in k:
             v.removed[g] = ("conflict", None)
+    return True
 
 
 def _write(files, cfg: CleanConfig, v: Verdicts, pool: Workers, tmp: Path, progress: bool) -> dict:
