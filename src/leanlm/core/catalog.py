@@ -26,6 +26,7 @@ STEPS: dict[str, str] = {
     "finetune": "leanlm.finetune.finetune",
     "distill": "leanlm.distill.distill",
     "cast": "leanlm.cast.cast",
+    "lowrank": "leanlm.lowrank.lowrank",
 }
 
 # runtime module scheme (as written in a leanlm checkpoint's leanlm.json) -> the module that registers it
@@ -37,6 +38,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "norm_then_rotate": "leanlm.sparsify.rotated_norm",
     "moe_ffn": "leanlm.sparsify.moe_ffn",
     "sparse_2of4": "leanlm.sparsify.sparse24",
+    "low_rank": "leanlm.lowrank.lowrank_linear",
 }
 
 # `leanlm COMMAND` -> the module with its add_parser(subparsers) and run(args)

@@ -21,9 +21,10 @@ from typing import Any
 from leanlm.errors import ConfigError
 
 # The canonical order a searched recipe's steps run in: structure first (it changes what later steps see),
+# then low-rank factorization (it reshapes linears; the factors are what later steps calibrate on),
 # healing right after the damage it repairs, sparsity before quantization (a quantizer calibrates on the
 # sparse model), and the runtime's own format last.
-STAGES = ("structure", "heal", "weight_sparsity", "act_sparsity", "quantize", "export")
+STAGES = ("structure", "lowrank", "heal", "weight_sparsity", "act_sparsity", "quantize", "export")
 # a stage whose steps only repair what an earlier stage did: searched only when that stage has a step
 REPAIRS = {"heal": "structure"}
 

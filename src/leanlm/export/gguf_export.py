@@ -69,6 +69,9 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: Path, weight_type: str = 
     `importance` (layer name -> per-input-column weights) steers the K-quants' scale search."""
     config = model.config
     target = _target(config)
+    refusals = {getattr(m, "gguf_refusal", None) for m in model.modules()} - {None}
+    if refusals:  # a module that says llama.cpp cannot run it: refuse before writing anything
+        raise UnsupportedModelError(f"GGUF export: {'; '.join(sorted(refusals))}")
     factors = _rope_factors(config, target)
     for name, choice in (("weight type", weight_type), ("embeddings type", embeddings)):
         if choice not in WEIGHT_TYPES or (name == "embeddings type" and choice == "auto"):

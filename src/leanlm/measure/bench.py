@@ -32,6 +32,7 @@ class BenchConfig(Validated):
     repeats: int = 5
     warmup: int = 1
     compile: bool = False  # decode through core.compiled_decode (static cache, torch.compile; CUDA graphs on GPU)
+    prepack: bool = False  # float32 CPU linears through oneDNN with prepacked weights (runtime.onednn_linear)
 
     def validate(self) -> None:
         sizes = {"prompt_tokens": self.prompt_tokens, "decode_prompt_tokens": self.decode_prompt_tokens,
@@ -119,6 +120,18 @@ def time_decode(decoder, ids: torch.Tensor, cfg: BenchConfig, device) -> float:
     return statistics.median(times)
 
 
+def prepack(model) -> int:
+    """Prepack the float32 CPU linears in place (once; a model already packed is left as it is)."""
+    from leanlm.runtime.onednn_linear import PackedLinear, pack_linears
+
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        return 0
+    try:
+        return pack_linears(model)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--prepack: {e}") from None
+
+
 def _quant_kernels(device: torch.device) -> str:
     from leanlm.kernels import kernel_status
 
@@ -130,6 +143,8 @@ def benchmark(loaded, cfg: BenchConfig | None = None, seed: int = 0) -> dict:
     check_loaded(loaded, "benchmark")
     cfg = cfg or BenchConfig()
     model, device = loaded.model, loaded.device
+    if cfg.prepack:
+        prepack(model)
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, cfg.prompt_tokens), generator=gen).to(device)
