@@ -60,7 +60,6 @@ class DraftModel:
 
     def start(self, prompt: list[int]) -> None:
         self._cache, self._seen = new_cache(self.model), []
-        self._last = None
 
     def _sync(self, context: list[int]) -> torch.Tensor:
         """Bring the draft's cache to `context` (dropping what the target rejected); the logits after it."""
