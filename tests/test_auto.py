@@ -92,6 +92,63 @@ def test_a_new_step_type_joins_the_search_with_no_change_to_auto(monkeypatch, re
     assert load_recipe(tmp_path / "out" / "best" / "recipe.yaml").steps[0].type == "toy_mantissa"
 
 
+def test_a_recipe_maps_onto_the_space_and_its_neighbours_are_one_move_away():
+    from leanlm.auto.moves import neighbors, params_of, resolve
+    from leanlm.auto.space import canonical
+
+    space = build_space()
+    steps = [s.to_dict() for s in load_recipe("default").steps]
+    params = params_of(space, steps)
+    used, back, export = resolve(space, params)
+    assert used == params and canonical(back, export) == canonical(steps, {})
+    # two quantize steps (int4 body, int8 head) is not one candidate of this space: no parameters, no guess
+    assert params_of(space, [s.to_dict() for s in load_recipe("w4-g64-gptq-head8").steps]) is None
+    assert params_of(space, [{"type": "rtn", "bits": 8, "search_steps": 7}]) is None  # a field the space fixes otherwise
+    moves = neighbors(space, params)
+    words = [w for _, _, w in moves]
+    assert "rtn.skip: ['lm_head'] -> []" in words and "quantize: rtn -> gptq" in words
+    assert words.index("rtn.skip: ['lm_head'] -> []") < words.index("quantize: rtn -> gptq")  # fields first
+    for moved, key, _ in moves:
+        changed = {k for k in set(moved) | set(params) if moved.get(k) != params.get(k)}
+        stages = [k for k in changed if k.startswith("stage.") and k != "stage.heal"]  # heal follows structure
+        # a field move changes that field alone; a stage move changes the stage and its types' own fields
+        assert len(changed) == 1 or (len(stages) == 1 and all(
+            k.startswith("stage.") or k.split(".")[0] in (params[stages[0]], moved[stages[0]]) for k in changed))
+        assert key != canonical(steps, {})
+    assert len({key for _, key, _ in moves}) == len(moves)
+
+
+def test_the_planner_alternates_moves_from_the_best_with_seeds():
+    from leanlm.auto.planner import Planner
+    from leanlm.auto.space import canonical
+
+    space = build_space(families=["quantize"])
+    planner = Planner(space, "decode_tps")
+    default = [s.to_dict() for s in load_recipe("default").steps]
+    results = [{"number": -1, "name": "recipe default", "status": "ok", "steps": default, "export": {},
+                "fidelity": 16, "violation": -0.9, "objective": 20.0},
+               {"number": 0, "name": "over budget", "status": "ok", "steps": [{"type": "rtn", "bits": 4}],
+                "export": {}, "fidelity": 16, "violation": 0.5, "objective": 30.0}]
+    seen = {canonical(default, {}): results[0]}
+    first, origin = planner.next(results, seen)
+    assert origin.startswith("move from #-1 (recipe default): rtn.bits")
+    second, origin = planner.next(results, seen)
+    assert origin.startswith("seed")
+    origins = [planner.next(results, seen) for _ in range(60)]
+    moves = [o[1] for o in origins if o and o[1].startswith("move")]
+    assert any("rtn.skip" in m for m in moves)
+    assert origins[-1] is None  # moves and seeds spent: the sampler proposes
+    # a better result within the budget becomes the incumbent whose neighbours come first
+    better = {**results[0], "number": 7, "name": "head too", "objective": 25.0,
+              "steps": [{**default[0], "skip": []}]}
+    assert planner.next([*results, better], seen)[1].startswith("move from #7")
+    # within the estimates' resolution of the best, the cheapest incumbent is refined first
+    costly = {**better, "number": 8, "name": "costly", "objective": 25.5, "seconds": 200.0,
+              "steps": [{"type": "gptq", "bits": 8, "group_size": None, "symmetric": True}]}
+    ranked = planner.incumbents([*results, {**better, "seconds": 20.0}, costly])
+    assert [r["number"] for r in ranked] == [7, 8, -1]
+
+
 def test_narrowing_the_space_and_its_errors(tmp_path):
     space = build_space(families=["quantize"], fixes=["steps.quantize=rtn", "steps.rtn.bits=4"])
     assert space.forced["quantize"] == "rtn"
@@ -122,6 +179,8 @@ def test_auto_finds_a_model_within_budget_and_writes_its_evidence(wide_dir, tmp_
     assert {"report.md", "report.html", "trials.jsonl", "search.json", "best"} <= {p.name for p in out.iterdir()}
     rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert len(rows) == len(report["results"]) >= 8 and any(r["name"] == "recipe default" for r in rows)
+    # the search refines the reference recipe it is judged against, one move at a time
+    assert any(r.get("origin", "").startswith("move from #-1 (recipe default)") for r in rows)
     chosen = next(r for r in rows if r["number"] == report["chosen"])
     assert chosen["final"]["violation"] <= 0 and chosen["final"]["quality"]["kld"] <= 0.05
     # best/ is what `leanlm optimize` writes, and its model loads back with the quality it was chosen for

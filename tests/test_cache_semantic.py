@@ -102,6 +102,23 @@ def test_the_tier_serves_verified_paraphrases_only_in_their_own_conversation(emb
     assert ask("How do I convert a string to an int?") is None  # cosine 0.99, still refused
 
 
+def test_a_tier_refreshes_from_its_store_reading_only_the_entries_it_lacks(embedder, tmp_path):
+    from leanlm.cache.semantic import SemanticTier
+    from leanlm.cache.sqlite_store import SQLiteStore
+
+    def request(question):
+        return {"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": question}]}
+
+    writer = SemanticTier(SQLiteStore(tmp_path), embedder=embedder)
+    store = SQLiteStore(tmp_path)  # a second server on the same cache directory
+    reader = SemanticTier(store, embedder=embedder, refresh_s=0)
+    assert reader.lookup("t", "fp", request("How do I reset my password?")) is None
+    writer.remember("t", "fp", request("How do I reset my password?"), b'{"a": 1}', {}, None)
+    assert reader.lookup("t", "fp", request("how do I reset my  password?")) is not None  # same words
+    keys = [key for key, _, _ in store.entries("t", "fp", "semantic")]
+    assert len(keys) == 1 and store.entries("t", "fp", "semantic", skip=set(keys)) == []
+
+
 def test_calibrate_and_eval_commands(tmp_path):
     rows = [json.loads(line) for line in open(PAIRS)]
     subset = tmp_path / "pairs.jsonl"

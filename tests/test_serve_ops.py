@@ -200,3 +200,28 @@ def test_the_llama_cpp_backend_serves_a_gguf_export(chat_model, tmp_path):
     finally:
         srv.stop()
         local.stop()
+
+
+def test_prepacked_linears_answer_as_eager_ones_do_and_on_refuses_nothing_to_pack(small, chat_model, tmp_path):
+    # `small` runs with the default --prepack auto (its float32 linears packed for oneDNN); this one without
+    eager = Server([str(chat_model), "--served-model-name", "tiny", "--prepack", "off"], tmp_path / "eager.log")
+    try:
+        for question in ("Explain lists.", "What is a tuple?", "Sort a dict by value."):
+            req = {**body(8), "messages": [{"role": "user", "content": question}], "logprobs": True}
+            a = httpx.post(f"{small.url}/v1/chat/completions", json=req, timeout=60).json()["choices"][0]
+            b = httpx.post(f"{eager.url}/v1/chat/completions", json=req, timeout=60).json()["choices"][0]
+            assert a["message"]["content"] == b["message"]["content"]
+            for x, y in zip(a["logprobs"]["content"], b["logprobs"]["content"]):
+                assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-3)
+    finally:
+        eager.stop()
+    from leanlm.models.load import load_model
+    from leanlm.models.save import save_model
+    from leanlm.quantize.rtn import RTNConfig, quantize_rtn
+
+    loaded = load_model(chat_model, device="cpu")
+    quantize_rtn(loaded.model, RTNConfig(bits=8, skip=[]))  # every linear int8, the LM head too
+    save_model(loaded.model, loaded.tokenizer, tmp_path / "int8")
+    run = subprocess.run([sys.executable, "-m", "leanlm", "serve", str(tmp_path / "int8"), "--prepack", "on",
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "--prepack on: nothing to prepack" in run.stderr and "no float32" in run.stderr

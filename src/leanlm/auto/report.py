@@ -60,11 +60,11 @@ def table_rows(report: dict) -> list[list[str]]:
         else:
             status = "within budget" + (" (chosen)" if r["number"] == report["chosen"] else "")
         rows.append([str(r["number"]), r["name"] or "-", r["families"], _fmt(value), _fmt(objective), _fmt(size),
-                     final, status])
+                     final, status, r.get("origin") or "-"])
     return rows
 
 
-HEAD = ["#", "candidate", "families", "quality", "objective", "size MiB", "measured on", "status"]
+HEAD = ["#", "candidate", "families", "quality", "objective", "size MiB", "measured on", "status", "found as"]
 
 
 def render_markdown(report: dict) -> str:
@@ -83,6 +83,8 @@ def render_markdown(report: dict) -> str:
                   f"{unit} ({_ratio(final['objective'], base['objective'])} the original), "
                   + ", ".join(f"{k} {_fmt(final['quality'].get(k))}" for k in ("kld", "top1", "perplexity")
                               if k in final["quality"]) + ". `best/` holds its model, recipe and report."]
+        if chosen.get("origin"):
+            lines.append(f"It was found as: {chosen['origin']}.")
     else:
         lines += ["", "**No candidate met the budget**; no `best/` was written."]
     if chosen and report["baseline"]["objective"] is not None and not _improves(report, chosen):

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from leanlm.auto.budget import OBJECTIVES, Constraint, better, check_objective, parse_budget
 from leanlm.auto.executors import make_executor
 from leanlm.auto.finalists import finish
-from leanlm.auto.space import NONE, SearchSpace, build_space, describe_candidate
+from leanlm.auto.planner import Planner
+from leanlm.auto.space import NONE, SearchSpace, build_space, canonical, describe_candidate
 from leanlm.auto.trial import Candidate, SearchJob
 from leanlm.core.paths import check_output
 from leanlm.errors import ConfigError, LeanLMError
@@ -126,6 +127,8 @@ def _search(job, search_space, state, settings, seconds, out, overwrite, compare
                           f"baseline took {baseline['seconds']:.0f}s, one trial takes about "
                           f"{baseline['trial_estimate_s']:.0f}s and measuring the finalists about "
                           f"{baseline['reserve_s']:.0f}s; give at least {needed / 60:.1f} min")
+    if job.runtime == "leanlm":  # quick estimates are scaled to the original's fresh-process speed
+        job.anchor = {k: v for k, v in baseline["baseline"].speed.items() if k.endswith("_tps") or k == "decode_tps_batch"}
     executor = make_executor(job, jobs, ray)
     try:
         references = [c for c in reference_candidates(compare, job.runtime) if c.name not in state.done_names()]
@@ -144,10 +147,12 @@ def reference_candidates(compare, runtime: str) -> list[Candidate]:
     out = []
     for i, name in enumerate(compare):
         recipe = load_recipe(name)
-        out.append(Candidate(-(i + 1), [s.to_dict() for s in recipe.steps], {}, f"recipe {name}", full=True))
+        out.append(Candidate(-(i + 1), [s.to_dict() for s in recipe.steps], {}, f"recipe {name}", full=True,
+                             origin="reference recipe (--compare)"))
     if runtime == "llama.cpp":
         for j, kind in enumerate(("q8_0", "q4_0", "q4_k")):
-            out.append(Candidate(-(len(out) + 1), [], {"weight_type": kind}, f"llama.cpp {kind.upper()}", full=True))
+            out.append(Candidate(-(len(out) + 1), [], {"weight_type": kind}, f"llama.cpp {kind.upper()}", full=True,
+                             origin="llama.cpp's own type (reference)"))
     return out
 
 
@@ -174,6 +179,7 @@ def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob,
     import optuna
 
     study = state.study(job, seed, space)
+    planner = Planner(space, job.objective)
     deadline = time.monotonic() + seconds - state.elapsed() - reserve
     started = time.monotonic()
     pending: dict = {}
@@ -185,7 +191,7 @@ def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob,
             room = len(pending) < executor.slots
             more = max_trials is None or searched + len(pending) < max_trials
             if room and more and left > state.typical_trial_seconds():
-                cand, trial = next_candidate(study, space, state, left)
+                cand, trial = next_candidate(study, space, state, left, planner)
                 if cand is not None:
                     pending[executor.submit(cand)] = (cand, trial)
                     continue
@@ -208,18 +214,25 @@ def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob,
         bar.close()
 
 
-def next_candidate(study, space: SearchSpace, state: SearchState, left: float):
+def next_candidate(study, space: SearchSpace, state: SearchState, left: float, planner: Planner):
     import optuna
 
     for _ in range(20):  # a candidate seen before is answered from its result, not run again
+        # trials that were running when a search stopped are waiting in the study: asked first, as they were
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        plan = None if waiting else planner.next(state.results, state.by_key)
+        if plan is not None:
+            study.enqueue_trial(plan[0], skip_if_exists=False)
         trial = study.ask()
+        origin = plan[1] if plan else ("resumed" if waiting else "sampler (TPE)")
         steps, export = space.suggest(trial)
         if state.typical_trial_seconds() + training_seconds(steps) > left:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # its training alone would overrun the limit
             continue
         seen = state.by_key.get(candidate_key(steps, export))
         if seen is None:
-            cand = Candidate(trial.number, steps, export, describe_candidate(steps, export), state.front())
+            cand = Candidate(trial.number, steps, export, describe_candidate(steps, export), state.front(),
+                             origin=origin)
             return cand, trial
         state.tell(study, trial, seen)
     return None, None
@@ -232,15 +245,7 @@ def training_seconds(steps: list[dict]) -> float:
 
 def candidate_key(steps: list[dict], export: dict) -> str:
     """Steps with every default filled in, so the same recipe written two ways is run once."""
-    from leanlm.core.step import parse_step
-
-    full = []
-    for i, step in enumerate(steps):
-        try:
-            full.append(parse_step(step, f"steps[{i}]").to_dict())
-        except LeanLMError:
-            full.append(step)
-    return json.dumps([full, export], sort_keys=True, default=str)
+    return canonical(steps, export)
 
 
 @contextmanager
@@ -309,9 +314,6 @@ class SearchState:
             sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
         study = optuna.create_study(study_name="leanlm-auto", storage=f"sqlite:///{self.work / 'study.db'}",
                                     directions=directions, sampler=sampler, load_if_exists=True)
-        if not study.trials:
-            for params in space.seeds():
-                study.enqueue_trial(params, skip_if_exists=True)
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # in flight when the last run stopped: asked again first, so only its time is lost
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)

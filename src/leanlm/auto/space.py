@@ -145,6 +145,20 @@ def _seed_value(rng: Range, default: Any) -> Any:
     return int(round(mid)) if rng.integer else round(mid, 6)
 
 
+def canonical(steps: list[dict], export: dict) -> str:
+    """Steps with every default filled in, so the same recipe written two ways is one candidate."""
+    from leanlm.core.step import parse_step
+    from leanlm.errors import LeanLMError
+
+    full = []
+    for i, step in enumerate(steps):
+        try:
+            full.append(parse_step(step, f"steps[{i}]").to_dict())
+        except LeanLMError:
+            full.append(step)
+    return json.dumps([full, export], sort_keys=True, default=str)
+
+
 def suggest_value(trial, name: str, rng: Range) -> Any:
     if isinstance(rng, Choice):
         if len(rng.values) == 1:

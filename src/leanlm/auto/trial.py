@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import tempfile
 import time
 import traceback
@@ -42,6 +43,9 @@ from leanlm.pipeline.optimize import apply_recipe
 from leanlm.pipeline.recipe import parse_recipe
 
 QUICK_BENCH = BenchConfig(prompt_tokens=128, decode_prompt_tokens=32, new_tokens=16, batch=4, repeats=3, warmup=1)
+# candidate and original in turns (see TrialRunner._speed): a short run each, three rounds
+PAIRED_BENCH = BenchConfig(prompt_tokens=128, decode_prompt_tokens=32, new_tokens=24, batch=4, repeats=1, warmup=1)
+PAIRED_ROUNDS = 3
 PREFIX_MODELS = 2  # models kept after a shared prefix of steps (each as large as the original)
 
 
@@ -64,6 +68,9 @@ class SearchJob:
     threads: int | None = None
     bench: dict = field(default_factory=dict)  # BenchConfig fields for the baseline's and finalists' benchmarks
     slack: float = 0.25  # a cheap estimate this far outside the budget may still be within it on more text
+    # the original's speed from its fresh-process benchmark: a quick estimate is the candidate's speed as a
+    # ratio to the original's, measured right after it in the same worker, times this (see TrialRunner._speed)
+    anchor: dict | None = None
 
 
 @dataclass
@@ -74,6 +81,7 @@ class Candidate:
     name: str = ""
     front: list[tuple[float, float]] = field(default_factory=list)  # (violation, objective) of full trials
     full: bool = False  # a reference recipe: always measured in full
+    origin: str = ""  # how the search came to it: a seed, a move from an incumbent, the sampler
 
 
 def search_split(text: str, share: float = 0.1) -> tuple[str, str]:
@@ -117,7 +125,7 @@ class TrialRunner:
         except Exception as err:  # noqa: BLE001 - one broken trial must not end a search; its error is kept
             out = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                    "traceback": traceback.format_exc(limit=6)}
-        out.update(number=cand.number, steps=cand.steps, export=cand.export, name=cand.name,
+        out.update(number=cand.number, steps=cand.steps, export=cand.export, name=cand.name, origin=cand.origin,
                    seconds=time.perf_counter() - start, reference_perplexity=self.reference.perplexity,
                    worker=f"{socket.gethostname()}:{os.getpid()}")
         gc.collect()
@@ -215,7 +223,30 @@ class TrialRunner:
             speed = bench_llamacpp(target, cfg.prompt_tokens, cfg.decode_prompt_tokens, cfg.new_tokens, cfg.repeats,
                                    cfg.warmup)
             return {**speed, "peak_mem_bytes": speed["disk_bytes"], "decode_tps_batch": speed["decode_tps"]}
-        model, device = loaded.model, loaded.device
+        model = loaded.model
+        size = dir_size(target) if target.exists() else module_bytes(model)
+        # resident weights estimate the peak; the finalists' peak is measured in a fresh process
+        sizes = {"disk_bytes": size, "peak_mem_bytes": size}
+        if self.job.objective in ("size", "peak_mem"):
+            return sizes
+        if not self.job.anchor:
+            return {**self._quick_speed(model, loaded.device, QUICK_BENCH), **sizes}
+        # the machine is shared: its speed drifts over a search far more than within a few seconds. So the
+        # candidate and the original take turns, a short run each, and the estimate is the median of the
+        # rounds' ratios times the original's fresh-process speed: comparable with every other trial's
+        rounds = []
+        for _ in range(PAIRED_ROUNDS):
+            own = self._quick_speed(model, loaded.device, PAIRED_BENCH)
+            base = self._quick_speed(self.base.model, loaded.device, PAIRED_BENCH)
+            rounds.append({k: own[k] / base[k] for k in own if base.get(k)})
+        speed = {}
+        for key in rounds[0]:
+            speed[f"{key}_ratio"] = statistics.median(r[key] for r in rounds)
+            if self.job.anchor.get(key):
+                speed[key] = speed[f"{key}_ratio"] * self.job.anchor[key]
+        return {**speed, **sizes}
+
+    def _quick_speed(self, model, device, cfg: BenchConfig) -> dict:
         vocab = model.get_input_embeddings().num_embeddings
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, vocab, (1, cfg.prompt_tokens), generator=gen).to(device)
@@ -225,9 +256,7 @@ class TrialRunner:
                  "decode_tps": cfg.new_tokens / time_decode(decoder, short[:1], cfg, device)}
         if self.job.objective == "cost":
             speed["decode_tps_batch"] = cfg.batch * cfg.new_tokens / time_decode(decoder, short, cfg, device)
-        size = dir_size(target) if target.exists() else module_bytes(model)
-        # resident weights estimate the peak; the finalists' peak is measured in a fresh process
-        return {**speed, "disk_bytes": size, "peak_mem_bytes": size}
+        return speed
 
     def violation(self, quality: dict, partial: bool = False) -> float:
         """The worst budget miss, relative to each bound (<= 0: every budget met); `partial` leaves out what

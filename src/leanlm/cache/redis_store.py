@@ -91,12 +91,16 @@ class RedisStore:
             for key, _ in self.client.zpopmin(self._k("lru"), over):
                 self.client.delete(self._k("e", key.decode()))
 
-    def entries(self, tenant: str, model: str, tier: str) -> list[tuple[str, bytes, dict]]:
+    def entries(self, tenant: str, model: str, tier: str, skip: set[str] | frozenset = frozenset()
+                ) -> list[tuple[str, bytes, dict]]:
+        """Every live entry of one tenant, model and tier whose key is not in `skip` (only those are read)."""
         def read():
             out = []
             index = self._k("i", tenant, model, tier)
             for raw in self.client.smembers(index):
                 key = raw.decode()
+                if key in skip:
+                    continue
                 data = self.client.hgetall(self._k("e", key))
                 if not data:
                     self.client.srem(index, key)  # expired or evicted

@@ -69,22 +69,40 @@ class Embedder:
         with self._lock:
             return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
 
+    def question(self, text: str) -> np.ndarray:
+        """`text`'s normalized sentence embedding; the same forward pass caches its content tokens, which the
+        verifier aligns when this question meets a candidate."""
+        return self._forward([text])[text]
+
+    def prefetch(self, texts: list[str]) -> None:
+        """The content tokens of every text not cached yet, in one batched forward pass (a lookup verifies
+        several candidates: one pass for all of them, not one each)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._tokens]
+        if missing:
+            self._forward(missing)
+
     def tokens(self, text: str) -> np.ndarray:
         """Normalized contextual embeddings of `text`'s content tokens (word pieces that are not stop words)."""
-        if text in self._tokens:
-            return self._tokens[text]
+        if text not in self._tokens:
+            self._forward([text])
+        return self._tokens[text]
+
+    def _forward(self, texts: list[str]) -> dict[str, np.ndarray]:
         with self._lock:
-            out = self.model.encode([text], output_value="token_embeddings", convert_to_numpy=False,
-                                    show_progress_bar=False)[0]
-        pieces = self.model.tokenizer.convert_ids_to_tokens(self.model.tokenizer(text)["input_ids"])
-        keep = [i for i, w in enumerate(pieces[: len(out)]) if w not in ("[CLS]", "[SEP]")
-                and w.strip("#").isalnum() and w.lower().strip("#") not in guards_ops.STOP]
-        vectors = out.float().numpy()[keep]
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+            outs = self.model.encode(texts, output_value=None, convert_to_numpy=False, show_progress_bar=False)
         if len(self._tokens) > 20_000:
             self._tokens.clear()
-        self._tokens[text] = vectors
-        return vectors
+        sentences = {}
+        for text, out in zip(texts, outs):
+            vectors = out["token_embeddings"][out["attention_mask"].bool()].float().numpy()
+            pieces = self.model.tokenizer.convert_ids_to_tokens(self.model.tokenizer(text)["input_ids"])
+            keep = [i for i, w in enumerate(pieces[: len(vectors)]) if w not in ("[CLS]", "[SEP]")
+                    and w.strip("#").isalnum() and w.lower().strip("#") not in guards_ops.STOP]
+            vectors = vectors[keep]
+            self._tokens[text] = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+            sentence = out["sentence_embedding"].float().numpy()
+            sentences[text] = sentence / max(float(np.linalg.norm(sentence)), 1e-9)
+        return sentences
 
     def words(self, words: list[str]) -> dict[str, np.ndarray]:
         missing = [w for w in dict.fromkeys(words) if w not in self._words]
@@ -182,7 +200,7 @@ class SemanticTier:
         now = time.monotonic()
         if now - self._synced_at.get((tenant, model), -1e9) < self.refresh_s:
             return
-        for key, _body, meta in self.store.entries(tenant, model, "semantic"):
+        for key, _body, meta in self.store.entries(tenant, model, "semantic", skip=self._known):
             if key not in self._known and "vector" in meta:
                 self._add(tenant, model, key, meta)
         self._synced_at[(tenant, model)] = now
@@ -197,11 +215,14 @@ class SemanticTier:
             part = self._parts.get((tenant, model, context))
             if part is None or not part["keys"]:
                 return None
-            vector = self.embedder.encode([question])[0]
+            vector = self.embedder.question(question)
             sims = part["vectors"] @ vector
             order = np.argsort(-sims)[: self.config.candidates]
             candidates = [(float(sims[i]), part["keys"][i], part["questions"][i]) for i in order
                           if sims[i] >= self.config.retrieve_min_cosine]
+        # every candidate's tokens and every content word in two batched passes, before any is verified
+        self.embedder.prefetch([stored for _, _, stored in candidates])
+        self.embedder.words([w for _, _, stored in candidates for w in content_words(stored)] + content_words(question))
         for cos, key, stored in candidates:
             if self.verifier.same(cos, stored, question):
                 found = self.store.get(key)
@@ -214,7 +235,7 @@ class SemanticTier:
         if split is None:
             return
         question, context = split
-        vector = self.embedder.encode([question])[0]
+        vector = self.embedder.question(question)  # its tokens cached too, for the lookups it will meet
         key = hashlib.sha256(f"{tenant}\n{model}\n{context}\n{question}".encode()).hexdigest()
         entry = {**meta, "question": question, "context": context, "vector": [round(float(v), 6) for v in vector]}
         self.store.put(key, body, tenant=tenant, model=model, tier="semantic", ttl=ttl, meta=entry)

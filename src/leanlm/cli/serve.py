@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-ttl", type=float, default=7 * 24 * 3600.0, help="seconds a cached answer lives (default: 7 days)")
     p.add_argument("--cache-max-entries", type=positive_int, default=100_000, help="entries before LRU eviction")
     p.add_argument("--prefix-cache-mb", type=positive_int, default=1024, help="memory for the prefix cache's KV (default: 1024)")
+    p.add_argument("--prepack", default="auto", choices=["auto", "on", "off"],
+                   help="float32 CPU linears through oneDNN with weights packed once (auto: wherever the model has "
+                        "them; costs a second copy of those weights in memory; default: auto)")
 
 
 def run(args) -> int:
@@ -59,6 +62,6 @@ def run(args) -> int:
                                                "api_keys", "max_batch", "max_queue", "max_len", "prefill_chunk",
                                                "max_n", "request_timeout", "max_body", "drain_timeout", "cache",
                                                "cache_store", "cache_dir", "cache_ttl", "cache_max_entries",
-                                               "prefix_cache_mb", "semantic_config")}
+                                               "prefix_cache_mb", "semantic_config", "prepack")}
     serve(args.model, served_name=args.served_model_name, **options)
     return 0

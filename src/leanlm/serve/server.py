@@ -94,6 +94,9 @@ class ServeConfig(Validated):
     cache_max_entries: int = 100_000
     prefix_cache_mb: int = 1024
     semantic_config: str | None = None
+    # float32 CPU linears through oneDNN with prepacked weights (runtime.onednn_linear): "auto" where it
+    # applies (a CPU model with float32 nn.Linear layers: float models, and the float LM head of an int8 one)
+    prepack: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_len", "prefill_chunk", "max_n", "max_body", "prefix_cache_mb"):
@@ -116,15 +119,36 @@ def build_engine(model: str, cfg: ServeConfig, metrics, prefix: bool):
 
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return LlamaCppEngine(path, tokenizer, max_len=cfg.max_len, max_queue=cfg.max_queue, on_step=metrics.step), path
-    from leanlm.models.load import load_model
     from leanlm.serve.batch_engine import BatchEngine
     from leanlm.serve.prefix_cache import PrefixCache
 
-    engine = BatchEngine(lambda: load_model(model, cfg.device), max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
+    engine = BatchEngine(lambda: load_for_serving(model, cfg), max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
                          prefill_chunk=cfg.prefill_chunk, on_step=metrics.step,
                          prefix_cache=PrefixCache(budget_bytes=cfg.prefix_cache_mb << 20) if prefix else None)
     _check_kv_memory(engine)
     return engine, engine.loaded.path
+
+
+def load_for_serving(model: str, cfg: ServeConfig):
+    """`model` loaded, its float32 CPU linears prepacked for oneDNN unless `--prepack off`. Eager nn.Linear on
+    CPU repacks its weight inside every call, which costs more than the multiply at the few rows a decode
+    step feeds; the packed copy is taken once (and costs a second copy of those weights in memory)."""
+    from leanlm.models.load import load_model
+    from leanlm.runtime.onednn_linear import has_float_linears, onednn_available, pack_linears
+
+    loaded = load_model(model, cfg.device)
+    if cfg.prepack == "off":
+        return loaded
+    why = ("the model runs on " + loaded.device.type if loaded.device.type != "cpu" else
+           "this PyTorch build has no oneDNN" if not onednn_available() else
+           "the model has no float32 nn.Linear (its quantized layers have kernels of their own)"
+           if not has_float_linears(loaded.model) else None)
+    if why is None:
+        count = pack_linears(loaded.model)
+        log.info("prepacked %d float32 linears for oneDNN (--prepack off keeps eager nn.Linear)", count)
+    elif cfg.prepack == "on":
+        raise ConfigError(f"--prepack on: nothing to prepack: {why}; use --prepack auto or off")
+    return loaded
 
 
 def build_service(model: str | None, cfg: ServeConfig, metrics):

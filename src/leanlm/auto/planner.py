@@ -1,0 +1,79 @@
+"""What the search runs next besides Optuna's own proposals: each step type alone at its defaults (the seeds),
+and moves one field or one stage away from the best candidates measured so far (a local search around the
+incumbents, the reference recipes included). The moves are how a search improves on a shipped recipe that
+is one change from better, say the int8 recipe with its LM head quantized too, which a sampler over a
+space of thousands of combinations may never draw. Optuna's TPE proposes the rest, and learns from every
+result, these included.
+
+Turns alternate: a move, then a seed (or, once the seeds are spent, the sampler's choice), so the search
+both refines what works and keeps covering every family.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from leanlm.auto.budget import OBJECTIVES
+from leanlm.auto.moves import neighbors, params_of, resolve
+from leanlm.auto.space import canonical
+
+INCUMBENTS = 3  # the best candidates whose neighbours are tried, best first
+TIE = 0.05  # objectives this close (relative) are the same to a quick in-process estimate
+
+
+class Planner:
+    def __init__(self, space, objective: str):
+        self.space, self.objective = space, objective
+        self.seeds = deque(space.seeds())
+        self.turn = 0
+        self.issued: set[str] = set()
+        self._params: dict[int, dict | None] = {}
+
+    def next(self, results: list[dict], seen: dict) -> tuple[dict, str] | None:
+        """(Optuna parameters, where they came from) for the next trial, or None: let the sampler propose."""
+        local = self.turn % 2 == 0
+        self.turn += 1
+        if local:
+            move = self._move(results, seen)
+            if move is not None:
+                return move
+        while self.seeds:
+            params = self.seeds.popleft()
+            resolved = resolve(self.space, params)
+            if resolved is None:
+                continue
+            key = canonical(resolved[1], resolved[2])
+            if key not in seen and key not in self.issued:
+                self.issued.add(key)
+                return resolved[0], "seed: one step type at its defaults"
+        return None
+
+    def incumbents(self, results: list[dict]) -> list[dict]:
+        """The best results within the budget that were scored on every search window, best first; those
+        within TIE of the best are as good as a quick estimate can tell, and the cheapest of them comes first
+        (its neighbours cost least to try: a move keeps the incumbent's costly steps)."""
+        ok = [r for r in results if r.get("status") == "ok" and r.get("objective") is not None]
+        full = max((r["fidelity"] for r in ok), default=0)
+        within = [r for r in ok if r["fidelity"] == full and r["violation"] <= 0]
+        sign = 1 if OBJECTIVES[self.objective][0] == "maximize" else -1
+        within.sort(key=lambda r: sign * r["objective"], reverse=True)
+        if not within:
+            return []
+        top = within[0]["objective"]
+        tied = [r for r in within if abs(r["objective"] - top) <= TIE * abs(top)]
+        tied.sort(key=lambda r: r.get("seconds") or 0.0)
+        return (tied + [r for r in within if r not in tied])[:INCUMBENTS]
+
+    def _move(self, results: list[dict], seen: dict) -> tuple[dict, str] | None:
+        for best in self.incumbents(results):
+            number = best["number"]
+            if number not in self._params:  # a recipe the space cannot express has no neighbours here
+                self._params[number] = params_of(self.space, best["steps"], best.get("export") or {})
+            params = self._params[number]
+            if params is None:
+                continue
+            for moved, key, words in neighbors(self.space, params):
+                if key not in seen and key not in self.issued:
+                    self.issued.add(key)
+                    return moved, f"move from #{number} ({best['name']}): {words}"
+        return None
