@@ -64,24 +64,48 @@ def leanlm_cmd(model: str, port: int, name: str, extra=()) -> list[str]:
     return [sys.executable, "-m", "leanlm", "serve", model, "--port", str(port), "--served-model-name", name, *extra]
 
 
-def prepare(work: Path, model: str) -> dict:
-    """The float model's directory, leanlm int8/int4 optimizations of it and its Q8_0/Q4_0 GGUF exports."""
-    from leanlm.export import export
-    from leanlm.models.load import resolve_source
-    from leanlm.pipeline.optimize import optimize
+class ModelFiles(dict):
+    """The float model's directory, leanlm int8/int4 models of it and its Q8_0/Q4_0 GGUF exports, each built
+    the first time a measured server needs it (a run with --only builds only those)."""
 
-    out = {"float": str(resolve_source(model))}
-    for name, recipe in (("int8", "w8-rtn"), ("int4", "w4-g64-rtn")):
-        target = work / f"opt-{name}"
-        if not (target / "model").exists():
-            optimize(model, recipe, out=target, bench=False)
-        out[name] = str(target / "model")
-    for kind in ("q8_0", "q4_0"):
-        gguf = work / f"model-{kind}.gguf"
-        if not gguf.exists():
-            export(model, gguf, "gguf", weight_type=kind)
-        out[kind] = str(gguf)
-    return out
+    def __init__(self, work: Path, model: str, recipes: dict[str, str]):
+        super().__init__()
+        self.work, self.model, self.recipes = work, model, recipes
+
+    def __missing__(self, name: str) -> str:
+        from leanlm.export import export
+        from leanlm.models.load import resolve_source
+
+        if name == "float":
+            path = resolve_source(self.model)
+        elif name in self.recipes:
+            path = self.work / f"opt-{name}" / "model"
+            if not path.exists():
+                quantized(self.model, self.recipes[name], path)
+        else:
+            path = self.work / f"model-{name}.gguf"
+            if not path.exists():
+                export(self.model, path, "gguf", weight_type=name)
+        self[name] = str(path)
+        return self[name]
+
+
+def quantized(model: str, recipe_name: str, out: Path) -> None:
+    """The recipe's model saved to `out` (its quality is `leanlm optimize`'s business, not this benchmark's)."""
+    from leanlm.core.step import StepContext
+    from leanlm.data.corpus import load_corpus
+    from leanlm.models.load import load_model
+    from leanlm.models.save import save_model
+    from leanlm.pipeline.optimize import _calibration, apply_recipe
+    from leanlm.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    loaded = load_model(model, "cpu")
+    train = load_corpus(None, loaded.tokenizer).train
+    ctx = StepContext(loaded.tokenizer, _calibration(recipe, train, loaded.tokenizer), loaded.device,
+                      train_text=train, source=str(loaded.path))
+    apply_recipe(loaded.model, recipe, ctx)
+    save_model(loaded.model, loaded.tokenizer, out)
 
 
 def servers(paths: dict, peers: list[str]) -> list[tuple[str, list[str], str]]:
@@ -226,6 +250,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: servers, overhead, load")
     ap.add_argument("--work", default=None)
     ap.add_argument("--only", help="comma-separated parts of server names to measure (default: all)")
+    ap.add_argument("--int8-recipe", default="w8-rtn")
+    ap.add_argument("--int4-recipe", default="w4-g64-rtn")
     ap.add_argument("--out", default="benchmarks/results/serve-cpu.json")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="leanlm-serve-bench-"))
@@ -235,7 +261,7 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "levels": levels, "requests": args.requests,
               "cpus": os.cpu_count()}
     if "servers" not in skip:
-        paths = prepare(work, args.model)
+        paths = ModelFiles(work, args.model, {"int8": args.int8_recipe, "int4": args.int4_recipe})
         report["servers"] = measure_servers(paths, args.peers.split(","), levels, args.requests, work, args.only)
     if "overhead" not in skip:
         report["overhead"] = http_overhead(args.model, work)

@@ -132,11 +132,14 @@ def test_the_planner_alternates_moves_from_the_best_with_seeds():
     seen = {canonical(default, {}): results[0]}
     first, origin = planner.next(results, seen)
     assert origin.startswith("move from #-1 (recipe default): rtn.bits")
-    second, origin = planner.next(results, seen)
-    assert origin.startswith("seed")
-    origins = [planner.next(results, seen) for _ in range(60)]
-    moves = [o[1] for o in origins if o and o[1].startswith("move")]
-    assert any("rtn.skip" in m for m in moves)
+    # time is shared evenly: after a 10 s move, seeds until they have taken as long; after a slow seed, moves
+    ran = [*results, {"number": 1, "status": "invalid", "seconds": 10.0, "origin": origin}]
+    assert planner.next(ran, seen)[1].startswith("seed")
+    ran.append({"number": 2, "status": "invalid", "seconds": 600.0, "origin": "seed"})
+    origins = [planner.next(ran, seen) for _ in range(6)]
+    assert all(o[1].startswith("move from #-1") for o in origins)
+    assert "rtn.skip: ['lm_head'] -> []" in " ".join(o[1] for o in origins)
+    origins = [planner.next(results, seen) for _ in range(80)]
     assert origins[-1] is None  # moves and seeds spent: the sampler proposes
     # a better result within the budget becomes the incumbent whose neighbours come first
     better = {**results[0], "number": 7, "name": "head too", "objective": 25.0,

@@ -5,8 +5,10 @@ is one change from better, say the int8 recipe with its LM head quantized too, w
 space of thousands of combinations may never draw. Optuna's TPE proposes the rest, and learns from every
 result, these included.
 
-Turns alternate: a move, then a seed (or, once the seeds are spent, the sampler's choice), so the search
-both refines what works and keeps covering every family.
+The search's time is shared evenly: a move runs whenever the moves so far have taken no longer than the
+other trials (seeds, then the sampler's choices), so one slow seed (AWQ's scale search, say) buys as much
+time for cheap moves around the incumbent, and the search both refines what works and keeps covering
+every family.
 """
 
 from __future__ import annotations
@@ -25,15 +27,14 @@ class Planner:
     def __init__(self, space, objective: str):
         self.space, self.objective = space, objective
         self.seeds = deque(space.seeds())
-        self.turn = 0
         self.issued: set[str] = set()
         self._params: dict[int, dict | None] = {}
 
     def next(self, results: list[dict], seen: dict) -> tuple[dict, str] | None:
         """(Optuna parameters, where they came from) for the next trial, or None: let the sampler propose."""
-        local = self.turn % 2 == 0
-        self.turn += 1
-        if local:
+        searched = [r for r in results if r.get("number", -1) >= 0]
+        on_moves = sum(r.get("seconds") or 0.0 for r in searched if str(r.get("origin", "")).startswith("move"))
+        if on_moves <= sum(r.get("seconds") or 0.0 for r in searched) - on_moves:
             move = self._move(results, seen)
             if move is not None:
                 return move
