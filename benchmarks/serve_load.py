@@ -114,8 +114,8 @@ def servers(paths: dict, peers: list[str]) -> list[tuple[str, list[str], str]]:
     for variant in ("float", "int8", "int4"):
         rows.append((f"leanlm serve ({variant})", lambda p, v=variant: leanlm_cmd(paths[v], p, "m"), "m"))
     for variant in ("float", "int8"):  # what prepacked float32 linears buy (int8: its float LM head)
-        rows.append((f"leanlm serve --prepack off ({variant})",
-                     lambda p, v=variant: leanlm_cmd(paths[v], p, "m", ["--prepack", "off"]), "m"))
+        rows.append((f"leanlm serve --prepack on ({variant})",
+                     lambda p, v=variant: leanlm_cmd(paths[v], p, "m", ["--prepack", "on"]), "m"))
     for kind in ("q8_0", "q4_0"):
         rows.append((f"leanlm serve llama.cpp ({kind})",
                      lambda p, k=kind: leanlm_cmd(paths[k], p, "m", ["--backend", "llama.cpp"]), "m"))

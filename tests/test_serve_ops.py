@@ -203,8 +203,8 @@ def test_the_llama_cpp_backend_serves_a_gguf_export(chat_model, tmp_path):
 
 
 def test_prepacked_linears_answer_as_eager_ones_do_and_on_refuses_nothing_to_pack(small, chat_model, tmp_path):
-    # `small` runs with the default --prepack auto (its float32 linears packed for oneDNN); this one without
-    eager = Server([str(chat_model), "--served-model-name", "tiny", "--prepack", "off"], tmp_path / "eager.log")
+    # `small` runs with the default --prepack off (eager nn.Linear); this one with its float32 linears packed
+    eager = Server([str(chat_model), "--served-model-name", "tiny", "--prepack", "on"], tmp_path / "packed.log")
     try:
         for question in ("Explain lists.", "What is a tuple?", "Sort a dict by value."):
             req = {**body(8), "messages": [{"role": "user", "content": question}], "logprobs": True}

@@ -48,9 +48,10 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-ttl", type=float, default=7 * 24 * 3600.0, help="seconds a cached answer lives (default: 7 days)")
     p.add_argument("--cache-max-entries", type=positive_int, default=100_000, help="entries before LRU eviction")
     p.add_argument("--prefix-cache-mb", type=positive_int, default=1024, help="memory for the prefix cache's KV (default: 1024)")
-    p.add_argument("--prepack", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--prepack", default="off", choices=["auto", "on", "off"],
                    help="float32 CPU linears through oneDNN with weights packed once (auto: wherever the model has "
-                        "them; costs a second copy of those weights in memory; default: auto)")
+                        "them; on: refuse a model with none; costs a second copy of those weights in memory; "
+                        "default: off, see docs/serve.md)")
 
 
 def run(args) -> int:

@@ -95,8 +95,10 @@ class ServeConfig(Validated):
     prefix_cache_mb: int = 1024
     semantic_config: str | None = None
     # float32 CPU linears through oneDNN with prepacked weights (runtime.onednn_linear): "auto" where it
-    # applies (a CPU model with float32 nn.Linear layers: float models, and the float LM head of an int8 one)
-    prepack: Literal["auto", "on", "off"] = "auto"
+    # applies (a CPU model with float32 nn.Linear layers: float models, and the float LM head of an int8 one).
+    # Off by default: measured through the server (BENCHMARKS.md, 2026-12-07) it bought nothing at
+    # concurrency 8 and lost 13% at concurrency 1, though a bare batch-1 decode loop gains 1.4x from it
+    prepack: Literal["auto", "on", "off"] = "off"
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_len", "prefill_chunk", "max_n", "max_body", "prefix_cache_mb"):
