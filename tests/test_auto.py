@@ -25,7 +25,7 @@ from leanlm.models.load import load_model
 from leanlm.pipeline.recipe import load_recipe
 
 FAST = {"time_limit": "10m", "calibration_samples": 4, "finalists": 1, "compare": (), "search_windows": 4,
-        "low_windows": 2, "bench": {"prompt_tokens": 64, "decode_prompt_tokens": 16, "new_tokens": 8, "batch": 2,
+        "low_windows": 2, "speed_rounds": 1, "bench": {"prompt_tokens": 64, "decode_prompt_tokens": 16, "new_tokens": 8, "batch": 2,
                                     "repeats": 1}}
 
 
@@ -178,7 +178,7 @@ def test_narrowing_the_space_and_its_errors(tmp_path):
 def test_auto_finds_a_model_within_budget_and_writes_its_evidence(wide_dir, tmp_path):
     out = tmp_path / "out"
     report = auto(str(wide_dir), ["kld<=0.05"], "decode_tps", out=out, families=["quantize", "prune"],
-                  max_trials=8, **{**FAST, "compare": ("default",)})
+                  max_trials=8, **{**FAST, "compare": ("default",), "speed_rounds": 3})
     assert {"report.md", "report.html", "trials.jsonl", "search.json", "best"} <= {p.name for p in out.iterdir()}
     rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert len(rows) == len(report["results"]) >= 8 and any(r["name"] == "recipe default" for r in rows)
@@ -186,6 +186,12 @@ def test_auto_finds_a_model_within_budget_and_writes_its_evidence(wide_dir, tmp_
     assert any(r.get("origin", "").startswith("move from #-1 (recipe default)") for r in rows)
     chosen = next(r for r in rows if r["number"] == report["chosen"])
     assert chosen["final"]["violation"] <= 0 and chosen["final"]["quality"]["kld"] <= 0.05
+    # finalists' speed: rounds beside the original, the median per-round ratio times the original's median
+    speed, base = chosen["final"]["speed"], report["baseline"]["speed"]
+    assert len(speed["rounds"]) == len(base["rounds"]) == 3
+    ratios = sorted(own["decode_tps"] / ref["decode_tps"] for own, ref in zip(speed["rounds"], base["rounds"]))
+    assert speed["vs_original"]["decode_tps"] == pytest.approx(ratios[1])
+    assert speed["decode_tps"] == pytest.approx(ratios[1] * sorted(r["decode_tps"] for r in base["rounds"])[1])
     # best/ is what `leanlm optimize` writes, and its model loads back with the quality it was chosen for
     best = out / "best"
     assert {"model", "recipe.yaml", "report.json", "report.md", "chart.png"} <= {p.name for p in best.iterdir()}

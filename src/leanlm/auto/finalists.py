@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from leanlm.pipeline.report import write_report
 
 log = logging.getLogger(__name__)
 
+_SHOWN = ("decode_tps", "prefill_tps", "decode_tps_batch", "peak_mem_bytes")
+
 
 def baseline_for(job: SearchJob, settings: dict, measured: int) -> dict:
     """The original measured on the eval split and benchmarked in a fresh process (for llama.cpp, as a float
@@ -40,38 +43,85 @@ def baseline_for(job: SearchJob, settings: dict, measured: int) -> dict:
     if job.runtime == "llama.cpp":
         from leanlm.export import export
 
-        gguf = Path(job.work_dir) / "baseline-f16.gguf"
-        if not gguf.exists():
-            export(loaded.path, gguf, "gguf", weight_type="f16", embeddings="f16")
-        base.speed = bench_in_subprocess(gguf, recipe.bench, "cpu", "auto", runtime="llama.cpp")
+        path = Path(job.work_dir) / "baseline-f16.gguf"
+        if not path.exists():
+            export(loaded.path, path, "gguf", weight_type="f16", embeddings="f16")
+        base.speed = bench_in_subprocess(path, recipe.bench, "cpu", "auto", runtime="llama.cpp")
     else:
-        base.speed = bench_in_subprocess(loaded.path, recipe.bench, job.device, "auto")
+        path = loaded.path
+        base.speed = bench_in_subprocess(path, recipe.bench, job.device, "auto")
     bench_s = time.perf_counter() - start - loaded_s - eval_s
     base.loaded = None
-    # a finalist is reloaded, scored on every eval window and benchmarked like the original
-    per_model = loaded_s + eval_s + bench_s
+    # a finalist is reloaded and scored on every eval window; then it and the original are benchmarked
+    # job.speed_rounds times each
+    reserve = measured * (loaded_s + eval_s) + job.speed_rounds * (measured + 1) * bench_s
     windows = max(1, base.windows.shape[0])
-    return {"baseline": base, "recipe": recipe, "seconds": time.perf_counter() - start,
-            "reserve_s": measured * per_model,
+    return {"baseline": base, "recipe": recipe, "seconds": time.perf_counter() - start, "path": path,
+            "reserve_s": reserve,
             "trial_estimate_s": loaded_s + eval_s * (job.low_windows + 2) / windows + 0.2 * bench_s}
 
 
 def measure_finalist(result: dict, job: SearchJob, base, recipe) -> dict:
-    """A finalist measured as `leanlm optimize` measures its result: every eval window, speed in a fresh process."""
+    """A finalist's quality measured as `leanlm optimize` measures its result: reloaded, every eval window.
+    Its speed comes from `measure_speeds`, in the same rounds as the original and the other finalists."""
     artifact = Path(result["artifact"])
     if job.runtime == "leanlm":
-        measured = measure_result(artifact, base, recipe, job.device, bench=True)
+        measured = measure_result(artifact, base, recipe, job.device, bench=False)
         measured["quality"].pop("generations", None)
     else:
         from leanlm.runtime.llamacpp import LlamaCppLM
 
         quality = score_windows(LlamaCppLM(artifact, n_ctx=base.windows.shape[1] + 8), base.windows, base.reference,
                                 desc=f"finalist {result['number']}")
-        measured = {"quality": quality, "speed": bench_in_subprocess(artifact, recipe.bench, "cpu", "auto",
-                                                                     runtime="llama.cpp")}
+        measured = {"quality": quality}
     measured["violation"] = worst_violation(job.budget, measured["quality"], base.quality)
-    measured["objective"] = objective_value(job.objective, measured["speed"], job.price_per_hour)
     return measured
+
+
+def measure_speeds(artifacts: dict, baseline_path: Path, job: SearchJob, recipe) -> tuple:
+    """Every finalist and the original benchmarked in fresh processes, in `rounds` rounds; each round runs
+    them all (`job.speed_rounds` rounds), in an order rotated from the last. A finalist's number is the median of its per-round ratios to
+    the original times the original's median: on a shared machine, speed drifts by 20% within a run, and a
+    ratio taken minutes apart (one model after another) picks the luckier model, not the faster one.
+    Returns (the original's speed, {number: speed}); each speed carries its `rounds` and `vs_original`."""
+    runtime = "llama.cpp" if job.runtime == "llama.cpp" else "leanlm"
+    device = "cpu" if runtime == "llama.cpp" else job.device
+    order, rounds = [None, *artifacts], job.speed_rounds
+    runs: dict = {key: [] for key in order}
+    for r in range(rounds):
+        shift = r % len(order)
+        for key in order[shift:] + order[:shift]:
+            path = baseline_path if key is None else Path(artifacts[key])
+            log.info("speed round %d/%d: %s", r + 1, rounds, "the original" if key is None else f"finalist {key}")
+            runs[key].append(bench_in_subprocess(path, recipe.bench, device, "auto", runtime=runtime))
+    base_speed = _median_run(runs[None])
+    speeds = {}
+    for key in artifacts:
+        speed = dict(runs[key][-1])
+        ratios = {}
+        for metric, value in base_speed.items():
+            if _numeric(value) and value and all(_numeric(run.get(metric)) for run in runs[key]):
+                ratios[metric] = statistics.median(own[metric] / base[metric]
+                                                   for own, base in zip(runs[key], runs[None]) if base[metric])
+                speed[metric] = ratios[metric] * value
+        speed["vs_original"] = ratios
+        speed["rounds"] = [{m: run.get(m) for m in _SHOWN} for run in runs[key]]
+        speeds[key] = speed
+    base_speed["rounds"] = [{m: run.get(m) for m in _SHOWN} for run in runs[None]]
+    return base_speed, speeds
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """Each numeric metric's median over the rounds; the rest from the last round."""
+    speed = dict(runs[-1])
+    for metric, value in speed.items():
+        if _numeric(value) and all(_numeric(run.get(metric)) for run in runs):
+            speed[metric] = statistics.median(run[metric] for run in runs)
+    return speed
 
 
 def pick_finalists(results: list[dict], objective: str, count: int) -> list[dict]:
@@ -87,10 +137,16 @@ def pick_finalists(results: list[dict], objective: str, count: int) -> list[dict
 def finish(state, job: SearchJob, baseline: dict, settings: dict, space: SearchSpace, out: Path, overwrite: bool,
            count: int) -> dict:
     base, recipe = baseline["baseline"], baseline["recipe"]
-    measured = {}
-    for result in pick_finalists(state.results, job.objective, count):
+    measured, finalists = {}, pick_finalists(state.results, job.objective, count)
+    for result in finalists:
         log.info("measuring finalist %s (%s)", result["number"], result["name"])
         measured[result["number"]] = measure_finalist(result, job, base, recipe)
+    if finalists:
+        base.speed, speeds = measure_speeds({r["number"]: r["artifact"] for r in finalists}, baseline["path"], job,
+                                            recipe)
+        for number, speed in speeds.items():
+            measured[number]["speed"] = speed
+            measured[number]["objective"] = objective_value(job.objective, speed, job.price_per_hour)
     base_row = {"quality": {k: v for k, v in base.quality.items() if k != "generations"}, "speed": base.speed,
                 "objective": objective_value(job.objective, base.speed, job.price_per_hour), "violation": 0.0}
     chosen = None

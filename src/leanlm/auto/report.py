@@ -100,7 +100,9 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Trials", "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows(report)]
     lines += ["", "Quality is the budget's first metric. Search-window numbers are estimates (a quick in-process "
-              "speed run); the finalists were measured again on every eval window, speed in fresh processes.", ""]
+              "speed run); the finalists were measured again on every eval window, and their speed in fresh "
+              "processes, in rounds with the original (each number: the median of the per-round ratios to the "
+              "original, times the original's median).", ""]
     return "\n".join(lines)
 
 

@@ -68,7 +68,8 @@ def auto(model: str = DEFAULT_MODEL, budget: list[str] | str = ("kld<=0.05",), o
          space: str | Path | None = None, compare: list[str] | tuple[str, ...] = ("default",), jobs: int = 1,
          ray: str | None = None, resume: bool = False, overwrite: bool = False, price_per_hour: float | None = None,
          finalists: int = 3, max_trials: int | None = None, seed: int = 0, calibration_samples: int = 64,
-         low_windows: int = 4, search_windows: int = 16, device: str = "cpu", bench: dict | None = None) -> dict:
+         low_windows: int = 4, search_windows: int = 16, device: str = "cpu", bench: dict | None = None,
+         speed_rounds: int = 3) -> dict:
     """Search for the recipe with the best `objective` within `budget`; write DIR/report.md, report.html,
     trials.jsonl and best/ (the chosen recipe's full optimize output). Returns the report's data."""
     constraints = parse_budget(budget)
@@ -77,6 +78,8 @@ def auto(model: str = DEFAULT_MODEL, budget: list[str] | str = ("kld<=0.05",), o
     if seconds < MIN_SECONDS:
         raise ConfigError(f"--time-limit {time_limit!r} is too short: a search needs at least {MIN_SECONDS}s "
                           "(the baseline, one trial and its measurement)")
+    if speed_rounds < 1:
+        raise ConfigError(f"--speed-rounds {speed_rounds}: give at least 1")
     if any(c.metric == "task_acc" for c in constraints) and not tasks:
         raise ConfigError("a task_acc budget needs the tasks it is measured on: --tasks T.jsonl")
     search_space = build_space(runtime, families, fix, space)
@@ -95,7 +98,7 @@ def auto(model: str = DEFAULT_MODEL, budget: list[str] | str = ("kld<=0.05",), o
                 "runtime": runtime, "data": data, "tasks": tasks, "families": families, "fix": list(fix),
                 "space": str(space) if space else None, "compare": list(compare), "seed": seed,
                 "calibration_samples": calibration_samples, "low_windows": low_windows,
-                "search_windows": search_windows, "price_per_hour": price_per_hour, "bench": bench or {}}
+                "search_windows": search_windows, "price_per_hour": price_per_hour, "bench": bench or {}, "speed_rounds": speed_rounds}
     out = Path(out).expanduser()
     work = out.parent / f".{out.name}.auto"
     if not resume:
@@ -103,7 +106,8 @@ def auto(model: str = DEFAULT_MODEL, budget: list[str] | str = ("kld<=0.05",), o
     state = SearchState.open(work, settings, resume, overwrite)
     job = SearchJob(str(model), runtime, objective, constraints,
                     {"samples": calibration_samples, "length": 512, "seed": seed}, str(work), data, tasks, device,
-                    low_windows, search_windows, price_per_hour=price_per_hour, bench=bench or {})
+                    low_windows, search_windows, price_per_hour=price_per_hour, bench=bench or {},
+                    speed_rounds=speed_rounds)
     try:
         with stopping_on_signals():
             return _search(job, search_space, state, settings, seconds, out, overwrite or resume, compare, jobs, ray,

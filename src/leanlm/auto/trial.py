@@ -71,6 +71,7 @@ class SearchJob:
     # the original's speed from its fresh-process benchmark: a quick estimate is the candidate's speed as a
     # ratio to the original's, measured right after it in the same worker, times this (see TrialRunner._speed)
     anchor: dict | None = None
+    speed_rounds: int = 3  # rounds of fresh-process benchmarks of the finalists beside the original
 
 
 @dataclass

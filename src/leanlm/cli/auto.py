@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--price-per-hour", type=float, help="the machine's price in $/hour, for --objective cost")
     p.add_argument("--finalists", type=positive_int, default=3,
                    help="searched candidates measured again in full (default: 3)")
+    p.add_argument("--speed-rounds", type=positive_int, default=3,
+                   help="rounds of fresh-process benchmarks of the finalists beside the original; each speed is the "
+                        "median of its per-round ratios to the original (default: 3)")
     p.add_argument("--max-trials", type=positive_int, help="stop after this many trials (default: the time limit)")
     p.add_argument("--calibration-samples", type=positive_int, default=64,
                    help="512-token calibration samples for the steps that calibrate (default: 64)")
@@ -78,7 +81,7 @@ def run(args) -> int:
                   args.time_limit, [f.strip() for f in args.families.split(",")] if args.families else None,
                   args.fix, args.space, args.compare or ["default"], args.jobs, args.ray, args.resume, args.overwrite,
                   args.price_per_hour, args.finalists, args.max_trials, args.seed, args.calibration_samples,
-                  args.low_windows, args.search_windows, bench=bench_settings(args.bench))
+                  args.low_windows, args.search_windows, bench=bench_settings(args.bench), speed_rounds=args.speed_rounds)
     chosen = next(r for r in report["results"] if r["number"] == report["chosen"])
     unit = OBJECTIVES[args.objective][2]
     base = report["baseline"]["objective"]
