@@ -236,3 +236,23 @@ def test_workers_give_the_same_result_and_lines_come_back_byte_for_byte(tmp_path
     assert json.loads(out[2])["messages"][0]["content"] == "Mail me at <EMAIL>"
     with pytest.raises(ConfigError, match="workers must be >= 1"):
         clean([src], tmp_path / "zero", progress=False, workers=0)
+
+
+def test_ray_engine_on_a_local_cluster_gives_the_local_result(tmp_path, monkeypatch):
+    ray_module = pytest.importorskip("ray")
+    if not ray_module.is_initialized():  # the cluster this test starts goes with it
+        monkeypatch.setattr("leanlm.clean.analyze.RayWorkers.close", lambda self: ray_module.shutdown())
+    monkeypatch.setattr("leanlm.clean.run.BATCH", 3)  # several batches in flight at once
+    chat = {"messages": [{"role": "user", "content": "Call me on +1 415 555 0100"},
+                         {"role": "assistant", "content": "Sure."}]}
+    rows = [{"text": DOC}, {"text": OTHER}, chat, {"text": DOC}, {"text": near_copy(OTHER)}, {"text": THIRD},
+            {"text": "x"}, {"text": near_copy(DOC)}]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    local = clean([src], tmp_path / "local", progress=False)
+    ray = clean([src], tmp_path / "ray", progress=False, engine="ray", ray_address="local")
+    assert ray["engine"] == "ray" and ray["counts"] == local["counts"]
+    assert local["counts"]["near-duplicate"] == 2 and local["counts"]["pii-redacted"] == 1
+    for name in ("removed.jsonl", "d.jsonl"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    with pytest.raises(ConfigError, match="engine 'spark'"):
+        clean([src], tmp_path / "spark", progress=False, engine="spark")

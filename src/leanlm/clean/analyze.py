@@ -16,6 +16,7 @@ import numpy as np
 
 from leanlm.clean import near_ops, pii_ops, quality_ops, text_ops
 from leanlm.clean.records import map_strings, to_record
+from leanlm.errors import ConfigError
 
 BATCH = 2048
 _STATE: dict = {}  # a worker's config, set once by `_init` rather than pickled with every batch
@@ -133,3 +134,50 @@ class Workers:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+
+
+def _ray_call(cfg, eval_grams, fn: Callable, args: tuple):
+    """One batch in a Ray worker: the config arrives as an object stored once in the cluster, not per batch."""
+    if _STATE.get("cfg") is not cfg:
+        _init(cfg, eval_grams)
+    return fn(*args)
+
+
+class RayWorkers(Workers):
+    """`Workers.map` as Ray tasks on a cluster (`address`: `local` starts one in this process, `auto` or
+    `ray://host:10001` joins one). The driver frames the records, so every record keeps its file and
+    position (removed.jsonl needs them, and Ray Data's readers do not keep them); the cluster parses, hashes,
+    scores and redacts. At most two batches per cluster CPU are in flight, so memory stays bounded."""
+
+    def __init__(self, address: str, cfg, eval_grams: set[str]):
+        try:
+            import ray
+        except ImportError as err:
+            raise ConfigError("--engine ray needs Ray: pip install 'leanlm[ray]'") from err
+        self.cfg, self.eval_grams, self.pool, self.ray = cfg, eval_grams, None, ray
+        if not ray.is_initialized():
+            if address == "local":
+                ray.init(include_dashboard=False, log_to_driver=False)
+            else:
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except ConnectionError as err:
+                    raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({err}); start one "
+                                      "with `ray start --head` or use --ray-address local") from None
+        self.window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.refs = ray.put(cfg), ray.put(eval_grams)
+        self.task = ray.remote(num_cpus=1)(_ray_call)
+
+    def map(self, fn: Callable, calls: Iterable[tuple[Any, tuple]]) -> Iterator[tuple[Any, Any]]:
+        pending: deque = deque()
+        for tag, args in calls:
+            pending.append((tag, self.task.remote(*self.refs, fn, args)))
+            if len(pending) >= self.window:
+                tag, ref = pending.popleft()
+                yield tag, self.ray.get(ref)
+        while pending:
+            tag, ref = pending.popleft()
+            yield tag, self.ray.get(ref)
+
+    def close(self) -> None:
+        """The cluster stays up: it may be the caller's, and starting a local one again costs seconds."""

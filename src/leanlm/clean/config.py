@@ -54,6 +54,27 @@ class NearConfig(Validated):
 
 
 @dataclass
+class SemanticConfig(Validated):
+    """Off by default (it embeds every record: about 300 short records/s on 2 CPU cores). Records whose
+    all-MiniLM-L6-v2 embeddings have a cosine of at least `threshold` are duplicates; the first is kept.
+    Clusters of about `cluster_size` records (SemDeDup's k-means) bound the comparisons. The default
+    threshold comes from benchmarks/clean_semantic.py: paraphrased copies of the manual's chunks
+    against distinct chunks of the same manual."""
+    enabled: bool = False
+    threshold: float = 0.9
+    min_words: int = 8
+    cluster_size: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        _unit(self, "threshold")
+        if self.cluster_size < 2 or self.batch_size < 1 or self.min_words < 0:
+            raise ConfigError(f"semantic_duplicates needs cluster_size >= 2, batch_size >= 1 and min_words >= 0, got "
+                              f"{self.cluster_size}, {self.batch_size}, {self.min_words}")
+
+
+@dataclass
 class QualityConfig(Validated):
     """Gopher-style heuristics. Defaults are set so that chat examples and code-bearing documentation pass
     (Gopher's own 50-word minimum would drop most fine-tuning examples)."""
@@ -105,6 +126,7 @@ class ContaminationConfig(Validated):
 class CleanConfig(Validated):
     exact_duplicates: ExactConfig = field(default_factory=ExactConfig)
     near_duplicates: NearConfig = field(default_factory=NearConfig)
+    semantic_duplicates: SemanticConfig = field(default_factory=SemanticConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     conflicts: ConflictConfig = field(default_factory=ConflictConfig)
     pii: PIIConfig = field(default_factory=PIIConfig)

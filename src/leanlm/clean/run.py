@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from leanlm.clean import conflict_ops, near_ops, text_ops
-from leanlm.clean.analyze import BATCH, Workers, analyze, redact
+from leanlm.clean.analyze import BATCH, RayWorkers, Workers, analyze, redact
 from leanlm.clean.config import CleanConfig, load_config
 from leanlm.clean.records import Writer, input_files, read_raw, read_records, to_record
 from leanlm.clean.report import write_report
@@ -46,17 +46,21 @@ class Verdicts:
 
 
 def clean(inputs: list[str | Path], out: str | Path, config: CleanConfig | dict | str | None = None,
-          overwrite: bool = False, progress: bool = True, workers: int = 1) -> dict:
+          overwrite: bool = False, progress: bool = True, workers: int = 1, engine: str = "local",
+          ray_address: str = "local") -> dict:
     """Clean `inputs` into `out`; returns the report (also written as out/report.json and report.md).
-    `workers` > 1 parses, hashes and redacts in that many processes; the result does not depend on it."""
+    `workers` > 1 parses, hashes and redacts in that many processes; `engine="ray"` does that as Ray tasks on
+    the cluster at `ray_address` instead. The result depends on neither."""
     cfg = config if isinstance(config, CleanConfig) else load_config(config)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"engine {engine!r}: use local (this machine, --workers processes) or ray")
     files = input_files([Path(p) for p in inputs])
     check_output(out, overwrite)
     start = time.perf_counter()
     eval_grams = _eval_ngrams(cfg.contamination)
-    pool = Workers(workers, cfg, eval_grams)
+    pool = RayWorkers(ray_address, cfg, eval_grams) if engine == "ray" else Workers(workers, cfg, eval_grams)
     try:
         verdicts = _first_pass(files, cfg, pool, progress)
         _second_pass(files, cfg, verdicts, progress)
@@ -64,6 +68,7 @@ def clean(inputs: list[str | Path], out: str | Path, config: CleanConfig | dict 
             report = _write(files, cfg, verdicts, pool, tmp, progress)
             report["seconds"] = time.perf_counter() - start
             report["workers"] = workers
+            report["engine"] = engine
             write_report(report, tmp)
     finally:
         pool.close()
@@ -207,11 +212,28 @@ def _second_pass(files, cfg: CleanConfig, v: Verdicts, progress: bool) -> None:
             if rec.answer is not None:
                 answers[gid] = conflict_ops.answer_signature(rec.answer)
     _decide_near(ha.tolist(), hb.tolist(), answers, v)
+    if cfg.semantic_duplicates.enabled:
+        _semantic(files, cfg, v, progress)
     if cfg.conflicts.enabled:
         _decide_conflicts(groups, zip(pa.tolist(), pb.tolist()), prompted, cfg.conflicts, v)
 
 
-def _decide_near(earlier: list[int], later: list[int], answers: dict, v: Verdicts) -> None:
+def _semantic(files, cfg: CleanConfig, v: Verdicts, progress: bool) -> None:
+    from leanlm.clean.semantic import similar_records
+
+    alive = set(range(v.stats["records"])) - set(v.removed)
+    sa, sb, _ = similar_records(_records(files, v, alive, progress, "reading"), cfg.semantic_duplicates,
+                                len(alive), progress)
+    v.stats["semantic_pairs"] = len(sa)
+    answers = {}
+    for gid, rec in _records(files, v, set(np.r_[sa, sb].tolist()), progress, "comparing answers"):
+        if rec.answer is not None:
+            answers[gid] = conflict_ops.answer_signature(rec.answer)
+    _decide_near(sa.tolist(), sb.tolist(), answers, v, "semantic-duplicate")
+
+
+def _decide_near(earlier: list[int], later: list[int], answers: dict, v: Verdicts,
+                 reason: str = "near-duplicate") -> None:
     """The pairs that cleared the threshold, sorted by later then earlier record; greedy in input order: a
     record goes as a copy of the first earlier record that stays, so a chain of small edits never removes a
     record for resembling something already removed. Two examples whose answers disagree are never
@@ -224,10 +246,10 @@ def _decide_near(earlier: list[int], later: list[int], answers: dict, v: Verdict
         if b in answers and any(g in answers and not conflict_ops.agree(answers[g], answers[b])
                                 for g in (a, *kin.get(a, ()))):
             continue  # a cut-short copy agrees with both sides: b must agree with all of a's copies
-        v.removed[b] = ("near-duplicate", a)
+        v.removed[b] = (reason, a)
         kin.setdefault(a, []).append(b)
         verified += 1
-    v.stats["near_verified"] = verified
+    v.stats[f"{reason.split('-')[0]}_verified"] = verified
 
 
 def _decide_conflicts(groups, pairs, prompted, cfg, v: Verdicts) -> None:
@@ -248,11 +270,11 @@ def _decide_conflicts(groups, pairs, prompted, cfg, v: Verdicts) -> None:
     for a, b in pairs:
         if text_ops.jaccard(prompted[a][0], prompted[b][0]) >= cfg.prompt_similarity:
             union(a, b)
-    # near-duplicates removed by now still vote (their answers may be what shows a contradiction); records
+    # near- and semantic duplicates removed by now still vote (their answers may be what shows a contradiction); records
     # removed for their quality or contamination do not
     members: dict[int, list[int]] = {}
     for g in prompted:
-        if v.removed.get(g, ("near-duplicate",))[0] == "near-duplicate":
+        if v.removed.get(g, ("near-duplicate",))[0] in ("near-duplicate", "semantic-duplicate"):
             members.setdefault(find(g), []).append(g)
     found = 0
     votes = _duplicate_votes(v)
