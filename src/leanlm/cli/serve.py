@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
                    help="float32 CPU linears through oneDNN with weights packed once (auto: wherever the model has "
                         "them; on: refuse a model with none; costs a second copy of those weights in memory; "
                         "default: off, see docs/serve.md)")
+    p.add_argument("--compress-context", type=int, default=0, metavar="N",
+                   help="compress prompts longer than N tokens to about N before the model (the last user message "
+                        "is the question, earlier messages the context; see docs/prompt.md; default: 0, off)")
 
 
 def run(args) -> int:
@@ -63,6 +66,6 @@ def run(args) -> int:
                                                "api_keys", "max_batch", "max_queue", "max_len", "prefill_chunk",
                                                "max_n", "request_timeout", "max_body", "drain_timeout", "cache",
                                                "cache_store", "cache_dir", "cache_ttl", "cache_max_entries",
-                                               "prefix_cache_mb", "semantic_config", "prepack")}
+                                               "prefix_cache_mb", "semantic_config", "prepack", "compress_context")}
     serve(args.model, served_name=args.served_model_name, **options)
     return 0

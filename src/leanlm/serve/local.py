@@ -26,9 +26,10 @@ class Limits:
 
 
 class LocalService:
-    def __init__(self, engine, model_name: str, limits: Limits, metrics):
+    def __init__(self, engine, model_name: str, limits: Limits, metrics, compressor=None):
         self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
         self.tokenizer = engine.tokenizer
+        self.compressor = compressor  # serve.compress_context.ContextCompressor, with --compress-context
 
     def models(self) -> list[dict]:
         return [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "leanlm"}]
@@ -38,13 +39,13 @@ class LocalService:
         return {"prefix": prefix.stats()} if prefix is not None else {}
 
     # the request, checked and tokenized
-    def prepare(self, req: ChatRequest | CompletionRequest) -> tuple[list[list[int]], SamplingParams]:
+    def prepare(self, req: ChatRequest | CompletionRequest, stats: dict | None = None) -> tuple[list[list[int]], SamplingParams]:
         if req.model != self.model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.model_name!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
         if req.n > self.limits.max_n:
             raise APIError(400, f"n is {req.n}; this server returns at most {self.limits.max_n} choices", param="n")
-        prompts = self._prompts(req)
+        prompts = self._prompts(req, stats if stats is not None else {})
         longest = max(len(p) for p in prompts)
         room = self.engine.max_len - longest
         limit = req.token_limit()
@@ -59,9 +60,11 @@ class LocalService:
                                 stop=req.stop_list(), logprobs=wants, top_logprobs=top)
         return prompts, params
 
-    def _prompts(self, req) -> list[list[int]]:
+    def _prompts(self, req, stats: dict) -> list[list[int]]:
         if isinstance(req, ChatRequest):
             messages = [{"role": m.role, "content": message_text(m.content or "", i)} for i, m in enumerate(req.messages)]
+            if self.compressor is not None:
+                messages, stats["compressed"] = self.compressor.chat(messages, self.model_name)
             text = render_chat(self.tokenizer, messages, self.model_name)
             return [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
         prompt = req.prompt
@@ -73,6 +76,11 @@ class LocalService:
         texts = [prompt] if isinstance(prompt, str) else prompt
         if not texts or any(not t for t in texts):
             raise APIError(400, "prompt is empty", param="prompt")
+        if self.compressor is not None:
+            texts, infos = zip(*(self.compressor.text(t) for t in texts))
+            done = [i for i in infos if i]
+            if done:
+                stats["compressed"] = {k: sum(i[k] for i in done) for k in ("before", "after")}
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
     # running it
@@ -115,7 +123,12 @@ class LocalService:
                 self.engine.cancel(seqs)
 
     async def handle(self, req, request, tenant: str, stats: dict):
-        prompts, params = self.prepare(req)
+        if self.compressor is None:
+            prompts, params = self.prepare(req, stats)
+        else:  # compressing is a forward pass: off the event loop, so other requests keep streaming
+            prompts, params = await asyncio.to_thread(self.prepare, req, stats)
+        if stats.get("compressed"):
+            self.metrics.compressed(stats["compressed"])
         seqs, queue = self.start(prompts, params, req.n)
         stats["prompt_tokens"] = sum(len(p) for p in prompts)
         if req.stream:

@@ -38,6 +38,10 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.cache = Counter("leanlm_cache_lookups", "response-cache lookups by result (exact, semantic, miss)",
                              ["result"], registry=r)
+        self.compressed_prompts = Counter("leanlm_compressed_prompts", "prompts compressed by --compress-context",
+                                          registry=r)
+        self.compressed_away = Counter("leanlm_compressed_away_tokens",
+                                       "prompt tokens removed by --compress-context", registry=r)
         self.load = load
         Gauge("leanlm_queue_depth", "requests waiting for a slot", registry=r).set_function(lambda: self.load()["waiting"])
         Gauge("leanlm_running", "sequences holding a slot", registry=r).set_function(lambda: self.load()["running"])
@@ -48,6 +52,10 @@ class Metrics:
 
     def cache_result(self, result: str) -> None:
         self.cache.labels(result).inc()
+
+    def compressed(self, info: dict) -> None:
+        self.compressed_prompts.inc()
+        self.compressed_away.inc(max(0, info["before"] - info["after"]))
 
     def step(self, batch: int) -> None:
         self.batch.observe(batch)

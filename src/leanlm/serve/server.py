@@ -99,11 +99,21 @@ class ServeConfig(Validated):
     # Off by default: measured through the server (BENCHMARKS.md, 2026-12-07) it bought nothing at
     # concurrency 8 and lost 13% at concurrency 1, though a bare batch-1 decode loop gains 1.4x from it
     prepack: Literal["auto", "on", "off"] = "off"
+    # prompts longer than this many tokens are compressed to about it before the model (0: never)
+    compress_context: int = 0
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_len", "prefill_chunk", "max_n", "max_body", "prefix_cache_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.compress_context < 0:
+            raise ConfigError(f"compress_context must be 0 (off) or a token count, got {self.compress_context}")
+        if self.compress_context and self.upstream:
+            raise ConfigError("--compress-context scores prompts with the served model, which --upstream does not "
+                              "load; compress before the upstream (leanlm prompt compress) or serve the model here")
+        if self.compress_context and self.backend == "llama.cpp":
+            raise ConfigError("--compress-context scores prompts with a model leanlm loads in PyTorch; --backend "
+                              "llama.cpp serves a GGUF file: serve the model's directory with --backend leanlm")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
 
@@ -172,7 +182,13 @@ def build_service(model: str | None, cfg: ServeConfig, metrics):
     else:
         engine, files = build_engine(model, cfg, metrics, "prefix" in tiers)
         metrics.load = engine.load
-        service = LocalService(engine, cfg.served_name or model, Limits(cfg.max_n, cfg.request_timeout), metrics)
+        compressor = None
+        if cfg.compress_context:
+            from leanlm.serve.compress_context import ContextCompressor
+
+            compressor = ContextCompressor(engine.loaded, cfg.compress_context)
+        service = LocalService(engine, cfg.served_name or model, Limits(cfg.max_n, cfg.request_timeout), metrics,
+                               compressor)
         warm = functools.partial(asyncio.to_thread, engine.warmup)
     response_tiers = [t for t in tiers if t != "prefix"]
     if response_tiers:
