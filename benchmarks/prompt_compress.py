@@ -8,9 +8,11 @@ tells them apart (the "none" row: accuracy with no context at all). The reader (
 context and the quoted sentence up to the blank: multiple choice by log-likelihood, as lm-eval scores such
 tasks (a 135M model cannot answer free-form here: 0% with the full context). Contexts: full, and compressed
 to 0.5 and 0.33 of their tokens by leanlm (question-aware), by truncation (the first N tokens) and by dropping
-random words, the same token count for all three. Chance is 25%. LLMLingua is not in this run (BENCHMARKS.md).
+random words, the same token count for all three, and (with --llmlingua-python) by LLMLingua 0.2.2 with
+LongLLMLingua's question-aware ranking and SmolLM2 as its scorer, asked for that token count too (its own
+environment: benchmarks/llmlingua_worker.py says how to make it and what was patched). Chance is 25%.
 
-    python benchmarks/prompt_compress.py [--examples 60] [--json benchmarks/results/prompt_compress.json]
+    python benchmarks/prompt_compress.py [--examples 60] [--llmlingua-python /tmp/llmlingua-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -129,6 +131,18 @@ def choose(loaded, context: str, ex: dict) -> str:
     return ex["options"][max(range(len(scores)), key=scores.__getitem__)]
 
 
+def run_llmlingua(python: str, model_dir: str, jobs: list[dict]) -> list[dict]:
+    """LLMLingua in its own environment (benchmarks/llmlingua_worker.py); [] when no environment is given."""
+    import subprocess
+
+    worker = Path(__file__).with_name("llmlingua_worker.py")
+    proc = subprocess.run([python, str(worker)], input=json.dumps({"model": model_dir, "jobs": jobs}),
+                          stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"LLMLingua's worker failed (exit {proc.returncode}); see its output above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     from leanlm.models.load import load_model
     from leanlm.prompt import compress
@@ -136,45 +150,72 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--examples", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--llmlingua-python", metavar="PYTHON",
+                    help="the python of an environment with llmlingua==0.2.2 (see llmlingua_worker.py); "
+                         "without it LLMLingua is left out")
     ap.add_argument("--json", default="benchmarks/results/prompt_compress.json")
     args = ap.parse_args()
     loaded = load_model("smollm2-135m", device="cpu")
     tok = loaded.tokenizer
     data = examples(tok, args.examples, args.seed)
     rng = random.Random(args.seed)
-    hits = {"none": 0, "full": 0}
-    seconds, seconds_all, budget_err, rows = [], [], [], []
+    seconds, seconds_all, budget_err, jobs = [], [], [], []
     compress(data[0]["context"], 0.5, data[0]["question"], loaded)  # warm-up
-    for ex in data:
-        row = {"topic": ex["topic"], "answer": ex["answer"]}
+    for ex in data:  # every context first, then LLMLingua on the same token counts, then the reader
         ex["options"] = [ex["answer"], *distractors(loaded, ex)]
-        row["none"] = choose(loaded, "", ex) == ex["answer"]
-        hits["none"] += row["none"]
-        row["full"] = choose(loaded, ex["context"], ex) == ex["answer"]
-        hits["full"] += row["full"]
+        ex["contexts"] = {"none": "", "full": ex["context"]}
         for budget in (0.5, 0.33):
             c = compress(ex["context"], budget, ex["question"], loaded)
             seconds.append(c.seconds / c.tokens_before * 600)  # per 600-token prompt
             budget_err.append(abs(c.tokens_after - c.target) / c.target)
             every = compress(ex["context"], budget, ex["question"], loaded, scorer_blocks=0)
             seconds_all.append(every.seconds / every.tokens_before * 600)
-            contexts = {"leanlm": c.text, "leanlm-all-blocks": every.text,
-                        "truncate": truncate(tok, ex["context"], c.tokens_after),
-                        "random": random_drop(tok, ex["context"], c.tokens_after, rng)}
-            for name, ctx in contexts.items():
-                ok = choose(loaded, ctx, ex) == ex["answer"]
-                row[f"{name}@{budget}"] = ok
-                hits[f"{name}@{budget}"] = hits.get(f"{name}@{budget}", 0) + ok
+            ex["contexts"].update({f"leanlm@{budget}": c.text, f"leanlm-all-blocks@{budget}": every.text,
+                                   f"truncate@{budget}": truncate(tok, ex["context"], c.tokens_after),
+                                   f"random@{budget}": random_drop(tok, ex["context"], c.tokens_after, rng)})
+            jobs.append({"context": ex["context"], "question": ex["question"], "target": c.tokens_after,
+                         "key": (len(jobs), budget)})
+        print(f"compressed {len(jobs) // 2}/{len(data)}", flush=True)
+    lingua = {}
+    if args.llmlingua_python:
+        done = run_llmlingua(args.llmlingua_python, str(loaded.path), [{k: j[k] for k in ("context", "question", "target")}
+                                                                        for j in jobs])
+        for j, r in zip(jobs, done):
+            lingua[j["key"]] = r
+        for i, ex in enumerate(data):
+            for k, budget in enumerate((0.5, 0.33)):
+                r = lingua[(2 * i + k, budget)]
+                ex["contexts"][f"llmlingua@{budget}"] = r["text"]
+                r["tokens"] = len(tok(r["text"], add_special_tokens=False)["input_ids"])
+                r["target"] = jobs[2 * i + k]["target"]
+    hits: dict[str, int] = {}
+    rows = []
+    for ex in data:
+        row = {"topic": ex["topic"], "answer": ex["answer"]}
+        for name, ctx in ex["contexts"].items():
+            row[name] = choose(loaded, ctx, ex) == ex["answer"]
+            hits[name] = hits.get(name, 0) + row[name]
         rows.append(row)
         print(f"{len(rows):3d}/{len(data)} " + " ".join(f"{k} {v / len(rows):.2f}" for k, v in hits.items()), flush=True)
     n = len(rows)
     summary = {k: v / n for k, v in hits.items()}
-    print(f"\n{'method':10} {'budget':>6} {'accuracy':>8}")
+    print(f"\n{'method':18} {'budget':>6} {'accuracy':>8}")
     print(f"{'none':18} {'0':>6} {summary['none']:8.1%}")
     print(f"{'full':18} {'1.0':>6} {summary['full']:8.1%}")
     for budget in (0.5, 0.33):
-        for name in ("leanlm", "leanlm-all-blocks", "truncate", "random"):
-            print(f"{name:18} {budget:6} {summary[f'{name}@{budget}']:8.1%}")
+        for name in ("leanlm", "leanlm-all-blocks", "truncate", "random", "llmlingua"):
+            if f"{name}@{budget}" in summary:
+                print(f"{name:18} {budget:6} {summary[f'{name}@{budget}']:8.1%}")
+    extra = {}
+    if lingua:
+        ratio = [r["tokens"] / r["target"] for r in lingua.values()]
+        per600 = [r["seconds"] / (len(tok(j["context"], add_special_tokens=False)["input_ids"]) / 600)
+                  for j, r in zip(jobs, done)]
+        extra = {"llmlingua_tokens_over_target_median": statistics.median(ratio),
+                 "llmlingua_tokens_over_target_range": [min(ratio), max(ratio)],
+                 "llmlingua_seconds_per_600_tokens_median": statistics.median(per600)}
+        print(f"LLMLingua: {statistics.median(per600):.2f} s per 600-token prompt (median); its output was "
+              f"{statistics.median(ratio):.2f}x the requested tokens (median; {min(ratio):.2f}-{max(ratio):.2f})")
     print(f"\nleanlm: {statistics.median(seconds):.3f} s per 600-token prompt (median; "
           f"{statistics.median(seconds_all):.3f} s scoring with all blocks), budget error max "
           f"{max(budget_err):.1%}, {n} examples")
@@ -182,7 +223,7 @@ def main() -> None:
     Path(args.json).write_text(json.dumps({"examples": n, "accuracy": summary,
                                            "seconds_per_600_tokens_median": statistics.median(seconds),
                                            "seconds_all_blocks_median": statistics.median(seconds_all),
-                                           "budget_error_max": max(budget_err), "rows": rows,
+                                           "budget_error_max": max(budget_err), "rows": rows, **extra,
                                            "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0]},
                                           indent=2))
 
