@@ -59,4 +59,5 @@ COMMANDS: dict[str, str] = {
     "cache": "leanlm.cli.cache",
     "data": "leanlm.cli.data",
     "prompt": "leanlm.cli.prompt",
+    "federate": "leanlm.cli.federate",
 }
