@@ -20,6 +20,7 @@ HELPS = {
     "server_lr": "FedAdam's server step",
     "compress": "how updates travel: float32, int8 (one scale per row) or topk (with error feedback)",
     "topk": "with --compress topk: share of each tensor's entries sent",
+    "eval_windows": "pooled held-out windows the server scores each round (0: all)",
     "seed": "seed of sampling, batches and adapter init",
 }
 

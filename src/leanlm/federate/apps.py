@@ -75,8 +75,7 @@ class ServerRun:
         self.work = Path(spec["work"])
         s = self.settings
         self.base = local.adapted(spec["base"], s["rank"], s["alpha"], s["targets"], s["seed"])
-        self.pooled = local.examples(self.base.tokenizer, "\n\n".join(c["holdout"] for c in spec["clients"]),
-                                     s["seq_len"])
+        self.pooled = local.pooled_holdout(self.base.tokenizer, spec["clients"], s["seq_len"], s["eval_windows"])
         self.adam = wire_ops.ServerAdam(s["server_lr"], s["server_beta1"], s["server_beta2"], s["server_tau"]) \
             if s["strategy"] == "fedadam" else None
         state = self.work / "state.json"

@@ -63,6 +63,17 @@ def examples(tokenizer, text: str, seq_len: int):
     return _EXAMPLES[key]
 
 
+def pooled_holdout(tokenizer, clients: list[dict], seq_len: int, windows: int):
+    """Every client's held-out text, pooled; `windows` of them spread evenly across it (0: all)."""
+    held = examples(tokenizer, "\n\n".join(c["holdout"] for c in clients), seq_len)
+    if not windows or windows >= len(held):
+        return held
+    from leanlm.train.examples import Examples
+
+    pick = torch.linspace(0, len(held) - 1, windows).round().long()
+    return Examples(**{k: v[pick] for k, v in vars(held).items()})
+
+
 def local_train(a: Adapted, train, steps: int, batch_size: int, lr: float, mu: float, seed: int) -> float:
     """`steps` AdamW steps on random batches of `train`; the mean training loss per token."""
     a.model.train()

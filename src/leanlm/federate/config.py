@@ -36,6 +36,7 @@ class FederateConfig(Validated):
     compress: Literal["none", "int8", "topk"] = "none"  # how a client's update travels
     topk: float = 0.1                # with compress: topk, the share of each tensor's entries sent
     holdout: float = 0.1             # each client's held-out share, evaluated locally and (pooled) centrally
+    eval_windows: int = 64           # pooled held-out windows the server scores each round (0: all), spread evenly
     round_timeout: float = 3600.0
     seed: int = 0
 
@@ -51,5 +52,7 @@ class FederateConfig(Validated):
         if round(self.clients * self.fraction) < self.min_clients:
             raise ConfigError(f"fraction {self.fraction} samples {round(self.clients * self.fraction)} of "
                               f"{self.clients} clients a round, fewer than min_clients {self.min_clients}")
+        if self.eval_windows < 0:
+            raise ConfigError(f"eval_windows must be 0 (all) or more, got {self.eval_windows}")
         if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.server_lr <= 0 or self.proximal_mu < 0:
             raise ConfigError("LoRA rank >= 1, alpha, lr and server_lr > 0 and proximal_mu >= 0, please")

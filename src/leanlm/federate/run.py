@@ -105,7 +105,7 @@ def _finish(spec: dict, state: dict, model: str, out: Path, overwrite: bool, sec
     s = spec["settings"]
     a = local.adapted(spec["base"], s["rank"], s["alpha"], s["targets"], s["seed"])
     a.load(dict(np.load(Path(spec["work"]) / "adapter.npz")))
-    pooled = local.examples(a.tokenizer, "\n\n".join(c["holdout"] for c in spec["clients"]), s["seq_len"])
+    pooled = local.pooled_holdout(a.tokenizer, spec["clients"], s["seq_len"], s["eval_windows"])
     adapter_loss, _ = local.mean_loss(a, pooled)
     quantized = not hasattr(a.model, "merge_and_unload")
     if quantized:  # requantized by GPTQ, as a QLoRA merge is, calibrated on the built-in corpus' eval split:
