@@ -5,6 +5,8 @@ federated run: `--rounds` rounds, every client `--local-steps` steps a round. Ce
 on all clients' text together for rounds x clients x local-steps steps, same batch, learning rate and seed.
 All are scored on the same pooled held-out windows. Reported: perplexity before and after, each run's gain as
 a share of the centralized gain, bytes a client sends per round (float32, int8, top-k updates), minutes.
+The `topic-qlora` run trains over an int4 base that `--qlora-recipe` makes (QLoRA) and reports the share of
+its adapter's gain the merged, requantized model keeps.
 
     python benchmarks/federated.py [--rounds 4 --local-steps 5 --seq-len 128 --batch-size 2]
 """
@@ -39,6 +41,14 @@ def centralized(base: str, settings: dict) -> dict:
             "minutes": (time.perf_counter() - start) / 60}
 
 
+def int4_base(base: str, recipe: str, tmp: Path) -> str:
+    """The int4 model QLoRA clients train over, made by a shipped recipe (no speed bench)."""
+    from leanlm import optimize
+
+    optimize(base, recipe, out=tmp / "int4", bench=False)
+    return str(tmp / "int4" / "model")
+
+
 def main() -> None:
     from leanlm.core.config import to_dict
     from leanlm.federate import FederateConfig, federate
@@ -50,7 +60,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--runs", nargs="+", default=["topic", "iid", "topic-int8", "topic-topk"])
+    ap.add_argument("--runs", nargs="+", default=["topic", "iid", "topic-int8", "topic-topk", "topic-qlora"])
+    ap.add_argument("--qlora-recipe", default="w4-g64-gptq", help="recipe that makes the int4 base of topic-qlora")
     ap.add_argument("--json", default="benchmarks/results/federated.json")
     args = ap.parse_args()
     base = str(load_model("smollm2-135m", "cpu").path)
@@ -63,15 +74,21 @@ def main() -> None:
           f"({central['steps']} steps, {central['minutes']:.1f} min)", flush=True)
     for name in args.runs:
         split, _, wire = name.partition("-")
-        cfg = {**common, "split": split, "compress": wire or "none", "topk": 0.1}
+        qlora = wire == "qlora"
+        cfg = {**common, "split": split, "compress": "none" if qlora else (wire or "none"), "topk": 0.1}
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            r = federate(base, Path(tmp) / "out", config=cfg)
+            run_base = int4_base(base, args.qlora_recipe, Path(tmp)) if qlora else base
+            r = federate(run_base, Path(tmp) / "out", config=cfg)
         row = {"run": name, "perplexity_before": r["perplexity_before"], "perplexity_after": r["perplexity_after"],
                "perplexity_adapter": r["perplexity_adapter"], "bytes_up_per_client_round": r["bytes_up_per_client_round"],
                "minutes": (time.perf_counter() - start) / 60,
                "share_of_central_gain": (r["perplexity_before"] - r["perplexity_adapter"]) / gain if gain > 0 else None,
                "curve": [math.exp(h["central_loss"]) for h in r["history"]]}
+        if qlora:  # the base is the int4 model: its own gain, and the share the requantized merge keeps
+            own = r["perplexity_before"] - r["perplexity_adapter"]
+            row["qlora_recipe"] = args.qlora_recipe
+            row["merged_share_of_adapter_gain"] = (r["perplexity_before"] - r["perplexity_after"]) / own if own else None
         rows.append(row)
         print(f"{name}: {row['perplexity_before']:.3f} -> {row['perplexity_adapter']:.3f} (merged "
               f"{row['perplexity_after']:.3f}), {row['share_of_central_gain']:.1%} of the centralized gain, "
@@ -80,7 +97,7 @@ def main() -> None:
     plain = next((r for r in rows if r["run"] == "topic"), None)
     if plain:
         for r in rows:
-            if r["run"].startswith("topic-"):
+            if r["run"] in ("topic-int8", "topic-topk"):
                 r["bytes_cut_vs_float"] = plain["bytes_up_per_client_round"] / r["bytes_up_per_client_round"]
                 r["share_of_float_federated_gain"] = ((r["perplexity_before"] - r["perplexity_adapter"])
                                                       / (plain["perplexity_before"] - plain["perplexity_adapter"]))

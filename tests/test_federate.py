@@ -75,3 +75,117 @@ def test_a_client_killed_mid_round_and_the_run_finishes(tmp_path):
 
     load_model(tmp_path / "out" / "model", "cpu")  # the merged model loads like any leanlm output
     assert not (tmp_path / ".out.federate").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_deployed_federation_of_separate_processes(tmp_path):
+    """`leanlm federate server` (a Flower SuperLink) and two `leanlm federate client` processes (SuperNodes), each
+    with its own data directory, on loopback: the rounds run, the clients exit when the run is over, and a
+    client whose server does not answer gives up with a message saying so."""
+    pytest.importorskip("flwr")
+    import subprocess
+    import sys
+
+    from leanlm.federate.data import builtin_topics
+    from leanlm.federate.deploy import join_federation
+    from leanlm.federate.config import FederateError
+    from tests.conftest import build_tokenizer, tiny_llama
+
+    tok = build_tokenizer()
+    tiny_llama(len(tok), layers=2, hidden=64).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    topics = builtin_topics()
+    for name, part in (("hospital", topics[:15]), ("bank", topics[40:55])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("\n\n".join(part))
+    port = _free_port()
+    leanlm = [sys.executable, "-c", "import sys; from leanlm.cli import main; sys.exit(main())"]
+    server = subprocess.Popen(leanlm + ["federate", "server", str(tmp_path / "base"), "--clients", "2", "--min-clients",
+                                        "2", "--rounds", "2", "--local-steps", "2", "--seq-len", "32", "--rank", "4",
+                                        "--lr", "3e-3", "--eval-windows", "8", "--port", str(port),
+                                        "--eval-data", str(tmp_path / "bank"), "--out", str(tmp_path / "out")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    clients = [subprocess.Popen(leanlm + ["federate", "client", "--server", f"127.0.0.1:{port}", "--data",
+                                          str(tmp_path / name), "--model", str(tmp_path / "base"), "--retries", "30",
+                                          "--wait", "60"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for name in ("hospital", "bank")]
+    try:
+        out, _ = server.communicate(timeout=420)
+        assert server.returncode == 0, out[-3000:]
+        for c in clients:
+            said, _ = c.communicate(timeout=60)
+            assert c.returncode == 0 and "finished its run" in said, said[-2000:]
+    finally:
+        for p in [server, *clients]:
+            p.kill()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["deployed"] and sorted(report["clients"]) == ["bank", "hospital"]
+    assert [h["round"] for h in report["history"]] == [0, 1, 2]
+    assert all(len(h["clients"]) == 2 for h in report["history"][1:])
+    assert report["history"][-1]["central_loss"] < report["history"][0]["central_loss"]
+    assert report["evaluated_on"] == "the server's eval text" and report["perplexity_after"] is not None
+    assert not (tmp_path / ".out.federate").exists()
+    with pytest.raises(FederateError, match="did not answer"):
+        join_federation(f"127.0.0.1:{_free_port()}", str(tmp_path / "bank"), retries=2, wait=5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="client 0 .*empty.*holds no"):
+        join_federation(f"127.0.0.1:{port}", str(tmp_path / "empty"))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_stopped_run_resumes_from_its_last_round(tmp_path):
+    """Round 2 loses a client below min_clients, so the run stops after round 1 and says how to go on; --resume
+    continues at round 2 from the checkpoint (round 1 is not run again) and finishes."""
+    pytest.importorskip("flwr")
+    from leanlm.federate import federate
+    from leanlm.federate.config import FederateError
+    from tests.conftest import build_tokenizer, tiny_llama
+
+    tok = build_tokenizer()
+    tiny_llama(len(tok), layers=2, hidden=64).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    settings = {"clients": 2, "rounds": 2, "local_steps": 2, "seq_len": 32, "rank": 4, "min_clients": 2,
+                "eval_windows": 8}
+    with pytest.raises(FederateError, match="stopped after round 1 of 2.*--resume"):
+        federate(str(tmp_path / "base"), tmp_path / "out", config=settings, kill=(1, 2))
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.federate" / "state.json").exists()
+    first = json.loads((tmp_path / ".out.federate" / "state.json").read_text())["history"]
+    with pytest.raises(ConfigError, match="other settings"):
+        federate(str(tmp_path / "base"), tmp_path / "out", config={**settings, "rounds": 3}, resume=True)
+    report = federate(str(tmp_path / "base"), tmp_path / "out", config=settings, resume=True)
+    assert [h["round"] for h in report["history"]] == [0, 1, 2]
+    assert report["history"][1] == first[1]  # round 1 came from the checkpoint, not a second run
+    assert len(report["history"][2]["clients"]) == 2 and not (tmp_path / ".out.federate").exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_federated_recipe_step_trains_a_quantized_model_in_place(tmp_path):
+    """A recipe quantizes to int4, then runs federated QLoRA on that model; the merged, requantized weights go
+    back into the recipe's model, which is saved and loads like any leanlm output."""
+    pytest.importorskip("flwr")
+    from leanlm.cli import main
+    from tests.conftest import build_tokenizer, tiny_llama
+
+    tok = build_tokenizer()
+    tiny_llama(len(tok), layers=2, hidden=64).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    recipe = tmp_path / "fed.yaml"
+    recipe.write_text("name: fed\ncalibration: {samples: 4, length: 32}\nsteps:\n"
+                      "  - {type: rtn, bits: 4, group_size: 32}\n"
+                      "  - {type: federated, clients: 2, rounds: 1, local_steps: 3, seq_len: 32, rank: 4, "
+                      "eval_windows: 8, lr: 0.003, compress: int8}\n")
+    out = tmp_path / "out"
+    assert main(["optimize", str(tmp_path / "base"), "--recipe", str(recipe), "--out", str(out), "--no-bench"]) == 0
+    stats = json.loads((out / "report.json").read_text())["steps"][1]["stats"]
+    assert stats["quantized_base"] and stats["rounds"] == 1 and len(stats["clients"]) == 2
+    assert stats["perplexity_adapter"] < stats["perplexity_before"] and stats["perplexity_after"] is not None
+    assert "int4" in (out / "model" / "leanlm.json").read_text()

@@ -27,6 +27,7 @@ STEPS: dict[str, str] = {
     "distill": "leanlm.distill.distill",
     "cast": "leanlm.cast.cast",
     "lowrank": "leanlm.lowrank.lowrank",
+    "federated": "leanlm.federate.step",
 }
 
 # runtime module scheme (as written in a leanlm checkpoint's leanlm.json) -> the module that registers it

@@ -23,45 +23,67 @@ from leanlm.federate.config import FederateError
 log = logging.getLogger(__name__)
 
 
+def train_reply(msg, context, base: str, text: dict, index: int, kill: tuple | None = None):
+    """One client's round: the global adapter from `msg` trained on `text["train"]`, its update sent back
+    (compressed as the settings in `msg` say), with the client's held-out loss of the incoming adapter."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    cfg = msg.content["config"]
+    settings, rnd = json.loads(str(cfg["settings"])), int(cfg["round"])
+    if kill and tuple(kill) == (index, rnd):
+        # fault injection: this client fails mid-round. An exception, not the process: Flower's simulation
+        # runs several clients on each Ray worker, and a dead worker takes the others queued on it too
+        raise SystemError(f"client {index} was killed in round {rnd} (fault injection)")
+    a = local.adapted(base, settings["rank"], settings["alpha"], settings["targets"], settings["seed"])
+    train_ex = local.examples(a.tokenizer, text["train"], settings["seq_len"])
+    held_ex = local.examples(a.tokenizer, text["holdout"], settings["seq_len"])
+    start = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    a.load(start)
+    holdout_loss, _ = local.mean_loss(a, held_ex)  # the incoming global adapter on this client's text
+    mu = settings["proximal_mu"] if settings["strategy"] == "fedprox" else 0.0
+    loss = local.local_train(a, train_ex, settings["local_steps"], settings["batch_size"], settings["lr"], mu,
+                             settings["seed"] * 100_003 + rnd * 101 + index)
+    end = a.state()
+    delta = {n: end[n] - start[n] for n in start}
+    residual = ({k: v.numpy() for k, v in context.state["residual"].items()}
+                if "residual" in context.state else None)
+    sent, left = wire_ops.encode(delta, settings["compress"], settings["topk"], residual)
+    if left:
+        context.state["residual"] = ArrayRecord({k: Array(v) for k, v in left.items()})
+    metrics = MetricRecord({"num-examples": len(train_ex), "train-loss": loss, "holdout-loss": holdout_loss,
+                            "bytes-up": wire_ops.nbytes(sent), "client": index})
+    info = ConfigRecord({"fingerprint": a.fingerprint, "name": text["name"]})
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}), "metrics": metrics,
+                          "info": info})
+    return Message(content, reply_to=msg)
+
+
+def evaluate_reply(msg, base: str, text: dict):
+    """The adapter in `msg` scored on the client's held-out text: summed loss and tokens, so the server's
+    token-weighted total is the loss over the union of the clients' held-out text."""
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    cfg = msg.content["config"]
+    settings = json.loads(str(cfg["settings"]))
+    a = local.adapted(base, settings["rank"], settings["alpha"], settings["targets"], settings["seed"])
+    a.load({k: v.numpy() for k, v in msg.content["arrays"].items()})
+    held = local.pooled_holdout(a.tokenizer, [text], settings["seq_len"], int(cfg["windows"]))
+    loss, tokens = local.mean_loss(a, held)
+    return Message(RecordDict({"metrics": MetricRecord({"loss-sum": loss * tokens, "tokens": tokens}),
+                               "info": ConfigRecord({"fingerprint": a.fingerprint, "name": text["name"]})}),
+                   reply_to=msg)
+
+
 def client_app(spec: dict):
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.app import Array
+    """The simulation's ClientApp: client `partition-id` trains on its share of `spec["clients"]`."""
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
 
     @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg, settings = msg.content["config"], spec["settings"]
+    def train(msg, context):
         index = int(context.node_config["partition-id"])
-        rnd = int(cfg["round"])
-        if spec.get("kill") and tuple(spec["kill"]) == (index, rnd):
-            # fault injection: this client fails mid-round. An exception, not the process: Flower's simulation
-            # runs several clients on each Ray worker, and a dead worker takes the others queued on it too
-            raise SystemError(f"client {index} was killed in round {rnd} (fault injection)")
-        a = local.adapted(spec["base"], settings["rank"], settings["alpha"], settings["targets"], settings["seed"])
-        text = spec["clients"][index]
-        train_ex = local.examples(a.tokenizer, text["train"], settings["seq_len"])
-        held_ex = local.examples(a.tokenizer, text["holdout"], settings["seq_len"])
-        start = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-        a.load(start)
-        holdout_loss, _ = local.mean_loss(a, held_ex)  # the incoming global adapter on this client's text
-        mu = settings["proximal_mu"] if settings["strategy"] == "fedprox" else 0.0
-        loss = local.local_train(a, train_ex, settings["local_steps"], settings["batch_size"], settings["lr"], mu,
-                                 settings["seed"] * 100_003 + rnd * 101 + index)
-        end = a.state()
-        delta = {n: end[n] - start[n] for n in start}
-        residual = ({k: v.numpy() for k, v in context.state["residual"].items()}
-                    if "residual" in context.state else None)
-        sent, left = wire_ops.encode(delta, settings["compress"], settings["topk"], residual)
-        if left:
-            context.state["residual"] = ArrayRecord({k: Array(v) for k, v in left.items()})
-        metrics = MetricRecord({"num-examples": len(train_ex), "train-loss": loss, "holdout-loss": holdout_loss,
-                                "bytes-up": wire_ops.nbytes(sent), "client": index})
-        info = ConfigRecord({"fingerprint": a.fingerprint, "name": text["name"]})
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in sent.items()}), "metrics": metrics,
-                              "info": info})
-        return Message(content, reply_to=msg)
+        return train_reply(msg, context, spec["base"], spec["clients"][index], index, spec.get("kill"))
 
     return app
 
@@ -75,7 +97,9 @@ class ServerRun:
         self.work = Path(spec["work"])
         s = self.settings
         self.base = local.adapted(spec["base"], s["rank"], s["alpha"], s["targets"], s["seed"])
-        self.pooled = local.pooled_holdout(self.base.tokenizer, spec["clients"], s["seq_len"], s["eval_windows"])
+        # in simulation the server holds every client's held-out text; deployed, it asks the clients
+        self.pooled = (local.pooled_holdout(self.base.tokenizer, spec["clients"], s["seq_len"], s["eval_windows"])
+                       if spec.get("clients") else None)
         self.adam = wire_ops.ServerAdam(s["server_lr"], s["server_beta1"], s["server_beta2"], s["server_tau"]) \
             if s["strategy"] == "fedadam" else None
         state = self.work / "state.json"
@@ -94,10 +118,19 @@ class ServerRun:
         self.names = {c["node"]: c["name"] for h in self.history for c in h.get("clients", [])}
         self.shapes = {k: v.shape for k, v in self.glob.items()}
 
-    def evaluate(self) -> float:
-        self.base.load(self.glob)
-        loss, _ = local.mean_loss(self.base, self.pooled)
-        return float(loss)
+    def config(self, **extra):
+        """What every message carries besides the adapter: the settings, so a deployed client needs none."""
+        from flwr.app import ConfigRecord
+
+        return ConfigRecord({"settings": json.dumps(self.settings), **extra})
+
+    def evaluate(self, grid, final: bool = False) -> float:
+        """The global adapter's loss per token on the union of the clients' held-out text."""
+        if self.pooled is not None:
+            self.base.load(self.glob)
+            loss, _ = local.mean_loss(self.base, self.pooled)
+            return float(loss)
+        return federated_loss(self, grid, final)
 
     def checkpoint(self) -> None:
         arrays = dict(self.glob)
@@ -116,7 +149,8 @@ class ServerRun:
         self.glob = {k: (v + step[k]).astype(np.float32) for k, v in self.glob.items()}
 
 
-def server_app(spec: dict):
+def server_app(spec: dict | None):
+    """The ServerApp; `spec=None` (deployed): read from the JSON file the run config's `spec` names."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.app import Context
 
@@ -124,17 +158,22 @@ def server_app(spec: dict):
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        nonlocal spec
+        if spec is None:
+            spec = json.loads(Path(str(context.run_config["spec"])).read_text())
         error = Path(spec["work"]) / "error.txt"
         error.unlink(missing_ok=True)
         try:
             run = ServerRun(spec)
             if run.next_round == 1 and not run.history:
-                run.history.append({"round": 0, "central_loss": run.evaluate()})
+                run.history.append({"round": 0, "central_loss": run.evaluate(grid)})
                 run.checkpoint()
             while run.next_round <= run.settings["rounds"]:
                 run_round(run, grid)
                 run.next_round += 1
                 run.checkpoint()
+            if run.pooled is None and not run.history[-1].get("final"):
+                run.evaluate(grid, final=True)  # tells the deployed clients the run is over
         except Exception as err:  # the driver reads why the run stopped, whatever Flower does with the error
             error.write_text(f"{type(err).__name__}: {err}")
             raise
@@ -142,7 +181,7 @@ def server_app(spec: dict):
     return app
 
 
-def _wait_for_nodes(grid, need: int, timeout: float = 120.0) -> list[int]:
+def _wait_for_nodes(grid, need: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -152,17 +191,17 @@ def _wait_for_nodes(grid, need: int, timeout: float = 120.0) -> list[int]:
 
 
 def run_round(run: ServerRun, grid) -> None:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
     s, rnd = run.settings, run.next_round
-    nodes = _wait_for_nodes(grid, s["clients"])
+    nodes = _wait_for_nodes(grid, s["clients"], s["wait_clients"])
     if len(nodes) < s["min_clients"]:
         raise FederateError(f"round {rnd}: {len(nodes)} clients connected, fewer than min_clients {s['min_clients']}")
     rng = random.Random(s["seed"] * 7919 + rnd)
     sampled = rng.sample(nodes, max(s["min_clients"], round(len(nodes) * s["fraction"])))
     record = ArrayRecord({k: Array(v) for k, v in run.glob.items()})
     down = wire_ops.nbytes(run.glob)
-    messages = [Message(RecordDict({"arrays": record, "config": ConfigRecord({"round": rnd})}),
+    messages = [Message(RecordDict({"arrays": record, "config": run.config(round=rnd)}),
                         dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
     started = time.perf_counter()
     replies = list(grid.send_and_receive(messages, timeout=s["round_timeout"]))
@@ -198,5 +237,34 @@ def run_round(run: ServerRun, grid) -> None:
         raise FederateError(f"round {rnd}: {len(deltas)} usable updates, fewer than min_clients {s['min_clients']} "
                            f"(dropped: {len(dropped)}, rejected: {len(rejected)})")
     run.apply(deltas, weights)
+    final = rnd == s["rounds"]
     run.history.append({"round": rnd, "clients": clients, "dropped": dropped, "rejected": rejected,
-                        "central_loss": run.evaluate(), "seconds": time.perf_counter() - started})
+                        "central_loss": run.evaluate(grid, final), "seconds": time.perf_counter() - started,
+                        "final": final})
+
+
+def federated_loss(run: ServerRun, grid, final: bool) -> float:
+    """Every connected client scores the global adapter on its held-out text (`eval_windows` shared among
+    them); their token-weighted mean is the loss on the union. `final` also tells them the run is over."""
+    from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
+
+    s = run.settings
+    nodes = _wait_for_nodes(grid, s["clients"], s["wait_clients"])
+    if len(nodes) < s["min_clients"]:
+        raise FederateError(f"{len(nodes)} clients connected, fewer than min_clients {s['min_clients']}, after "
+                            f"waiting {s['wait_clients']:.0f} s")
+    windows = -(-s["eval_windows"] // max(1, len(nodes))) if s["eval_windows"] else 0
+    record = ArrayRecord({k: Array(v) for k, v in run.glob.items()})
+    messages = [Message(RecordDict({"arrays": record, "config": run.config(windows=windows, final=final)}),
+                        dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+    total, tokens = 0.0, 0
+    for reply in grid.send_and_receive(messages, timeout=s["round_timeout"]):
+        if reply.has_error() or reply.content["info"]["fingerprint"] != run.base.fingerprint:
+            log.warning("a client could not evaluate the global adapter: %s",
+                        reply.error.reason if reply.has_error() else "it holds a different base model")
+            continue
+        total += float(reply.content["metrics"]["loss-sum"])
+        tokens += int(reply.content["metrics"]["tokens"])
+    if not tokens:
+        raise FederateError("no client could evaluate the global adapter on its held-out text")
+    return total / tokens

@@ -37,7 +37,9 @@ class FederateConfig(Validated):
     topk: float = 0.1                # with compress: topk, the share of each tensor's entries sent
     holdout: float = 0.1             # each client's held-out share, evaluated locally and (pooled) centrally
     eval_windows: int = 64           # pooled held-out windows the server scores each round (0: all), spread evenly
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0    # seconds the server waits for a round's replies
+    wait_clients: float = 120.0      # seconds a round waits for all `clients` to connect, then goes on with those
+                                     # connected if they are at least min_clients
     seed: int = 0
 
     def validate(self) -> None:
@@ -52,6 +54,9 @@ class FederateConfig(Validated):
         if round(self.clients * self.fraction) < self.min_clients:
             raise ConfigError(f"fraction {self.fraction} samples {round(self.clients * self.fraction)} of "
                               f"{self.clients} clients a round, fewer than min_clients {self.min_clients}")
+        if self.round_timeout <= 0 or self.wait_clients < 0:
+            raise ConfigError(f"round_timeout must be > 0 and wait_clients >= 0 seconds, got {self.round_timeout} "
+                              f"and {self.wait_clients}")
         if self.eval_windows < 0:
             raise ConfigError(f"eval_windows must be 0 (all) or more, got {self.eval_windows}")
         if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.server_lr <= 0 or self.proximal_mu < 0:

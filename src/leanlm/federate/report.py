@@ -16,15 +16,20 @@ def write_federate_report(report: dict, directory: Path) -> None:
 
 def render(report: dict) -> str:
     s = report["settings"]
-    gain = report["perplexity_before"] - report["perplexity_after"]
+    after = report["perplexity_after"]
+    gain = report["perplexity_before"] - (after if after is not None else report["perplexity_adapter"])
+    merged = f"{after:.3f}" if after is not None else ("not scored: deployed, the server holds no client text "
+                                                         "(give it --eval-data)")
     lines = [f"# Federated LoRA: {report['model']}", "",
-             f"{len(report['clients'])} clients ({s['split']} split), {s['rounds']} rounds of {s['local_steps']} local "
+             f"{len(report['clients'])} clients ("
+             + ("deployed, each on its own data" if report.get("deployed") else f"{s['split']} split") + "), "
+             f"{s['rounds']} rounds of {s['local_steps']} local "
              f"steps, {s['strategy']}, LoRA rank {s['rank']}, updates sent as {s['compress']}"
              + (f" (top {s['topk']:.0%})" if s["compress"] == "topk" else "") + f"; {report['seconds'] / 60:.1f} min.", "",
-             "| | perplexity on the pooled held-out text |", "|---|---:|",
+             f"| | perplexity on {report.get('evaluated_on', 'the pooled held-out text')} |", "|---|---:|",
              f"| base model | {report['perplexity_before']:.3f} |",
              f"| global adapter | {report['perplexity_adapter']:.3f} |",
-             f"| merged{' and requantized' if report['quantized_base'] else ''} | {report['perplexity_after']:.3f} |",
+             f"| merged{' and requantized' if report['quantized_base'] else ''} | {merged} |",
              "", f"Gain: {gain:.3f} perplexity. Bytes per client per round: {report['bytes_up_per_client_round'] / 1024:.0f} "
              f"KiB up, {report['bytes_down_per_client_round'] / 1024:.0f} KiB down.", "",
              "| round | updates | dropped | rejected | client train loss | client held-out loss (start of round) | "
@@ -51,7 +56,7 @@ def chart(report: dict, path: Path) -> None:
 
     rounds = [h["round"] for h in report["history"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(rounds, [math.exp(h["central_loss"]) for h in report["history"]], marker="o", label="central (pooled held-out)")
+    axes[0].plot(rounds, [math.exp(h["central_loss"]) for h in report["history"]], marker="o", label="global adapter (union of held-out text)")
     later = [h for h in report["history"] if h.get("clients")]
     axes[0].plot([h["round"] for h in later],
                  [math.exp(sum(c["holdout_loss"] for c in h["clients"]) / len(h["clients"])) for h in later],

@@ -41,20 +41,9 @@ def federate(model: str = DEFAULT_MODEL, out: str | Path = "leanlm-federate", da
         cfg.clients = len(data)
         cfg.validate()
     out = Path(out).expanduser()
-    work = out.parent / f".{out.name}.federate"
-    if not resume:
-        check_output(out, overwrite)
-        shutil.rmtree(work, ignore_errors=True)
-    elif not (work / "state.json").exists():
-        raise ConfigError(f"--resume: there is no stopped run to continue at {work}")
     texts = client_texts(data, cfg.clients, cfg.split, cfg.holdout)
-    work.mkdir(parents=True, exist_ok=True)
     settings = to_dict(cfg)
-    saved = work / "settings.json"
-    if resume and json.loads(saved.read_text()) != {"model": str(model), "data": data, **settings}:
-        raise ConfigError(f"--resume: the run at {work} used other settings; run it with the same ones, or start "
-                          "afresh without --resume")
-    saved.write_text(json.dumps({"model": str(model), "data": data, **settings}))
+    work = prepare_work(out, {"model": str(model), "data": data, **settings}, resume, overwrite)
     from leanlm.models.load import load_model
 
     base = load_model(model, "cpu")  # resolves a built-in name to its files once, for every client
@@ -68,9 +57,7 @@ def federate(model: str = DEFAULT_MODEL, out: str | Path = "leanlm-federate", da
         pass  # the server wrote why; said below with what to do
     state = json.loads((work / "state.json").read_text()) if (work / "state.json").exists() else {"next_round": 1}
     if state["next_round"] <= cfg.rounds:
-        raise FederateError(f"the run stopped after round {state['next_round'] - 1} of {cfg.rounds}: "
-                            + _why_stopped(work) + f". Its finished rounds are kept in {work}: fix the cause and "
-                            "run again with --resume")
+        raise stopped_error(work, state, cfg.rounds)
     report = _finish(spec, state, model, out, overwrite or resume, time.perf_counter() - started)
     shutil.rmtree(work, ignore_errors=True)
     return report
@@ -89,13 +76,35 @@ def _simulate(spec: dict, clients: int) -> None:
                                                  "log_to_driver": False}})
 
 
-def _why_stopped(work: Path) -> str:
+def prepare_work(out: Path, settings: dict, resume: bool, overwrite: bool) -> Path:
+    """The run's checkpoint directory beside OUT: fresh, or (resume) the stopped run's, if its settings match."""
+    work = out.parent / f".{out.name}.federate"
+    if not resume:
+        check_output(out, overwrite)
+        shutil.rmtree(work, ignore_errors=True)
+    elif not (work / "state.json").exists():
+        raise ConfigError(f"--resume: there is no stopped run to continue at {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    saved = work / "settings.json"
+    if resume and json.loads(saved.read_text()) != settings:
+        raise ConfigError(f"--resume: the run at {work} used other settings; run it with the same ones, or start "
+                          "afresh without --resume")
+    saved.write_text(json.dumps(settings))
+    return work
+
+
+def stopped_error(work: Path, state: dict, rounds: int, extra: str = "") -> FederateError:
     error = work / "error.txt"
-    return error.read_text().strip() if error.exists() else "see the log above for the server's error"
+    why = error.read_text().strip() if error.exists() else "see the log above for the server's error"
+    return FederateError(f"the run stopped after round {state['next_round'] - 1} of {rounds}: {why} {extra}".rstrip()
+                         + f". Its finished rounds are kept in {work}: fix the cause and run again with --resume")
 
 
 def _finish(spec: dict, state: dict, model: str, out: Path, overwrite: bool, seconds: float) -> dict:
-    """The global adapter merged into the base, evaluated on the pooled held-out text, saved."""
+    """The global adapter merged into the base, evaluated, saved. In simulation (and deployed with server-side
+    `eval_text`) the server scores the adapter and the merged model itself; deployed without it, the adapter's
+    score is the clients' last federated evaluation and the merged model is not scored (the server holds no
+    client text)."""
     import numpy as np
 
     from leanlm.federate import client as local
@@ -104,9 +113,11 @@ def _finish(spec: dict, state: dict, model: str, out: Path, overwrite: bool, sec
 
     s = spec["settings"]
     a = local.adapted(spec["base"], s["rank"], s["alpha"], s["targets"], s["seed"])
+    held = _held_out(spec, a.tokenizer)
+    before = local.mean_loss(a, held)[0] if held is not None and spec.get("eval_text") else None
     a.load(dict(np.load(Path(spec["work"]) / "adapter.npz")))
-    pooled = local.pooled_holdout(a.tokenizer, spec["clients"], s["seq_len"], s["eval_windows"])
-    adapter_loss, _ = local.mean_loss(a, pooled)
+    history = state["history"]
+    adapter_loss = local.mean_loss(a, held)[0] if held is not None else history[-1]["central_loss"]
     quantized = not hasattr(a.model, "merge_and_unload")
     if quantized:  # requantized by GPTQ, as a QLoRA merge is, calibrated on the built-in corpus' eval split:
         # the server holds no client's training text
@@ -118,13 +129,15 @@ def _finish(spec: dict, state: dict, model: str, out: Path, overwrite: bool, sec
         merged = a.model.merge_and_unload()
     local._MODELS.clear()
     a.model = merged
-    merged_loss, _ = local.mean_loss(a, pooled)
-    history = state["history"]
-    report = {"model": str(model), "settings": s, "clients": [c["name"] for c in spec["clients"]],
+    merged_loss = local.mean_loss(a, held)[0] if held is not None else None
+    report = {"model": str(model), "settings": s, "clients": _client_names(spec, history),
               "history": history, "seconds": seconds,
-              "perplexity_before": math.exp(history[0]["central_loss"]),
-              "perplexity_adapter": math.exp(adapter_loss), "perplexity_after": math.exp(merged_loss),
-              "quantized_base": quantized,
+              "evaluated_on": ("the server's eval text" if spec.get("eval_text") else "the pooled held-out text"
+                               if spec.get("clients") else "the clients' held-out text (scored by the clients)"),
+              "perplexity_before": math.exp(before if before is not None else history[0]["central_loss"]),
+              "perplexity_adapter": math.exp(adapter_loss),
+              "perplexity_after": math.exp(merged_loss) if merged_loss is not None else None,
+              "quantized_base": quantized, "deployed": not spec.get("clients"),
               "bytes_up_per_client_round": _mean(c["bytes_up"] for h in history[1:] for c in h["clients"]),
               "bytes_down_per_client_round": _mean(c["bytes_down"] for h in history[1:] for c in h["clients"]),
               "dropped": [{"round": h["round"], **d} for h in history[1:] for d in h["dropped"]],
@@ -134,6 +147,23 @@ def _finish(spec: dict, state: dict, model: str, out: Path, overwrite: bool, sec
         save_model(merged, a.tokenizer, tmp / "model")
         write_federate_report(report, tmp)
     return report
+
+
+def _held_out(spec: dict, tokenizer):
+    from leanlm.federate import client as local
+
+    s = spec["settings"]
+    if spec.get("eval_text"):
+        return local.pooled_holdout(tokenizer, [{"holdout": spec["eval_text"]}], s["seq_len"], s["eval_windows"])
+    if spec.get("clients"):
+        return local.pooled_holdout(tokenizer, spec["clients"], s["seq_len"], s["eval_windows"])
+    return None
+
+
+def _client_names(spec: dict, history: list[dict]) -> list[str]:
+    if spec.get("clients"):
+        return [c["name"] for c in spec["clients"]]
+    return sorted({c["name"] for h in history for c in h.get("clients", [])})
 
 
 def _mean(values) -> float:
