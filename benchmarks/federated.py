@@ -8,6 +8,9 @@ a share of the centralized gain, bytes a client sends per round (float32, int8, 
 The `topic-qlora` run trains over an int4 base that `--qlora-recipe` makes (QLoRA) and reports the share of
 its adapter's gain the merged, requantized model keeps.
 
+A run is named SPLIT[-WIRE][@KEY=VALUE,...]: `topic-int8`, `iid`, `topic@server_step=2` (any federate
+setting). Each split's runs are compared with the centralized run on that split's clients' text.
+
     python benchmarks/federated.py [--rounds 4 --local-steps 5 --seq-len 128 --batch-size 2]
 """
 
@@ -62,20 +65,27 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--runs", nargs="+", default=["topic", "iid", "topic-int8", "topic-topk", "topic-qlora"])
     ap.add_argument("--qlora-recipe", default="w4-g64-gptq", help="recipe that makes the int4 base of topic-qlora")
+    ap.add_argument("--eval-windows", type=int, default=0, help="pooled held-out windows scored (0: all)")
     ap.add_argument("--json", default="benchmarks/results/federated.json")
     args = ap.parse_args()
     base = str(load_model("smollm2-135m", "cpu").path)
     common = {"clients": 4, "rounds": args.rounds, "local_steps": args.local_steps, "seq_len": args.seq_len,
-              "batch_size": args.batch_size, "lr": args.lr, "rank": 16, "min_clients": 4, "eval_windows": 48}
-    central = centralized(base, to_dict(FederateConfig(**common)))
-    gain = central["perplexity_before"] - central["perplexity_after"]
-    rows = [{"run": "centralized", **central, "share_of_central_gain": 1.0}]
-    print(f"centralized: {central['perplexity_before']:.3f} -> {central['perplexity_after']:.3f} "
-          f"({central['steps']} steps, {central['minutes']:.1f} min)", flush=True)
+              "batch_size": args.batch_size, "lr": args.lr, "rank": 16, "min_clients": 4,
+              "eval_windows": args.eval_windows}
+    rows, gains = [], {}
+    for split in dict.fromkeys(name.partition("-")[0].partition("@")[0] for name in args.runs):
+        central = centralized(base, to_dict(FederateConfig(**common, split=split)))
+        gains[split] = central["perplexity_before"] - central["perplexity_after"]
+        rows.append({"run": f"centralized ({split})", **central, "share_of_central_gain": 1.0})
+        print(f"centralized on the {split} clients' text: {central['perplexity_before']:.3f} -> "
+              f"{central['perplexity_after']:.3f} ({central['steps']} steps, {central['minutes']:.1f} min)", flush=True)
     for name in args.runs:
-        split, _, wire = name.partition("-")
+        head, _, extra = name.partition("@")
+        split, _, wire = head.partition("-")
+        gain = gains[split]
         qlora = wire == "qlora"
-        cfg = {**common, "split": split, "compress": "none" if qlora else (wire or "none"), "topk": 0.1}
+        cfg = {**common, "split": split, "compress": "none" if qlora else (wire or "none"), "topk": 0.1,
+               **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in extra.split(",") if kv)}}
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             run_base = int4_base(base, args.qlora_recipe, Path(tmp)) if qlora else base
@@ -97,7 +107,7 @@ def main() -> None:
     plain = next((r for r in rows if r["run"] == "topic"), None)
     if plain:
         for r in rows:
-            if r["run"] in ("topic-int8", "topic-topk"):
+            if r["run"] in ("topic-int8", "topic-topk"):  # against the float federated run
                 r["bytes_cut_vs_float"] = plain["bytes_up_per_client_round"] / r["bytes_up_per_client_round"]
                 r["share_of_float_federated_gain"] = ((r["perplexity_before"] - r["perplexity_adapter"])
                                                       / (plain["perplexity_before"] - plain["perplexity_adapter"]))

@@ -20,6 +20,12 @@ def test_wire_formats_round_trip_and_refuse_bad_updates():
     back = wire_ops.decode(sent, "int8", shapes)
     assert all(np.abs(back[k] - delta[k]).max() <= np.abs(delta[k]).max() / 127 for k in delta)
     assert wire_ops.nbytes(sent) < wire_ops.nbytes(delta) / 3.5
+    # a LoRA pair: wide A, tall B. Tall B gets one scale per column, so scales cost almost nothing
+    lora = {"A": rng.standard_normal((4, 256)).astype(np.float32), "B": rng.standard_normal((256, 4)).astype(np.float32)}
+    sent, _ = wire_ops.encode(lora, "int8")
+    assert sent["B.scale"].shape == (4,) and wire_ops.nbytes(sent) < wire_ops.nbytes(lora) / 3.9
+    back = wire_ops.decode(sent, "int8", {k: v.shape for k, v in lora.items()})
+    assert all(np.abs(back[k] - lora[k]).max() <= np.abs(lora[k]).max() / 127 for k in lora)
     # top-k with error feedback: what is not sent now is sent later, so two rounds deliver more than one
     sent, left = wire_ops.encode(delta, "topk", 0.25)
     first = wire_ops.decode(sent, "topk", shapes)

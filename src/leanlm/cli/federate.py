@@ -18,6 +18,7 @@ HELPS = {
     "strategy": "server aggregation",
     "proximal_mu": "FedProx's pull towards the global adapter",
     "server_lr": "FedAdam's server step",
+    "server_step": "FedAvg/FedProx: the mean update is applied times this (1: plain FedAvg)",
     "compress": "how updates travel: float32, int8 (one scale per row) or topk (with error feedback)",
     "topk": "with --compress topk: share of each tensor's entries sent",
     "eval_windows": "pooled held-out windows the server scores each round (0: all)",

@@ -145,7 +145,7 @@ class ServerRun:
 
     def apply(self, deltas: list[dict], weights: list[float]) -> None:
         mean = wire_ops.weighted_mean(deltas, weights)
-        step = self.adam.step(mean) if self.adam else mean
+        step = self.adam.step(mean) if self.adam else {k: v * self.settings["server_step"] for k, v in mean.items()}
         self.glob = {k: (v + step[k]).astype(np.float32) for k, v in self.glob.items()}
 
 

@@ -29,7 +29,9 @@ class FederateConfig(Validated):
     targets: list[str] = field(default_factory=lambda: ["*"])
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = 0.01        # FedProx's pull towards the round's global adapter
-    server_lr: float = 0.01          # FedAdam's step (FedAvg and FedProx apply the mean update as it is)
+    server_lr: float = 0.01          # FedAdam's step
+    server_step: float = 1.0         # FedAvg/FedProx: the mean update is applied times this (the global step size
+                                     # of the FedOpt papers; 1 is plain FedAvg)
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
@@ -59,5 +61,6 @@ class FederateConfig(Validated):
                               f"and {self.wait_clients}")
         if self.eval_windows < 0:
             raise ConfigError(f"eval_windows must be 0 (all) or more, got {self.eval_windows}")
-        if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.server_lr <= 0 or self.proximal_mu < 0:
-            raise ConfigError("LoRA rank >= 1, alpha, lr and server_lr > 0 and proximal_mu >= 0, please")
+        if self.rank < 1 or self.alpha <= 0 or self.lr <= 0 or self.server_lr <= 0 or self.proximal_mu < 0 \
+                or self.server_step <= 0:
+            raise ConfigError("LoRA rank >= 1, alpha, lr, server_lr and server_step > 0 and proximal_mu >= 0, please")

@@ -1,5 +1,6 @@
 """Adapter updates on the wire: each client sends the change to the global adapter (its delta), as float32,
-as int8 with one scale per row, or as its top-k entries by magnitude with error feedback (what a round
+as int8 with one scale per row or column (whichever is longer: a LoRA B matrix is tall and thin, and a
+scale per 16-entry row would cost a fifth of the bytes), or as its top-k entries by magnitude with error feedback (what a round
 leaves unsent is added to the next round's delta, so nothing is lost for good, only delayed). Pure array
 math on numpy: Flower carries numpy arrays."""
 
@@ -19,10 +20,11 @@ def encode(delta: dict[str, np.ndarray], how: str, topk: float = 0.1,
         if how == "none":
             out[name] = d
         elif how == "int8":
-            rows = d.reshape(d.shape[0], -1) if d.ndim > 1 else d.reshape(1, -1)
+            rows = _scaled_rows(d, d.shape)
             scale = np.abs(rows).max(axis=1, keepdims=True) / 127.0
             scale[scale == 0] = 1.0
-            out[name + ".q"] = np.clip(np.rint(rows / scale), -127, 127).astype(np.int8).reshape(d.shape)
+            q = np.clip(np.rint(rows / scale), -127, 127).astype(np.int8)
+            out[name + ".q"] = _unscaled_rows(q, d.shape)
             out[name + ".scale"] = scale.astype(np.float32).ravel()
         elif how == "topk":
             full = d + residual[name] if residual and name in residual else d
@@ -55,11 +57,11 @@ def decode(arrays: dict[str, np.ndarray], how: str, shapes: dict[str, tuple[int,
                 raise ValueError(f"{name} has shape {tuple(d.shape)}, the adapter's is {tuple(shape)}")
         elif how == "int8":
             q, scale = arrays[name + ".q"], arrays[name + ".scale"]
-            rows = shape[0] if len(shape) > 1 else 1
+            rows = _scaled_rows(np.empty(shape, np.int8), shape).shape[0]
             if tuple(q.shape) != tuple(shape) or scale.shape != (rows,) or q.dtype != np.int8:
                 raise ValueError(f"{name}: int8 update of shape {tuple(q.shape)} with {scale.size} scales does not "
                                  f"fit the adapter's {tuple(shape)}")
-            d = (q.reshape(rows, -1).astype(np.float32) * scale[:, None]).reshape(shape)
+            d = _unscaled_rows(_scaled_rows(q, shape).astype(np.float32) * scale[:, None], shape)
         else:
             index, value = arrays[name + ".index"], arrays[name + ".value"]
             if index.shape != value.shape or index.ndim != 1 or (index.size and (index.min() < 0 or index.max() >= size)):
@@ -71,6 +73,22 @@ def decode(arrays: dict[str, np.ndarray], how: str, shapes: dict[str, tuple[int,
             raise ValueError(f"{name} holds NaN or infinite values")
         out[name] = d.astype(np.float32)
     return out
+
+
+def _scaled_rows(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`a` as the 2-D array whose rows share one int8 scale: the rows of a wide matrix, the columns of a tall
+    one, the whole of a vector."""
+    if len(shape) < 2:
+        return a.reshape(1, -1)
+    wide = a.reshape(shape[0], -1)
+    return wide if wide.shape[0] <= wide.shape[1] else wide.T
+
+
+def _unscaled_rows(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if len(shape) < 2:
+        return rows.reshape(shape)
+    tall = shape[0] > int(np.prod(shape[1:]))
+    return np.ascontiguousarray(rows.T if tall else rows).reshape(shape)
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:
