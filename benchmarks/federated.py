@@ -31,7 +31,7 @@ def centralized(base: str, settings: dict) -> dict:
     s = settings
     texts = client_texts(None, s["clients"], s["split"], s["holdout"])
     clients = [{"name": t.name, "train": t.train, "holdout": t.holdout} for t in texts]
-    a = local.adapted(base, s["rank"], s["alpha"], s["targets"], s["seed"])
+    a = local.adapted(base, {**s, "freeze_a": False})
     pooled = local.pooled_holdout(a.tokenizer, clients, s["seq_len"], s["eval_windows"])
     before, _ = local.mean_loss(a, pooled)
     union = local.examples(a.tokenizer, "\n\n".join(c["train"] for c in clients), s["seq_len"])

@@ -160,10 +160,13 @@ def test_a_stopped_run_resumes_from_its_last_round(tmp_path):
     tiny_llama(len(tok), layers=2, hidden=64).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     settings = {"clients": 2, "rounds": 2, "local_steps": 2, "seq_len": 32, "rank": 4, "min_clients": 2,
-                "eval_windows": 8}
+                "eval_windows": 8, "freeze_a": True}
     with pytest.raises(FederateError, match="stopped after round 1 of 2.*--resume"):
         federate(str(tmp_path / "base"), tmp_path / "out", config=settings, kill=(1, 2))
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.federate" / "state.json").exists()
+    # FFA-LoRA: only the B matrices are trained, exchanged and checkpointed
+    keys = list(np.load(tmp_path / ".out.federate" / "adapter.npz"))
+    assert keys and all("lora_B" in k for k in keys)
     first = json.loads((tmp_path / ".out.federate" / "state.json").read_text())["history"]
     with pytest.raises(ConfigError, match="other settings"):
         federate(str(tmp_path / "base"), tmp_path / "out", config={**settings, "rounds": 3}, resume=True)

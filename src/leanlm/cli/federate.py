@@ -15,6 +15,7 @@ HELPS = {
     "seq_len": "tokens per training window",
     "lr": "clients' AdamW learning rate",
     "rank": "LoRA rank",
+    "freeze_a": "FFA-LoRA: keep LoRA's A at its shared init and train and send only B (exact averaging, half the bytes)",
     "strategy": "server aggregation",
     "proximal_mu": "FedProx's pull towards the global adapter",
     "server_lr": "FedAdam's server step",

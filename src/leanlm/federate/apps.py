@@ -34,7 +34,7 @@ def train_reply(msg, context, base: str, text: dict, index: int, kill: tuple | N
         # fault injection: this client fails mid-round. An exception, not the process: Flower's simulation
         # runs several clients on each Ray worker, and a dead worker takes the others queued on it too
         raise SystemError(f"client {index} was killed in round {rnd} (fault injection)")
-    a = local.adapted(base, settings["rank"], settings["alpha"], settings["targets"], settings["seed"])
+    a = local.adapted(base, settings)
     train_ex = local.examples(a.tokenizer, text["train"], settings["seq_len"])
     held_ex = local.examples(a.tokenizer, text["holdout"], settings["seq_len"])
     start = {k: v.numpy() for k, v in msg.content["arrays"].items()}
@@ -65,7 +65,7 @@ def evaluate_reply(msg, base: str, text: dict):
 
     cfg = msg.content["config"]
     settings = json.loads(str(cfg["settings"]))
-    a = local.adapted(base, settings["rank"], settings["alpha"], settings["targets"], settings["seed"])
+    a = local.adapted(base, settings)
     a.load({k: v.numpy() for k, v in msg.content["arrays"].items()})
     held = local.pooled_holdout(a.tokenizer, [text], settings["seq_len"], int(cfg["windows"]))
     loss, tokens = local.mean_loss(a, held)
@@ -96,7 +96,7 @@ class ServerRun:
         self.spec, self.settings = spec, spec["settings"]
         self.work = Path(spec["work"])
         s = self.settings
-        self.base = local.adapted(spec["base"], s["rank"], s["alpha"], s["targets"], s["seed"])
+        self.base = local.adapted(spec["base"], s)
         # in simulation the server holds every client's held-out text; deployed, it asks the clients
         self.pooled = (local.pooled_holdout(self.base.tokenizer, spec["clients"], s["seq_len"], s["eval_windows"])
                        if spec.get("clients") else None)
@@ -117,6 +117,14 @@ class ServerRun:
         # Flower node id -> client name, learned from replies: a client that dies says nothing
         self.names = {c["node"]: c["name"] for h in self.history for c in h.get("clients", [])}
         self.shapes = {k: v.shape for k, v in self.glob.items()}
+        self.waited = False
+
+    def wait_for_nodes(self, grid) -> list[int]:
+        """The connected clients. The first time, up to `wait_clients` seconds for all `clients` to connect;
+        after that only for `min_clients`, so a client that died does not cost every later round the wait."""
+        need = self.settings["min_clients"] if self.waited else self.settings["clients"]
+        self.waited = True
+        return _wait_for_nodes(grid, need, self.settings["wait_clients"])
 
     def config(self, **extra):
         """What every message carries besides the adapter: the settings, so a deployed client needs none."""
@@ -190,11 +198,32 @@ def _wait_for_nodes(grid, need: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
+def collect(grid, messages: list, timeout: float, poll: float = 1.0) -> tuple[list, dict[int, str]]:
+    """Send `messages` and gather (node, reply) pairs until all are in, or the node a reply is awaited from
+    is no longer online (it stopped answering Flower's heartbeats: a killed client), or `timeout` passes.
+    The node is the one the message went to: an error reply comes from the SuperLink, not the client."""
+    ids = list(grid.push_messages(messages))
+    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+    pending, replies, offline = set(ids), [], {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies += [(node_of[r.metadata.reply_to_message_id], r) for r in got]
+        pending -= {r.metadata.reply_to_message_id for r in got}
+        if pending:
+            online = set(grid.get_node_ids())
+            for mid in [m for m in pending if node_of[m] not in online]:
+                offline[node_of[mid]] = "went offline mid-round (stopped answering Flower's heartbeats)"
+                pending.discard(mid)
+            time.sleep(poll)
+    return replies, offline
+
+
 def run_round(run: ServerRun, grid) -> None:
     from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
     s, rnd = run.settings, run.next_round
-    nodes = _wait_for_nodes(grid, s["clients"], s["wait_clients"])
+    nodes = run.wait_for_nodes(grid)
     if len(nodes) < s["min_clients"]:
         raise FederateError(f"round {rnd}: {len(nodes)} clients connected, fewer than min_clients {s['min_clients']}")
     rng = random.Random(s["seed"] * 7919 + rnd)
@@ -204,15 +233,16 @@ def run_round(run: ServerRun, grid) -> None:
     messages = [Message(RecordDict({"arrays": record, "config": run.config(round=rnd)}),
                         dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled]
     started = time.perf_counter()
-    replies = list(grid.send_and_receive(messages, timeout=s["round_timeout"]))
+    replies, offline = collect(grid, messages, s["round_timeout"])
     deltas, weights, clients, dropped, rejected = [], [], [], [], []
-    answered = {r.metadata.src_node_id for r in replies}
-    for reply in replies:
+    dropped += [{"node": n, "why": why} for n, why in offline.items()]
+    answered = {node for node, _ in replies} | set(offline)
+    for node, reply in replies:
         if reply.has_error():
-            dropped.append({"node": reply.metadata.src_node_id, "why": reply.error.reason})
+            dropped.append({"node": node, "why": reply.error.reason})
             continue
         m, info = reply.content["metrics"], reply.content["info"]
-        who = {"client": int(m["client"]), "name": info["name"], "node": reply.metadata.src_node_id}
+        who = {"client": int(m["client"]), "name": info["name"], "node": node}
         run.names[who["node"]] = who["name"]
         if info["fingerprint"] != run.base.fingerprint:
             raise FederateError(f"{info['name']} trains on a different base model (fingerprint {info['fingerprint']}, "
@@ -249,7 +279,7 @@ def federated_loss(run: ServerRun, grid, final: bool) -> float:
     from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
     s = run.settings
-    nodes = _wait_for_nodes(grid, s["clients"], s["wait_clients"])
+    nodes = run.wait_for_nodes(grid)
     if len(nodes) < s["min_clients"]:
         raise FederateError(f"{len(nodes)} clients connected, fewer than min_clients {s['min_clients']}, after "
                             f"waiting {s['wait_clients']:.0f} s")
@@ -258,7 +288,7 @@ def federated_loss(run: ServerRun, grid, final: bool) -> float:
     messages = [Message(RecordDict({"arrays": record, "config": run.config(windows=windows, final=final)}),
                         dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
     total, tokens = 0.0, 0
-    for reply in grid.send_and_receive(messages, timeout=s["round_timeout"]):
+    for _, reply in collect(grid, messages, s["round_timeout"])[0]:
         if reply.has_error() or reply.content["info"]["fingerprint"] != run.base.fingerprint:
             log.warning("a client could not evaluate the global adapter: %s",
                         reply.error.reason if reply.has_error() else "it holds a different base model")

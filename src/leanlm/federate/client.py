@@ -20,12 +20,19 @@ _EXAMPLES: dict = {}  # (text digest, seq_len) -> Examples
 
 
 class Adapted:
-    def __init__(self, base: str, rank: int, alpha: float, targets: list[str], seed: int):
+    def __init__(self, base: str, rank: int, alpha: float, targets: list[str], seed: int, freeze_a: bool = False):
         loaded = load_model(base, "cpu")
         self.tokenizer, self.fingerprint = loaded.tokenizer, base_fingerprint(loaded.model)
         names, quantized = lora_targets(loaded.model, targets)
         add = add_qlora if quantized else add_lora
         self.model = add(loaded.model, names, rank, alpha, 0.0, seed)
+        if freeze_a:  # FFA-LoRA: every client holds the same seeded A, which must then match everywhere
+            frozen = [(n, p) for n, p in self.model.named_parameters() if "lora_A" in n]
+            h = hashlib.sha256()
+            for n, p in frozen:
+                p.requires_grad_(False)
+                h.update(p.detach().float().numpy().tobytes())
+            self.fingerprint += "-A" + h.hexdigest()[:8]
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def state(self) -> dict[str, np.ndarray]:
@@ -37,11 +44,13 @@ class Adapted:
                 p.copy_(torch.from_numpy(arrays[n]))
 
 
-def adapted(base: str, rank: int, alpha: float, targets: list[str], seed: int) -> Adapted:
-    key = (base, rank, alpha, tuple(targets), seed)
+def adapted(base: str, settings: dict) -> Adapted:
+    """The base with the run's LoRA (rank, alpha, targets, seed, freeze_a from `settings`), once per process."""
+    s = settings
+    key = (base, s["rank"], s["alpha"], tuple(s["targets"]), s["seed"], s.get("freeze_a", False))
     if key not in _MODELS:
         _MODELS.clear()  # one base at a time in a worker
-        _MODELS[key] = Adapted(base, rank, alpha, targets, seed)
+        _MODELS[key] = Adapted(base, *key[1:4], s["seed"], s.get("freeze_a", False))
     return _MODELS[key]
 
 

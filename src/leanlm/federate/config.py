@@ -27,6 +27,8 @@ class FederateConfig(Validated):
     rank: int = 16
     alpha: float = 32.0
     targets: list[str] = field(default_factory=lambda: ["*"])
+    freeze_a: bool = False           # FFA-LoRA (Sun et al., 2024): A stays at its shared seeded init, only B trains
+                                     # and travels, so averaging B is exactly averaging the updates; half the bytes
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = 0.01        # FedProx's pull towards the round's global adapter
     server_lr: float = 0.01          # FedAdam's step

@@ -112,7 +112,7 @@ def _finish(spec: dict, state: dict, model: str, out: Path, overwrite: bool, sec
     from leanlm.models.save import save_model
 
     s = spec["settings"]
-    a = local.adapted(spec["base"], s["rank"], s["alpha"], s["targets"], s["seed"])
+    a = local.adapted(spec["base"], s)
     held = _held_out(spec, a.tokenizer)
     before = local.mean_loss(a, held)[0] if held is not None and spec.get("eval_text") else None
     a.load(dict(np.load(Path(spec["work"]) / "adapter.npz")))
