@@ -100,6 +100,7 @@ def main() -> None:
             row["qlora_recipe"] = args.qlora_recipe
             row["merged_share_of_adapter_gain"] = (r["perplexity_before"] - r["perplexity_after"]) / own if own else None
         rows.append(row)
+        save(args.json, common, rows)
         print(f"{name}: {row['perplexity_before']:.3f} -> {row['perplexity_adapter']:.3f} (merged "
               f"{row['perplexity_after']:.3f}), {row['share_of_central_gain']:.1%} of the centralized gain, "
               f"{row['bytes_up_per_client_round'] / 1024:.0f} KiB up per client per round, {row['minutes']:.1f} min",
@@ -116,9 +117,13 @@ def main() -> None:
         after = r.get("perplexity_adapter", r["perplexity_after"])
         kib = f"{r['bytes_up_per_client_round'] / 1024:.0f}" if "bytes_up_per_client_round" in r else "-"
         print(f"{r['run']:14} {after:9.3f} {r['share_of_central_gain']:22.1%} {kib:>20}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"settings": common, "rows": rows, "date": time.strftime("%Y-%m-%d")},
-                                          indent=2))
+    save(args.json, common, rows)
+
+
+def save(path: str, settings: dict, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"settings": settings, "rows": rows, "date": time.strftime("%Y-%m-%d")},
+                                     indent=2))
 
 
 if __name__ == "__main__":

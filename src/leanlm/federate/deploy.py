@@ -137,8 +137,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _client_failed(server: str, retries: int, wait: float, code: int, logfile: Path) -> str:
-    tail = logfile.read_text(errors="replace").strip().splitlines()[-5:]
-    if any("Connection attempt failed" in line or "retrying" in line for line in tail):
+    said = logfile.read_text(errors="replace")
+    tail = said.strip().splitlines()[-5:]
+    if "Exit Code: 305" in said or "Connection attempt failed" in said:  # Flower's code for "no SuperLink there"
         return (f"the federation server at {server} did not answer ({retries} tries over at most {wait:.0f} s); "
                 "check that `leanlm federate server` runs there and that the address and port are right")
     return f"the Flower SuperNode stopped (exit code {code}); its last lines:\n" + "\n".join(tail)
