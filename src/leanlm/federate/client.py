@@ -94,7 +94,7 @@ def local_train(a: Adapted, train, steps: int, batch_size: int, lr: float, mu: f
         batch = train.take(torch.randint(0, len(train), (min(batch_size, len(train)),), generator=gen))
         tokens = max(1, int(batch["attention_mask"][:, 1:].sum()))
         loss = causal_lm_loss(a.model, batch) / tokens
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if anchor is not None:  # FedProx: stay near the round's global adapter
             loss = loss + mu / 2 * sum(((p - anchor[n]) ** 2).sum() for n, p in a.params.items())
         opt.zero_grad(set_to_none=True)
