@@ -29,7 +29,7 @@ def test_default_recipe_is_what_bare_optimize_runs():
 
 
 def test_unknown_step_type_lists_valid_ones():
-    with pytest.raises(ConfigError, match=r"steps\[0\]: unknown step type 'gptqq' \(did you mean 'gptq'\?\); step types: act_sparsity, awq, cast, depth, distill, finetune, gptq, heads, lowrank, magnitude, mixed, moefy, rtn, smoothquant, sparse24, sparsegpt, wanda, width"):
+    with pytest.raises(ConfigError, match=r"steps\[0\]: unknown step type 'gptqq' \(did you mean 'gptq'\?\); step types: act_sparsity, awq, cast, depth, distill, federated, finetune, gptq, heads, lowrank, magnitude, mixed, moefy, rtn, smoothquant, sparse24, sparsegpt, wanda, width"):
         parse_recipe({"steps": [{"type": "gptqq"}]})
 
 
