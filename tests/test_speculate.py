@@ -107,6 +107,14 @@ def test_greedy_speculation_stops_at_eos_and_the_token_limit():
     assert speculative_generate(target, ids, 5, DraftModel(target)).shape == (1, 5)
 
 
+def second_token_marginal(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The exact distribution of the second token sampled after `ids` (temperature 1)."""
+    with torch.inference_mode():
+        p1 = torch.softmax(model(ids).logits[0, -1], -1)
+        firsts = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
+        return (p1[:, None] * torch.softmax(model(firsts).logits[:, -1], -1)).sum(0)
+
+
 def test_sampled_speculation_follows_the_targets_distribution():
     """Over a 10-token vocabulary, the second generated token's frequency under speculative sampling with a
     different draft model matches the exact marginal computed from the target."""
@@ -115,10 +123,7 @@ def test_sampled_speculation_follows_the_targets_distribution():
     for model in (target, other):  # sharper distributions, so that the drafts are sometimes right
         model.lm_head.weight.data.mul_(4)
     ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.inference_mode():
-        p1 = torch.softmax(target(ids).logits[0, -1], -1)
-        firsts = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
-        p2 = (p1[:, None] * torch.softmax(target(firsts).logits[:, -1], -1)).sum(0)
+    p2 = second_token_marginal(target, ids, vocab)
     sampling = Sampling(temperature=1.0, generator=torch.Generator().manual_seed(0))
     stats, counts = SpecStats(), torch.zeros(vocab)
     drafter = DraftModel(other)
@@ -149,8 +154,12 @@ def test_drafter_modes_and_their_refusals(tiny, tiny_dir, other_vocab_dir, tmp_p
 
     assert make_drafter("lookup:4", tiny).max_ngram == 4
     assert isinstance(make_drafter(f"draft:{tiny_dir}", tiny), DraftModel)
-    with pytest.raises(ConfigError, match="unknown speculative mode 'self:3'.*lookup"):
+    with pytest.raises(ConfigError, match="unknown speculative mode 'medusa'.*lookup.*self:DIR"):
+        make_drafter("medusa", tiny)
+    with pytest.raises(ConfigError, match="outside the model's blocks"):
         make_drafter("self:3", tiny)
+    with pytest.warns(UserWarning, match="rarely agrees"):
+        assert make_drafter("self:1", tiny).split.layer == 1
     with pytest.raises(ConfigError, match="lookup:N takes"):
         make_drafter("lookup:x", tiny)
     with pytest.raises(ConfigError, match="needs the draft model"):

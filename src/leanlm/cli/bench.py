@@ -38,6 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--speculative", metavar="MODE",
                    help="measure speculative decoding against plain decoding on real prompts: lookup[:N] (prompt "
                         "lookup) or draft:MODEL (a smaller model sharing the tokenizer, e.g. leanlm's int8 of it)")
+    p.add_argument("--early-exit", metavar="DIR",
+                   help="measure early exit with the exit head in DIR (`leanlm distill --exit-layer K`): quality "
+                        "against the full model at each confidence threshold, decode speed on real prompts, and the "
+                        "threshold --kld-budget picks")
+    p.add_argument("--kld-budget", type=float, default=0.05,
+                   help="for --early-exit: the mean KL to the full model the chosen threshold keeps (default 0.05)")
     p.add_argument("--workload", default="grounded", metavar="KIND|FILE",
                    help="prompts for --speculative: grounded (summarize/extract/quote passages of the default "
                         "corpus's held-out split), chat (open-ended questions), or a JSONL file of "
@@ -58,8 +64,12 @@ def run(args) -> int:
     cfg = parse_config(BenchConfig, config_values(args, FLAGS), "options")
     if args.compile and args.runtime == "llama.cpp":
         raise LeanLMError("--compile applies to the PyTorch runtime; llama.cpp has its own")
+    if args.speculative and args.early_exit:
+        raise LeanLMError("--speculative and --early-exit are measured one at a time; pass one")
     if args.speculative:
         return run_speculative(args, cfg)
+    if args.early_exit:
+        return run_early_exit(args, cfg)
     if args.runtime == "llama.cpp":
         from leanlm.runtime.llamacpp import bench_llamacpp
 
@@ -110,9 +120,10 @@ def run_speculative(args, cfg) -> int:
     drafter = make_drafter(args.speculative, loaded, args.device, args.dtype)
     if cfg.prepack:
         prepack(loaded.model)
-        draft_model = getattr(drafter, "model", None)
-        if draft_model is not None and has_float_linears(draft_model):  # a quantized drafter has its own kernels
-            prepack(draft_model)
+        # a draft model's or exit head's float linears too (a quantized drafter has its own kernels)
+        for extra in (getattr(drafter, "model", None), getattr(drafter, "head", None)):
+            if extra is not None and has_float_linears(extra):
+                prepack(extra)
     prompts = workload_prompts(args.workload, args.prompts, loaded.tokenizer)
     result = bench_speculative(loaded, drafter, prompts, cfg.new_tokens, cfg.repeats, cfg.warmup, args.max_draft)
     result.update(model=args.model, speculative=args.speculative, workload=args.workload)
@@ -129,6 +140,52 @@ def run_speculative(args, cfg) -> int:
     print(f"mean accepted draft  {result['mean_accepted_length']:8.2f} tokens")
     print(f"tokens per pass      {result['tokens_per_step']:8.2f}   (break-even {result['break_even_tokens_per_step']:.2f})")
     print(f"identical outputs    {same:5d} of {len(prompts)}")
+    return 0
+
+
+def run_early_exit(args, cfg) -> int:
+    from leanlm.data.corpus import default_corpus
+    from leanlm.measure.early_exit import bench_early_exit
+    from leanlm.measure.evaluate import eval_windows
+    from leanlm.models.load import load_model
+    from leanlm.speculate.exit_head import load_exit_head
+
+    if args.runtime == "llama.cpp" or args.compile:
+        raise LeanLMError("--early-exit runs blocks one part at a time in leanlm's eager PyTorch loop; drop "
+                          "--runtime llama.cpp and --compile")
+    if not 0 < args.kld_budget or args.prompts < 1:
+        raise LeanLMError(f"--kld-budget must be > 0 and --prompts >= 1; got {args.kld_budget} and {args.prompts}")
+    loaded = load_model(args.model, args.device, args.dtype)
+    head, split = load_exit_head(args.early_exit, loaded.model)
+    if cfg.prepack:
+        from leanlm.measure.bench import prepack
+
+        from leanlm.runtime.onednn_linear import has_float_linears
+
+        for module in (loaded.model, head):
+            if has_float_linears(module):
+                prepack(module)
+    corpus = default_corpus()
+    calibration = eval_windows(loaded.tokenizer, corpus.train[-400_000:], 512)[:8]
+    held_out = eval_windows(loaded.tokenizer, corpus.eval, 512)
+    prompts = workload_prompts(args.workload, args.prompts, loaded.tokenizer)
+    result = bench_early_exit(loaded, head, split, prompts, calibration, held_out, args.kld_budget, cfg.new_tokens,
+                              cfg.repeats, cfg.warmup)
+    result.update(model=args.model, early_exit=args.early_exit, workload=args.workload)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model: {args.model}   exit after block {split.layer} of {split.depth}   workload: {args.workload} "
+          f"({len(prompts)} prompts, {cfg.new_tokens} new tokens, greedy)   plain decode "
+          f"{result['plain_decode_tps']:.2f} tokens/s")
+    print(f"{'threshold':>9} {'exit share':>10} {'kld':>8} {'top1':>6} {'ppl':>7} {'tokens/s':>9} {'speedup':>8} "
+          f"{'same prefix':>11}   (quality on {len(held_out)} held-out windows)")
+    for r in result["timed"]:
+        mark = "  <- kld budget" if r["threshold"] == result["chosen_threshold"] else ""
+        print(f"{r['threshold']:9.2f} {r['exit_share']:10.1%} {r['kld']:8.4f} {r['top1']:6.3f} {r['perplexity']:7.3f} "
+              f"{r['decode_tps']:9.2f} {r['speedup']:7.2f}x {r['same_prefix_share']:10.1%}{mark}")
+    if result["chosen_threshold"] is None:
+        print(f"no threshold keeps KL <= {args.kld_budget} on the calibration windows: every token needs the full model")
     return 0
 
 

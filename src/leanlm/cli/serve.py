@@ -55,6 +55,12 @@ def add_parser(sub) -> None:
     p.add_argument("--compress-context", type=int, default=0, metavar="N",
                    help="compress prompts longer than N tokens to about N before the model (the last user message "
                         "is the question, earlier messages the context; see docs/prompt.md; default: 0, off)")
+    p.add_argument("--speculative", metavar="MODE",
+                   help="speculative decoding while one request decodes alone: lookup[:N] (prompt lookup, for answers "
+                        "that quote their prompt) or draft:MODEL (a smaller model sharing the tokenizer, e.g. leanlm's "
+                        "int8 of it); exact for greedy and sampled requests; measured against plain steps as it runs "
+                        "and kept only while faster (default: off)")
+    p.add_argument("--max-draft", type=positive_int, default=8, help="most tokens drafted per step (default: 8)")
 
 
 def run(args) -> int:
@@ -66,6 +72,6 @@ def run(args) -> int:
                                                "api_keys", "max_batch", "max_queue", "max_len", "prefill_chunk",
                                                "max_n", "request_timeout", "max_body", "drain_timeout", "cache",
                                                "cache_store", "cache_dir", "cache_ttl", "cache_max_entries",
-                                               "prefix_cache_mb", "semantic_config", "prepack", "compress_context")}
+                                               "prefix_cache_mb", "semantic_config", "prepack", "compress_context", "speculative", "max_draft")}
     serve(args.model, served_name=args.served_model_name, **options)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -31,7 +32,7 @@ class BatchEngine:
 
     def __init__(self, loaded, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048,
                  prefill_chunk: int = 256, on_step: Callable[[int], None] | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, speculative: str | None = None, max_draft: int = 8):
         """`loaded`: a LoadedModel, or a function that loads one. Given a function, the model is loaded on the
         engine's own thread: torch then runs on that one thread only. Run from two threads (loaded on the
         main one, decoded on another), libgomp keeps two OpenMP teams on 2 cores and a decode step measured
@@ -39,6 +40,8 @@ class BatchEngine:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.on_step = on_step or (lambda batch: None)
         self.prefix = prefix_cache
+        self._speculative, self._max_draft = speculative, max_draft
+        self.spec = None  # serve.speculative.ServeSpeculation, built with the model on the engine's thread
         self.waiting: deque[Sequence] = deque()
         self.rows: list[Sequence] = []  # rows[:decoding] decode; rows[decoding:] (at most one) is being prefilled
         self.decoding = 0
@@ -77,6 +80,8 @@ class BatchEngine:
         self.dtype = self.cache.dtype
         self._kwarg = _cache_kwarg(self.model)
         self._gqa = self.cache.device.type == "cpu"
+        if self._speculative:
+            self.spec = _speculation(self._speculative, loaded, self._max_draft)
 
     def _check_attention(self, cfg) -> None:
         impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
@@ -181,7 +186,7 @@ class BatchEngine:
             self.rows[last] = self.rows[last + 1]
         self.rows.pop()
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, keep: int = 1) -> torch.Tensor:
         self.cache.begin(rows, positions)
         mask = self.cache.mask(self.dtype)
         if self.window is not None:
@@ -189,10 +194,14 @@ class BatchEngine:
         try:
             with torch.inference_mode(), native_gqa(self._gqa):
                 out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                                 logits_to_keep=1, **{self._kwarg: self.cache})
+                                 logits_to_keep=keep, **{self._kwarg: self.cache})
         finally:
             self.cache.finish()
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :] if keep == 1 else out.logits
+
+    def forward_all(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Row 0's logits after each of its tokens [tokens, vocab] (a speculative step's verification)."""
+        return self._forward(ids, positions, slice(0, 1), keep=0)[0]
 
     def _prefill_step(self) -> None:
         r = self.decoding
@@ -215,14 +224,34 @@ class BatchEngine:
     def _decode_step(self) -> None:
         batch = self.rows[: self.decoding]
         self.on_step(len(batch))
+        alone = len(batch) == 1 and len(self.rows) == 1 and not self.waiting
+        if alone and self.spec is not None and self.spec.wanted():
+            if self.spec.step(self, batch[0]):
+                self._remove(0)
+            return
+        started = time.perf_counter()
         last = [seq.out_ids[-1] if seq.out_ids else seq.prompt_ids[-1] for seq in batch]
         ids = torch.tensor(last, device=self.cache.device)[:, None]
         positions = torch.tensor(self.cache.lengths[: len(batch)], device=self.cache.device)[:, None]
         logits = self._forward(ids, positions, slice(0, len(batch)))
         ended = [r for r, seq in enumerate(batch) if seq.next_token(logits[r])
                  or self.cache.lengths[r] >= self.max_len and seq.finish("length", seq.text.flush())]
+        if alone and self.spec is not None:
+            self.spec.record_plain(time.perf_counter() - started, 1)
         for r in reversed(ended):
             self._remove(r)
+
+
+def _speculation(mode: str, loaded, max_draft: int):
+    from leanlm.errors import ConfigError
+    from leanlm.serve.speculative import ServeSpeculation
+    from leanlm.speculate.spec import make_drafter
+
+    if mode.partition(":")[0] == "self":
+        raise ConfigError("serve --speculative takes lookup[:N] or draft:MODEL; self-speculation splits the model's "
+                          "blocks over transformers' own cache, which the server's batched cache is not (measure it "
+                          "with `leanlm bench --speculative self:DIR`)")
+    return ServeSpeculation(make_drafter(mode, loaded, str(loaded.device)), max_draft)
 
 
 def _greedy(tokens: int):

@@ -43,12 +43,24 @@ class Metrics:
         self.compressed_away = Counter("leanlm_compressed_away_tokens",
                                        "prompt tokens removed by --compress-context", registry=r)
         self.load = load
+        self.speculation = None
         Gauge("leanlm_queue_depth", "requests waiting for a slot", registry=r).set_function(lambda: self.load()["waiting"])
         Gauge("leanlm_running", "sequences holding a slot", registry=r).set_function(lambda: self.load()["running"])
         Gauge("leanlm_tokens_per_second", "tokens generated per second, last 10 s", registry=r).set_function(self.rate)
         self._recent: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self.started = time.time()
+
+    def watch_speculation(self, spec) -> None:
+        """Gauges over the engine's speculation (serve.speculative), read when scraped."""
+        r = self.registry
+        Gauge("leanlm_speculative_steps", "speculative steps run", registry=r).set_function(lambda: spec.stats.steps)
+        Gauge("leanlm_speculative_drafted_tokens", "tokens drafted", registry=r).set_function(lambda: spec.stats.drafted)
+        Gauge("leanlm_speculative_accepted_tokens", "drafted tokens the model agreed with",
+              registry=r).set_function(lambda: spec.stats.accepted)
+        Gauge("leanlm_speculative_enabled", "1 while speculation is on (measuring it, or measured faster)",
+              registry=r).set_function(lambda: float(spec.wanted()))
+        self.speculation = spec
 
     def cache_result(self, result: str) -> None:
         self.cache.labels(result).inc()
@@ -102,4 +114,5 @@ class Metrics:
             return next((v for k, v in samples.items() if k.endswith("_sum")), 0) / count if count else None
         return {**self.load(), "requests": total(self.requests), "generated_tokens": total(self.generated),
                 "tokens_per_second": self.rate(), "mean_ttft_s": mean(self.ttft), "mean_itl_s": mean(self.itl),
-                "uptime_s": time.time() - self.started}
+                "uptime_s": time.time() - self.started,
+                **({"speculative": self.speculation.summary()} if self.speculation is not None else {})}

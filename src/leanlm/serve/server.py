@@ -101,6 +101,9 @@ class ServeConfig(Validated):
     prepack: Literal["auto", "on", "off"] = "off"
     # prompts longer than this many tokens are compressed to about it before the model (0: never)
     compress_context: int = 0
+    # lookup[:N] or draft:MODEL: speculative steps while one sequence decodes alone, kept only while faster
+    speculative: str | None = None
+    max_draft: int = 8
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_len", "prefill_chunk", "max_n", "max_body", "prefix_cache_mb"):
@@ -114,8 +117,26 @@ class ServeConfig(Validated):
         if self.compress_context and self.backend == "llama.cpp":
             raise ConfigError("--compress-context scores prompts with a model leanlm loads in PyTorch; --backend "
                               "llama.cpp serves a GGUF file: serve the model's directory with --backend leanlm")
+        if self.speculative:
+            self._check_speculative()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+
+
+    def _check_speculative(self) -> None:
+        kind = self.speculative.partition(":")[0]
+        if self.upstream or self.backend == "llama.cpp":
+            raise ConfigError("--speculative runs in leanlm's own engine; " + (
+                "with --upstream, turn on the upstream server's own (vLLM: --speculative-config)" if self.upstream else
+                "llama.cpp's server drafts with its own options (llama-server --model-draft FILE, or --lookup "
+                "decoding in llama-lookup); serve the model's directory with --backend leanlm for lookup or draft"))
+        if kind not in ("lookup", "draft"):
+            raise ConfigError(f"--speculative {self.speculative!r}: the server takes lookup, lookup:N (longest n-gram "
+                              "N) or draft:MODEL (a model sharing the served one's tokenizer)" +
+                              ("; self-speculation is measured with `leanlm bench --speculative self:DIR`"
+                               if kind == "self" else ""))
+        if self.max_draft < 1:
+            raise ConfigError(f"max_draft must be at least 1, got {self.max_draft}")
 
 
 def build_engine(model: str, cfg: ServeConfig, metrics, prefix: bool):
@@ -136,8 +157,11 @@ def build_engine(model: str, cfg: ServeConfig, metrics, prefix: bool):
 
     engine = BatchEngine(lambda: load_for_serving(model, cfg), max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
                          prefill_chunk=cfg.prefill_chunk, on_step=metrics.step,
-                         prefix_cache=PrefixCache(budget_bytes=cfg.prefix_cache_mb << 20) if prefix else None)
+                         prefix_cache=PrefixCache(budget_bytes=cfg.prefix_cache_mb << 20) if prefix else None,
+                         speculative=cfg.speculative, max_draft=cfg.max_draft)
     _check_kv_memory(engine)
+    if engine.spec is not None:
+        metrics.watch_speculation(engine.spec)
     return engine, engine.loaded.path
 
 

@@ -29,6 +29,15 @@ def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor
     return kept / kept.sum(-1, keepdim=True)
 
 
+def draft_token(logits: torch.Tensor, sampling) -> tuple[int, torch.Tensor | None]:
+    """A drafter's next token from its logits [vocab]: the argmax, or with `sampling` a draw from its warped
+    distribution, which is returned too (the rejection rule needs q)."""
+    if sampling is None:
+        return int(logits.argmax()), None
+    probs = warp(logits, sampling.temperature, sampling.top_p)
+    return int(torch.multinomial(probs, 1, generator=sampling.generator)), probs
+
+
 def accept_greedy(target_logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
     """(tokens of `draft` kept, the target's next token). `target_logits` [len(draft) + 1, vocab]:
     row i is the target's prediction after the context plus draft[:i]."""

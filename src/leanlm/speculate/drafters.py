@@ -17,7 +17,7 @@ from torch import nn
 
 from leanlm.errors import ConfigError
 from leanlm.runtime.generate import decode_one_token, new_cache, prefill
-from leanlm.speculate.accept_ops import warp
+from leanlm.speculate.accept_ops import draft_token
 from leanlm.speculate.cache_ops import trim_cache
 
 
@@ -32,7 +32,7 @@ class PromptLookup:
             raise ConfigError(f"prompt lookup needs 1 <= min_ngram <= max_ngram; got {min_ngram} and {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def start(self, prompt: list[int]) -> None:
+    def start(self, prompt: list[int], cache=None) -> None:
         pass
 
     def propose(self, context: list[int], k: int, sampling=None) -> tuple[list[int], None]:
@@ -58,8 +58,8 @@ class DraftModel:
         self.device = next(model.parameters()).device
         self._cache, self._seen = None, []
 
-    def start(self, prompt: list[int]) -> None:
-        self._cache, self._seen = new_cache(self.model), []
+    def start(self, prompt: list[int], cache=None) -> None:
+        self._cache, self._seen = new_cache(self.model), []  # its own cache: the target's is not its to fill
 
     def _sync(self, context: list[int]) -> torch.Tensor:
         """Bring the draft's cache to `context` (dropping what the target rejected); the logits after it."""
@@ -77,11 +77,8 @@ class DraftModel:
         logits = self._sync(context)
         draft, dists = [], []
         for i in range(k):
-            if sampling is None:
-                token = int(logits.argmax())
-            else:
-                probs = warp(logits, sampling.temperature, sampling.top_p)
-                token = int(torch.multinomial(probs, 1, generator=sampling.generator))
+            token, probs = draft_token(logits, sampling)
+            if probs is not None:
                 dists.append(probs)
             draft.append(token)
             if i + 1 < k:  # the last draft token is fed next round, if the target keeps it

@@ -87,14 +87,16 @@ def speculative_generate(model: nn.Module, input_ids: torch.Tensor, max_new_toke
     cache = new_cache(model)
     check_croppable(cache, "the target model")
     context = input_ids[0].tolist()
-    drafter.start(context)
     first = prefill(model, input_ids, cache)[0].float().cpu()
+    drafter.start(context, cache)
+    verify = getattr(drafter, "verify", None)  # self-speculation verifies with the blocks it did not run
     token = _choose(first, sampling)
     out = [token]
     while len(out) < max_new_tokens and token != eos_token_id:
         room = max_new_tokens - len(out)
         draft, draft_probs = drafter.propose(context + out, min(length.now, room), sampling)
-        logits = _verify(model, [token] + draft, cache, device)
+        feed = [token] + draft
+        logits = verify(feed, cache) if verify is not None else _verify(model, feed, cache, device)
         if sampling is None:
             kept, token = accept_greedy(logits, draft)
         else:

@@ -9,7 +9,9 @@ from leanlm.core.packed import parameter_count
 from leanlm.errors import ConfigError
 from leanlm.speculate.drafters import DraftModel, PromptLookup
 
-MODES = "lookup, lookup:N (longest n-gram N, default 3), draft:MODEL (a model sharing the target's tokenizer)"
+MODES = ("lookup, lookup:N (longest n-gram N, default 3), draft:MODEL (a model sharing the target's tokenizer), "
+         "self:DIR (the target's first blocks and the exit head `leanlm distill --exit-layer K` saved in DIR), "
+         "self:K (the first K blocks through the model's own final norm and LM head, untrained)")
 
 
 def make_drafter(spec: str, target, device: str = "auto", dtype: str = "auto"):
@@ -28,7 +30,28 @@ def make_drafter(spec: str, target, device: str = "auto", dtype: str = "auto"):
         draft = load_model(arg, device, dtype)
         check_draft(draft, target, arg)
         return DraftModel(draft.model)
+    if kind == "self":
+        return self_drafter(arg, target)
     raise ConfigError(f"unknown speculative mode {spec!r}; valid: {MODES}")
+
+
+def self_drafter(arg: str, target):
+    """`self:DIR` with a trained exit head, or `self:K` reading block K through the model's own head."""
+    from leanlm.speculate.exit_head import ExitHead, load_exit_head
+    from leanlm.speculate.self_draft import SelfDraft
+    from leanlm.speculate.split import LayerSplit
+
+    if not arg:
+        raise ConfigError("--speculative self:DIR needs an exit head (train one with `leanlm distill --exit-layer K "
+                          "MODEL --out DIR`), or self:K for the first K blocks through the model's own head")
+    if arg.isdigit():
+        split = LayerSplit(target.model, int(arg))
+        warnings.warn(f"self:{arg} reads block {arg} through the model's own final norm and LM head, which a model "
+                      "trained without early-exit losses rarely agrees with: expect few accepted drafts; train an "
+                      "exit head with `leanlm distill --exit-layer K` and pass self:DIR", stacklevel=2)
+        return SelfDraft(split, ExitHead(split.norm, target.model.config.hidden_size, 0).eval())
+    head, split = load_exit_head(arg, target.model)
+    return SelfDraft(split, head)
 
 
 def check_draft(draft, target, name: str) -> None:
