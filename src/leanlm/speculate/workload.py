@@ -51,14 +51,17 @@ def _subject(passage: str) -> str:
 
 def build_prompts(kind: str, tokenizer, text: str, count: int) -> list[str]:
     """Chat-template-rendered prompts of a built-in workload kind."""
+    return [_render(tokenizer, [{"role": "user", "content": c}]) for c in prompt_contents(kind, text, count)]
+
+
+def prompt_contents(kind: str, text: str, count: int) -> list[str]:
+    """The user messages of a built-in workload kind (what a client sends a server)."""
     if kind not in WORKLOADS:
         raise DataError(f"unknown workload {kind!r}; use one of {', '.join(WORKLOADS)} or a .jsonl file of prompts")
     chunks = passages(text, count)
     if kind == "grounded":
-        contents = [f"{TASKS[i % len(TASKS)]}\n\n{p}" for i, p in enumerate(chunks)]
-    else:
-        contents = [QUESTIONS[i % len(QUESTIONS)].format(subject=_subject(p)) for i, p in enumerate(chunks)]
-    return [_render(tokenizer, [{"role": "user", "content": c}]) for c in contents]
+        return [f"{TASKS[i % len(TASKS)]}\n\n{p}" for i, p in enumerate(chunks)]
+    return [QUESTIONS[i % len(QUESTIONS)].format(subject=_subject(p)) for i, p in enumerate(chunks)]
 
 
 def read_prompts(path: str | Path, tokenizer) -> list[str]:
