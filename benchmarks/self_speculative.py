@@ -29,6 +29,7 @@ from leanlm.measure.speculative import bench_speculative  # noqa: E402
 from leanlm.models.load import load_model  # noqa: E402
 from leanlm.speculate.exit_head import load_exit_head, save_exit_head, train_exit_head  # noqa: E402
 from leanlm.speculate.self_draft import SelfDraft  # noqa: E402
+from leanlm.speculate.split import LayerSplit  # noqa: E402
 from leanlm.speculate.workload import build_prompts  # noqa: E402
 
 
@@ -38,14 +39,8 @@ def head_for(loaded, corpus, layer: int, heads: Path, steps: int, width: int | N
         start = time.time()
         head, stats = train_exit_head(loaded.model, loaded.tokenizer, corpus.train, layer, steps=steps, width=width)
         stats["minutes"] = (time.time() - start) / 60
-        save_exit_head(head, head_split(loaded.model, layer), path, stats)
+        save_exit_head(head, LayerSplit(loaded.model, layer), path, stats)
     return load_exit_head(path, loaded.model)
-
-
-def head_split(model, layer):
-    from leanlm.speculate.split import LayerSplit
-
-    return LayerSplit(model, layer)
 
 
 def main() -> int:

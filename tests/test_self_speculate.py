@@ -154,11 +154,16 @@ def test_exit_head_trains_toward_the_full_model_and_round_trips(tiny, tmp_path):
         load_exit_head(tmp_path, model)
 
 
-def test_exit_layer_outside_the_blocks_is_refused():
+def test_exit_layer_outside_the_blocks_and_sliding_window_models_are_refused():
+    from leanlm.errors import UnsupportedModelError
+
     model = tiny_llama(96, layers=2)
     for bad in (0, 2, -1):
         with pytest.raises(ConfigError, match="outside the model's blocks: it has 2"):
             LayerSplit(model, bad)
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(UnsupportedModelError, match="sliding_attention layers"):
+        LayerSplit(model, 1)
 
 
 def test_exit_head_cli_and_self_and_early_exit_bench(tiny_dir, tmp_path, capsys):

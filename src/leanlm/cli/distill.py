@@ -76,6 +76,7 @@ def run_exit(args) -> int:
     from leanlm.measure.evaluate import eval_windows
     from leanlm.speculate.early_exit import exit_quality
     from leanlm.speculate.exit_head import save_exit_head, train_exit_head
+    from leanlm.speculate.split import LayerSplit
 
     if args.teacher:
         raise ConfigError("--exit-layer trains the model's early exit against the model itself; drop --teacher")
@@ -86,7 +87,7 @@ def run_exit(args) -> int:
     head, stats = train_exit_head(loaded.model, loaded.tokenizer, corpus.train, args.exit_layer,
                                   steps=args.exit_steps, width=args.exit_width, seq_len=train.seq_len,
                                   lr=args.exit_lr, seed=train.seed)
-    split = head_split(loaded.model, args.exit_layer)
+    split = LayerSplit(loaded.model, args.exit_layer)
     windows = eval_windows(loaded.tokenizer, corpus.eval, train.seq_len)[:8]
     rows = exit_quality(loaded.model, head, split, windows)
     stats["eval"] = rows
@@ -100,8 +101,3 @@ def run_exit(args) -> int:
     print(f"saved to {out}")
     return 0
 
-
-def head_split(model, layer: int):
-    from leanlm.speculate.split import LayerSplit
-
-    return LayerSplit(model, layer)

@@ -32,6 +32,12 @@ class LayerSplit:
         if structure.final_norm_name is None or model.get_output_embeddings() is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no final norm and LM head to read an early exit "
                                         "through")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kinds = sorted(set(getattr(config, "layer_types", None) or []) - {"full_attention"})
+        if kinds:
+            raise UnsupportedModelError(f"{type(model).__name__} has {', '.join(kinds)} layers; running its blocks in "
+                                        "two parts builds one full causal mask for all of them, so self-speculation "
+                                        "and early exit need a model whose layers all attend in full")
         base = model.get_submodule(structure.blocks_name.rpartition(".")[0])
         self.rotary = getattr(base, "rotary_emb", None)
         if self.rotary is None:
