@@ -140,8 +140,7 @@ def train_exit_head(model: nn.Module, tokenizer, text: str, layer: int, steps: i
     head.train()
     device = split.lm_head.weight.device
     windows = _windows(tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0], seq_len)
-    trainable = [p for p in head.parameters()]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
     seen, handle = _capture(split)
