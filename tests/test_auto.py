@@ -344,3 +344,13 @@ def test_the_html_report_renders_in_headless_chromium(wide_dir, tmp_path):
     page = (out / "report.html").read_text()
     assert page.count("<title>#") >= 2
     Path(os.environ.get("LEANLM_SCREENSHOT_DIR", tmp_path)).joinpath("auto-report.png").write_bytes(shot.read_bytes())
+
+
+def test_a_tie_on_the_objective_goes_to_the_better_quality():
+    from leanlm.auto.finalists import _preferred
+
+    same_size_better = {"objective": 213.4, "violation": -0.98}
+    same_size_worse = {"objective": 213.4, "violation": -0.85}
+    assert _preferred("size", same_size_better, same_size_worse) and not _preferred("size", same_size_worse, same_size_better)
+    assert _preferred("size", {"objective": 200.0, "violation": -0.1}, same_size_better)  # the objective comes first
+    assert _preferred("decode_tps", {"objective": 40.0, "violation": 0.0}, {"objective": 39.0, "violation": -0.9})

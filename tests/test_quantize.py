@@ -174,21 +174,25 @@ def test_rtn_scale_search_bad_input(tiny):
 
 
 def test_int4_body_with_int8_lm_head_round_trip(tmp_path, tiny):
-    """llama.cpp's layout for 4-bit files (the output matrix kept at more bits): the head is untied from
-    the embeddings, which stay float, and both survive a save and load."""
+    """llama.cpp's layout for 4-bit files (the output matrix kept at more bits): the tied embedding reads the
+    int8 head's codes rather than keeping a float copy, and both survive a save and load."""
+    from leanlm.core.packed import parameter_count
+    from leanlm.quantize.int8_embedding import TiedInt8Embedding
+
+    original = parameter_count(tiny.model)
     quantize_(tiny.model, RTNConfig(bits=4, group_size=32, symmetric=False))
     stats = quantize_(tiny.model, RTNConfig(bits=8, targets=["lm_head"], skip=[]))
     assert stats["layers_quantized"] == 1 and type(tiny.model.lm_head) is Int8Linear
-    assert type(tiny.model.model.embed_tokens) is nn.Embedding
+    assert type(tiny.model.model.embed_tokens) is TiedInt8Embedding and "tied_embedding" in stats
+    assert tiny.model.model.embed_tokens.qweight is tiny.model.lm_head.qweight
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     before = generate(tiny.model, ids, 8)
     save_model(tiny.model, tiny.tokenizer, tmp_path / "q")
     back = load_model(tmp_path / "q", device="cpu")
     assert type(back.model.lm_head) is Int8Linear and type(back.model.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
     assert torch.equal(generate(back.model, ids, 8), before)
-    from leanlm.core.packed import parameter_count
-
-    assert parameter_count(back.model) == parameter_count(tiny.model)  # the embedding counted once, the head once
+    # the shared matrix counted once, as in the original
+    assert parameter_count(back.model) == parameter_count(tiny.model) == original
 
 
 @pytest.mark.parametrize("config", [RTNConfig(), RTNConfig(bits=4, group_size=32, symmetric=False, skip=[])])

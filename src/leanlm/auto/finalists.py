@@ -158,7 +158,7 @@ def finish(state, job: SearchJob, baseline: dict, settings: dict, space: SearchS
                 "objective": objective_value(job.objective, base.speed, job.price_per_hour), "violation": 0.0}
     chosen = None
     for number, m in measured.items():
-        if m["violation"] <= 0 and (chosen is None or better(job.objective, m["objective"], measured[chosen]["objective"])):
+        if m["violation"] <= 0 and (chosen is None or _preferred(job.objective, m, measured[chosen])):
             chosen = number
     report = {"settings": settings, "space": space.describe(), "baseline": base_row,
               "eval_data": base.eval_name, "results": [_row(r, measured.get(r["number"])) for r in state.results],
@@ -175,6 +175,13 @@ def finish(state, job: SearchJob, baseline: dict, settings: dict, space: SearchS
                           "written. Loosen the budget, widen the search (--families, --time-limit) or add --data")
     shutil.rmtree(job.work_dir, ignore_errors=True)
     return report
+
+
+def _preferred(objective: str, a: dict, b: dict) -> bool:
+    """a over b: the better objective; on a tie (sizes are often equal to the byte), the better quality."""
+    if a["objective"] == b["objective"]:
+        return a["violation"] < b["violation"]
+    return better(objective, a["objective"], b["objective"])
 
 
 def _row(result: dict, measured: dict | None) -> dict:

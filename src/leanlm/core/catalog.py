@@ -33,6 +33,7 @@ STEPS: dict[str, str] = {
 # runtime module scheme (as written in a leanlm checkpoint's leanlm.json) -> the module that registers it
 RUNTIME_MODULES: dict[str, str] = {
     "int8_weight_only": "leanlm.quantize.int8_linear",
+    "int8_tied_embedding": "leanlm.quantize.int8_embedding",
     "int4_weight_only": "leanlm.quantize.int4_linear",
     "w8a8_dynamic": "leanlm.quantize.w8a8_linear",
     "act_sparse": "leanlm.sparsify.act_sparse_linear",

@@ -71,7 +71,11 @@ def run_verb(entry: StepType, model: nn.Module, config: Any, **inputs) -> dict:
     """Refuse a bad model or calibration data before any work, then apply the step's verb."""
     check_arguments(entry.family.verb if entry.family else entry.name, model)
     check_calibration(model, config, inputs.get("calibration"))
-    return entry.verb(model, config, **inputs) or {}
+    from leanlm.core.packed import share_tied_codes, tied_embedding  # packed imports this module
+
+    tied = tied_embedding(model)
+    stats = entry.verb(model, config, **inputs) or {}
+    return share_tied_codes(model, stats) if tied else stats
 
 
 class Family:

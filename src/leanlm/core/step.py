@@ -138,7 +138,11 @@ def parse_step(data: Any, where: str) -> StepConfig:
 
 def apply_step(model: nn.Module, config: StepConfig, ctx: StepContext) -> dict:
     """Run one step: its handler with the run's context, or its verb with what the config says it needs."""
+    from leanlm.core.packed import share_tied_codes, tied_embedding
+
     entry = step_type(config.type)
-    if entry.handler is not None:
-        return entry.handler(model, config, ctx) or {}
-    return run_verb(entry, model, config, **ctx.inputs(config))
+    if entry.handler is None:
+        return run_verb(entry, model, config, **ctx.inputs(config))
+    tied = tied_embedding(model)
+    stats = entry.handler(model, config, ctx) or {}
+    return share_tied_codes(model, stats) if tied else stats

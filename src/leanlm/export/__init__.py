@@ -70,7 +70,7 @@ def check_exportable(model) -> None:
     if refusals:
         raise UnsupportedModelError(f"{len(refusals)} modules (e.g. {refusals[0][0]}) cannot be exported: {refusals[0][1]}")
     odd = [n for n, m in model.named_modules()
-           if is_runtime_module(m) and not hasattr(m, "dequantized_weight")]
+           if is_runtime_module(m) and not hasattr(m, "dequantized_weight") and not hasattr(m, "dequantized_module")]
     if odd:
         raise UnsupportedModelError(f"{len(odd)} modules (e.g. {odd[0]}, {type(model.get_submodule(odd[0])).__name__}) "
                                     "have no dense equivalent in other runtimes: a MoE-fied model runs in leanlm only")

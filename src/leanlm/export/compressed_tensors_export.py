@@ -69,7 +69,8 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: Path) -> di
     if has_conv1d_layout(model):
         raise UnsupportedModelError(f"{type(model).__name__} stores its linear layers as Conv1D, which vLLM transposes "
                                     "as it loads them: packed codes cannot take that; export --format hf instead")
-    packed = {n: m for n, m in model.named_modules() if is_runtime_module(m)}
+    # an embedding reading a tied head's codes goes back to float (dequantize_model): not a quantized linear
+    packed = {n: m for n, m in model.named_modules() if is_runtime_module(m) and not hasattr(m, "dequantized_module")}
     if not packed:
         raise LeanLMError("this model has no quantized layers; quantize it first (leanlm optimize --recipe w4-g64-gptq)"
                           " or export --format hf")

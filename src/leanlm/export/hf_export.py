@@ -18,9 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, warn_w8a8: bool = True) -> int:
-    """Replace each leanlm runtime module by an nn.Linear holding its dequantized weight; returns how many."""
+    """Replace each leanlm runtime module by an nn.Linear holding its dequantized weight (an embedding that
+    reads a tied head's codes: by an nn.Embedding); returns how many."""
     packed = [(n, m) for n, m in model.named_modules() if is_runtime_module(m)]
     for name, module in packed:
+        if hasattr(module, "dequantized_module"):  # not a linear: an embedding reading a tied head's codes
+            replace_module(model, name, module.dequantized_module())
+            continue
         weight = module.dequantized_weight(torch.float32)
         bias = getattr(module, "bias", None)
         # the layer's own compute dtype, so a half-precision model does not come out with float32 layers

@@ -88,6 +88,12 @@ class Int8Linear(nn.Module):
                                    self.in_features, self.out_features, self.bias, torch.bfloat16)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
+    def embedding_view(self, padding_idx: int | None = None) -> nn.Module:
+        """An input embedding that reads this layer's codes, for a tied LM head (quantize/int8_embedding.py)."""
+        from leanlm.quantize.int8_embedding import TiedInt8Embedding
+
+        return TiedInt8Embedding.sharing(self, padding_idx)
+
     def quantized_codes(self) -> QuantizedWeight:
         zero = None if self.zero is None else self.zero.float()
         return QuantizedWeight(self.qweight, self.scale.float(), zero, 8, self.group_size)
