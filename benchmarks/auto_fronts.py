@@ -5,7 +5,8 @@ auto-round can reach), same model, objective and time limit.
 
 Both searches' trials are read at the same fidelity: each trial's quality on the search windows (held-out
 training text), so no search is favoured by having had its points measured in full. The reference recipes
-(--compare) are left out: they are the same in both searches and belong to neither front.
+(--compare) are left out unless --references names the ones to count (give only recipes both searches ran:
+a search that was handed more references would be favoured).
 
     python benchmarks/auto_fronts.py --all DIR_A --quantize-only DIR_B --budgets 0.02,0.05,0.15 --metric kld
 """
@@ -20,12 +21,12 @@ from pathlib import Path
 from leanlm.auto.budget import OBJECTIVES, better
 
 
-def trials(directory: Path) -> tuple[list[dict], dict]:
+def trials(directory: Path, references: set[str]) -> tuple[list[dict], dict]:
     rows = [json.loads(line) for line in (directory / "trials.jsonl").read_text().splitlines() if line.strip()]
     settings = json.loads((directory / "search.json").read_text())["settings"]
     full = settings["search_windows"]
-    kept = [r for r in rows if r.get("number", -1) >= 0 and r.get("status") == "ok" and r.get("fidelity") == full
-            and r.get("objective") is not None]
+    counted = [r for r in rows if r.get("number", -1) >= 0 or r.get("name", "").removeprefix("recipe ") in references]
+    kept = [r for r in counted if r.get("status") == "ok" and r.get("fidelity") == full and r.get("objective") is not None]
     return kept, settings
 
 
@@ -46,10 +47,13 @@ def main() -> None:
     ap.add_argument("--quantize-only", required=True, help="output directory of the --families quantize search")
     ap.add_argument("--budgets", default="0.02,0.05,0.15")
     ap.add_argument("--metric", default="kld", help="a quality key where lower is better (kld)")
+    ap.add_argument("--references", default="", help="comma-separated reference recipes both searches ran, counted "
+                                                      "in both fronts (default: none)")
     ap.add_argument("--json", default="benchmarks/results/auto-fronts.json")
     args = ap.parse_args()
-    every, settings = trials(Path(args.all))
-    quant, quant_settings = trials(Path(args.quantize_only))
+    references = {r for r in args.references.split(",") if r}
+    every, settings = trials(Path(args.all), references)
+    quant, quant_settings = trials(Path(args.quantize_only), references)
     objective = settings["objective"]
     if quant_settings["objective"] != objective:
         raise SystemExit(f"the searches optimized different objectives ({objective}, {quant_settings['objective']})")
@@ -72,6 +76,7 @@ def main() -> None:
         print(f"{limit:8.3g} {fmt(av):>14} {fmt(qv):>14}  {verdict:9} {(a or {}).get('name', '-')[:90]}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"objective": objective, "metric": args.metric, "rows": rows,
+                                           "references": sorted(references),
                                            "settings": {"every_family": settings, "quantize_only": quant_settings},
                                            "date": time.strftime("%Y-%m-%d")}, indent=2, default=str))
 
