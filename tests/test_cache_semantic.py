@@ -169,6 +169,29 @@ def test_the_embedders_caches_are_bounded_least_recently_used_first(embedder, mo
     assert list(embedder._tokens) == ["second question", "fourth question"]
 
 
+def test_lookups_from_several_threads_share_small_caches_safely(embedder, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from leanlm.cache.semantic import SemanticTier
+    from leanlm.cache.sqlite_store import SQLiteStore
+
+    monkeypatch.setattr(embedder, "TOKEN_TEXTS", 2)  # every lookup evicts what another thread just read
+    monkeypatch.setattr(embedder, "WORDS", 4)
+    tier = SemanticTier(SQLiteStore(tmp_path), embedder=embedder)
+    topics = ["reset my password", "change my email", "cancel my order", "track my parcel", "update my card"]
+    for i, topic in enumerate(topics):
+        request = {"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": f"How do I {topic}?"}]}
+        tier.remember("t", "fp", request, f'{{"a": {i}}}'.encode(), {}, None)
+
+    def ask(i):
+        question = f"How can I {topics[i % len(topics)]}?"
+        return tier.lookup("t", "fp", {"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": question}]})
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(ask, range(24)))  # raises here if a thread read a half-evicted cache
+    assert len(embedder._tokens) <= 2 and len(embedder._words) <= 4
+
+
 def test_calibrate_and_eval_commands(tmp_path):
     rows = [json.loads(line) for line in open(PAIRS)]
     subset = tmp_path / "pairs.jsonl"

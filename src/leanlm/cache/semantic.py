@@ -64,7 +64,8 @@ class Embedder:
         self.model = load_sentence_model("the semantic cache", "cache")
         self._words: OrderedDict[str, np.ndarray] = OrderedDict()
         self._tokens: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one forward pass at a time
+        self._cache_lock = threading.Lock()  # the server looks up from several threads: LRU order moves on reads
 
     def encode(self, texts: list[str]) -> np.ndarray:
         with self._lock:
@@ -73,14 +74,15 @@ class Embedder:
     def question(self, text: str) -> np.ndarray:
         """`text`'s normalized sentence embedding. The same forward pass caches its content tokens, and its
         content words are embedded too: what the verifier reads when this question meets a candidate."""
-        sentence = self._forward([text])[text]
+        sentence = self._forward([text])[0][text]
         self.words(content_words(text))
         return sentence
 
     def prefetch(self, texts: list[str]) -> None:
         """The content tokens and words of every text not analysed yet, one batched pass for each (a lookup
         verifies several candidates: one pass for all of them, not one each)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._tokens]
+        with self._cache_lock:
+            missing = [t for t in dict.fromkeys(texts) if t not in self._tokens]
         if missing:
             self._forward(missing)
         self.words([w for t in texts for w in content_words(t)])
@@ -90,43 +92,57 @@ class Embedder:
         out = []
         for i in range(0, len(texts), batch):
             chunk = texts[i:i + batch]
-            sentences = self._forward(chunk)
+            sentences = self._forward(chunk)[0]
             self.words([w for t in chunk for w in content_words(t)])
             out += [sentences[t] for t in chunk]
         return np.stack(out) if out else np.zeros((0, 384), dtype=np.float32)
 
     def tokens(self, text: str) -> np.ndarray:
         """Normalized contextual embeddings of `text`'s content tokens (word pieces that are not stop words)."""
-        if text not in self._tokens:
-            self._forward([text])
-        self._tokens.move_to_end(text)
-        return self._tokens[text]
+        with self._cache_lock:
+            found = self._tokens.get(text)
+            if found is not None:
+                self._tokens.move_to_end(text)
+                return found
+        return self._forward([text])[1][text]
 
-    def _forward(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def _forward(self, texts: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(normalized sentence embeddings, content-token embeddings) of `texts`; the tokens are cached."""
         with self._lock:
             outs = self.model.encode(texts, output_value=None, convert_to_numpy=False, show_progress_bar=False)
-        sentences = {}
+        sentences, tokens = {}, {}
         for text, out in zip(texts, outs):
             vectors = out["token_embeddings"][out["attention_mask"].bool()].float().numpy()
             pieces = self.model.tokenizer.convert_ids_to_tokens(self.model.tokenizer(text)["input_ids"])
             keep = [i for i, w in enumerate(pieces[: len(vectors)]) if w not in ("[CLS]", "[SEP]")
                     and w.strip("#").isalnum() and w.lower().strip("#") not in guards_ops.STOP]
             vectors = vectors[keep]
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
-            _bounded_put(self._tokens, text, vectors, self.TOKEN_TEXTS)
+            tokens[text] = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
             sentence = out["sentence_embedding"].float().numpy()
             sentences[text] = sentence / max(float(np.linalg.norm(sentence)), 1e-9)
-        return sentences
+        with self._cache_lock:
+            for text, vectors in tokens.items():
+                _bounded_put(self._tokens, text, vectors, self.TOKEN_TEXTS)
+        return sentences, tokens
 
     def words(self, words: list[str]) -> dict[str, np.ndarray]:
-        missing = [w for w in dict.fromkeys(words) if w not in self._words]
-        if missing:
-            for w, v in zip(missing, self.encode(missing)):
-                _bounded_put(self._words, w, v, self.WORDS)
+        with self._cache_lock:
+            missing = [w for w in dict.fromkeys(words) if w not in self._words]
+        fresh = dict(zip(missing, self.encode(missing))) if missing else {}
         found = {}
-        for w in words:
-            self._words.move_to_end(w)
-            found[w] = self._words[w]
+        with self._cache_lock:
+            for w, v in fresh.items():
+                _bounded_put(self._words, w, v, self.WORDS)
+            for w in words:
+                if w in fresh:
+                    found[w] = fresh[w]
+                elif w in self._words:
+                    self._words.move_to_end(w)
+                    found[w] = self._words[w]
+        # a word another thread's lookup pushed out in between: embedded again
+        late = [w for w in dict.fromkeys(words) if w not in found]
+        if late:
+            found.update(zip(late, self.encode(late)))
         return found
 
 
