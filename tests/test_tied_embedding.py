@@ -3,7 +3,7 @@ reads the head's codes instead of keeping a float copy. Saved once, loaded back 
 
 import torch
 
-from leanlm.core.packed import tied_embedding
+from leanlm.core.structure import tied_embedding
 from leanlm.core.paths import dir_size
 from leanlm.core.step import StepContext, apply_step, parse_step
 from leanlm.models.load import load_model

@@ -10,7 +10,7 @@ weight codes also provides:
   the codes without re-rounding and without knowing the module's class;
 - `quant_scheme()`: (bits, group_size, symmetric), what requantizing a changed weight must keep.
 A packed LM head may also provide `embedding_view(padding_idx)`: an input embedding that reads its codes,
-which a tied model then uses instead of keeping a float copy of the matrix (`share_tied_codes`).
+which a tied model then uses instead of keeping a float copy of the matrix (core.structure.share_tied_codes).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from leanlm.core.registry import (
     register_module,
     runtime_module,
 )
-from leanlm.core.structure import replace_module
 
 __all__ = ["QuantizedWeight", "register_module", "runtime_module", "is_runtime_module", "runtime_module_types",
            "packed_tensor", "parameter_count", "module_bytes"]
@@ -66,26 +65,3 @@ def parameter_count(model: nn.Module) -> int:
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t is not None)
 
-
-def tied_embedding(model: nn.Module) -> bool:
-    """Whether the input embedding and the LM head are one tensor right now."""
-    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
-        return False
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    return (isinstance(embed, nn.Embedding) and isinstance(weight, torch.Tensor)
-            and embed.weight.data_ptr() == weight.data_ptr())
-
-
-def share_tied_codes(model: nn.Module, stats: dict) -> dict:
-    """Called after a step on a model whose embedding and head were one tensor: if the step packed the head,
-    the input embedding becomes a view of the head's codes, so the model no longer keeps a float copy of
-    the matrix it shares. Returns the step's stats, with what changed."""
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if tied_embedding(model) or not isinstance(embed, nn.Embedding) or not hasattr(head, "embedding_view"):
-        return stats
-    name = next(n for n, m in model.named_modules() if m is embed)
-    dropped = embed.weight.numel() * embed.weight.element_size()
-    replace_module(model, name, head.embedding_view(embed.padding_idx))
-    return {**stats, "tied_embedding": f"{name} reads the packed LM head's codes; {dropped / 2**20:.1f} MiB of "
-                                       "float weights dropped"}

@@ -19,7 +19,7 @@ from torch import nn
 
 from leanlm.core import catalog
 from leanlm.core.layerwise import check_calibration
-from leanlm.core.structure import check_arguments
+from leanlm.core.structure import check_arguments, share_tied_codes, tied_embedding
 from leanlm.errors import ConfigError, UnsupportedModelError
 
 
@@ -71,8 +71,6 @@ def run_verb(entry: StepType, model: nn.Module, config: Any, **inputs) -> dict:
     """Refuse a bad model or calibration data before any work, then apply the step's verb."""
     check_arguments(entry.family.verb if entry.family else entry.name, model)
     check_calibration(model, config, inputs.get("calibration"))
-    from leanlm.core.packed import share_tied_codes, tied_embedding  # packed imports this module
-
     tied = tied_embedding(model)
     stats = entry.verb(model, config, **inputs) or {}
     return share_tied_codes(model, stats) if tied else stats

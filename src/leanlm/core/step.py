@@ -26,6 +26,7 @@ from leanlm.core.registry import (
     step_type,
     step_types,
 )
+from leanlm.core.structure import share_tied_codes, tied_embedding
 from leanlm.errors import ConfigError, LeanLMError
 
 __all__ = ["StepConfig", "StepContext", "StepType", "register_step", "step_type", "step_types", "parse_step",
@@ -138,8 +139,6 @@ def parse_step(data: Any, where: str) -> StepConfig:
 
 def apply_step(model: nn.Module, config: StepConfig, ctx: StepContext) -> dict:
     """Run one step: its handler with the run's context, or its verb with what the config says it needs."""
-    from leanlm.core.packed import share_tied_codes, tied_embedding
-
     entry = step_type(config.type)
     if entry.handler is None:
         return run_verb(entry, model, config, **ctx.inputs(config))

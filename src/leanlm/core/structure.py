@@ -171,3 +171,27 @@ def check_token_ids(model: Any, ids: torch.Tensor, what: str) -> None:
     if vocab is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         raise DataError(f"{what} holds token id {int(ids.max())} (min {int(ids.min())}) but the model's embedding "
                         f"has {vocab} rows: the tokenizer does not belong to this model; tokenize with the model's own")
+
+
+def tied_embedding(model: nn.Module) -> bool:
+    """Whether the input embedding and the LM head are one tensor right now."""
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return False
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return (isinstance(embed, nn.Embedding) and isinstance(weight, torch.Tensor)
+            and embed.weight.data_ptr() == weight.data_ptr())
+
+
+def share_tied_codes(model: nn.Module, stats: dict) -> dict:
+    """Called after a step on a model whose embedding and head were one tensor: if the step packed the head,
+    the input embedding becomes a view of the head's codes, so the model no longer keeps a float copy of
+    the matrix it shares. Returns the step's stats, with what changed."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if tied_embedding(model) or not isinstance(embed, nn.Embedding) or not hasattr(head, "embedding_view"):
+        return stats
+    name = next(n for n, m in model.named_modules() if m is embed)
+    dropped = embed.weight.numel() * embed.weight.element_size()
+    replace_module(model, name, head.embedding_view(embed.padding_idx))
+    return {**stats, "tied_embedding": f"{name} reads the packed LM head's codes; {dropped / 2**20:.1f} MiB of "
+                                       "float weights dropped"}
