@@ -62,6 +62,8 @@ def test_cost_is_dollars_per_million_tokens_from_batched_throughput():
 
 
 def test_the_space_is_read_off_the_step_types():
+    from leanlm.auto.space import seed_cost
+
     space = build_space()
     searched = {o.type for opts in space.stages.values() for o in opts}
     declared = {n for n in catalog.STEPS if step_type(n).config.stage}
@@ -74,6 +76,11 @@ def test_the_space_is_read_off_the_step_types():
     gguf = build_space(runtime="llama.cpp")
     assert "act_sparsity" not in {o.type for opts in gguf.stages.values() for o in opts}
     assert gguf.export is not None
+    # seeds go cheapest first: no calibration, then forward passes, then per-layer solves, then AWQ's search
+    order = [next(v for k, v in seed.items() if k.startswith("stage.") and v != "none") for seed in space.seeds()]
+    assert order.index("cast") < order.index("wanda") < order.index("gptq") < order.index("awq")
+    costs = [seed_cost(step_type(name).config) for name in order]
+    assert costs == sorted(costs) and costs[order.index("awq")] == 3 and costs[order.index("magnitude")] == 0
 
 
 def test_a_new_step_type_joins_the_search_with_no_change_to_auto(monkeypatch, request, wide_dir, tmp_path):
@@ -109,6 +116,7 @@ def test_a_recipe_maps_onto_the_space_and_its_neighbours_are_one_move_away():
     words = [w for _, _, w in moves]
     assert "rtn.skip: ['lm_head'] -> []" in words and "quantize: rtn -> gptq" in words
     assert words.index("rtn.skip: ['lm_head'] -> []") < words.index("quantize: rtn -> gptq")  # fields first
+    assert words.index("quantize: rtn -> mixed") < words.index("structure: none -> depth")  # then the same stage
     for moved, key, _ in moves:
         changed = {k for k in set(moved) | set(params) if moved.get(k) != params.get(k)}
         stages = [k for k in changed if k.startswith("stage.") and k != "stage.heal"]  # heal follows structure
@@ -120,6 +128,7 @@ def test_a_recipe_maps_onto_the_space_and_its_neighbours_are_one_move_away():
 
 
 def test_the_planner_alternates_moves_from_the_best_with_seeds():
+    from leanlm.auto.moves import neighbors, params_of
     from leanlm.auto.planner import Planner
     from leanlm.auto.space import canonical
 
@@ -137,9 +146,17 @@ def test_the_planner_alternates_moves_from_the_best_with_seeds():
     ran = [*results, {"number": 1, "status": "invalid", "seconds": 10.0, "origin": origin}]
     assert planner.next(ran, seen)[1].startswith("seed")
     ran.append({"number": 2, "status": "invalid", "seconds": 600.0, "origin": "seed"})
-    origins = [planner.next(ran, seen) for _ in range(6)]
-    assert all(o[1].startswith("move from #-1") for o in origins)
-    assert "rtn.skip: ['lm_head'] -> []" in " ".join(o[1] for o in origins)
+    origins = [planner.next(ran, seen)[1] for _ in range(12)]
+    # the best within budget and the near miss (over budget, but faster) take turns
+    assert all(o.startswith("move from #-1") for o in origins[1::2])
+    assert all(o.startswith("move from #0 (over budget) (over budget)") for o in origins[::2])
+    assert "rtn.skip: ['lm_head'] -> []" in " ".join(origins)
+    far = {**results[1], "number": 3, "violation": 50.0}  # KLD 51 times its bound: no starting point
+    assert planner.near_miss([results[0], far], results[0]) is None
+    assert planner.near_miss([results[0], far, results[1]], results[0])["number"] == 0
+    # a type move carries the fields the new type shares: int4 rtn becomes int4 gptq, not gptq's defaults
+    moved = next(m for m, _, w in neighbors(space, params_of(space, results[1]["steps"])) if w == "quantize: rtn -> gptq")
+    assert json.loads(moved["gptq.bits"]) == 4
     origins = [planner.next(results, seen) for _ in range(80)]
     assert origins[-1] is None  # moves and seeds spent: the sampler proposes
     # a better result within the budget becomes the incumbent whose neighbours come first

@@ -177,6 +177,20 @@ def test_bad_configs_are_refused_with_the_reason(tiny):
         check_calibration(tiny.model, LowRankConfig(), None)
 
 
+def test_a_later_grouped_quantizer_that_cannot_take_the_factors_is_refused_before_any_work(tiny):
+    from leanlm.core.step import check_steps, parse_step
+
+    steps = [parse_step({"type": "lowrank"}, "s0"), parse_step({"type": "rtn", "bits": 8, "group_size": 64}, "s1")]
+    with pytest.raises(ConfigError, match=r"steps\[0\] \(lowrank\): steps\[1\] \(rtn\) needs input dimensions "
+                                          r"that are multiples of 64.*set rank_multiple to a multiple of 64"):
+        check_steps(tiny.model, steps)
+    with pytest.raises(ConfigError, match="can be 24"):  # a hand-set rank too
+        check_steps(tiny.model, [parse_step({"type": "lowrank", "rank_multiple": 32, "ranks": {"*.o_proj": 24}},
+                                            "s0"), parse_step({"type": "rtn", "group_size": 32}, "s1")])
+    check_steps(tiny.model, [parse_step({"type": "lowrank", "rank_multiple": 64}, "s0"), steps[1]])
+    check_steps(tiny.model, [steps[0], parse_step({"type": "rtn", "bits": 8}, "s1")])  # per-channel fits any rank
+
+
 def test_recipe_runs_through_optimize(tiny_dir, tmp_path):
     from leanlm.cli import main
 

@@ -85,3 +85,40 @@ def test_exports_write_the_embedding_the_model_computes_with(tiny_dir, tmp_path)
     back = load_model(tmp_path / "m.gguf", device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(back.model(ids).logits, want, atol=2e-2, rtol=0)
+
+
+def test_an_int4_head_lends_its_nibbles_too(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from leanlm.export import export
+    from leanlm.quantize.int4_embedding import TiedInt4Embedding
+
+    model = tiny_llama(len(tokenizer), hidden=128)
+    float_embed = model.get_input_embeddings().weight.detach().clone()
+    stats = _quantize(model, tokenizer, bits=4, group_size=32, symmetric=False)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embed, TiedInt4Embedding) and "tied_embedding" in stats
+    assert embed.qweight is head.qweight and embed.zero is head.zero
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    rows = embed(ids)
+    assert rows.shape == (2, 24, 128) and rows.dtype == torch.float32
+    assert torch.equal(rows[0], head.dequantized_weight()[ids[0]])
+    # within half a step of the float rows (scales are float16: a little slack)
+    step = head.scale[ids[0]].float().repeat_interleave(32, dim=1)
+    assert torch.all((rows[0] - float_embed[ids[0]]).abs() <= step / 2 + 1e-3)
+    with torch.no_grad():
+        logits = model(ids).logits
+    save_model(model, tokenizer, tmp_path / "int4-head")
+    loaded = load_model(tmp_path / "int4-head", device="cpu").model
+    embed = loaded.get_input_embeddings()
+    assert isinstance(embed, TiedInt4Embedding)
+    assert embed.qweight.data_ptr() == loaded.get_output_embeddings().qweight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+        assert loaded.to(torch.bfloat16).get_input_embeddings()(ids).dtype == torch.bfloat16
+    # the int4 matrix replaces a float32 one: far below the float32 embedding alone
+    assert dir_size(tmp_path / "int4-head") < 4 * len(tokenizer) * 128
+    export(tmp_path / "int4-head", tmp_path / "hf", "hf")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, logits, atol=2e-2, rtol=0)

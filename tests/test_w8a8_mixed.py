@@ -101,6 +101,21 @@ def test_mixed_keeps_the_budget_and_upgrades_sensitive_layers(tiny_dir, setting)
     assert results[6.0][1] < results[4.4][1]
 
 
+def test_mixed_gptq_rounds_the_lm_head_and_the_embedding_reads_it(tiny_dir, setting):
+    """GPTQ calibrates on decoder blocks' inputs: a head in the selection is rounded to nearest in its chosen
+    format (said in the stats), and the tied embedding then reads the head's codes."""
+    calib, windows = setting
+    m = load_model(tiny_dir, device="cpu")
+    ref = prepare_reference(m, windows)
+    stats = quantize_(m.model, MixedConfig(bits_per_weight=6.0, formats=["int4-g64", "int8"], skip=[],
+                                           sensitivity_samples=4, batch_size=4), calibration=calib)
+    assert stats["layers_quantized"] == 15 and stats["rounded_to_nearest"] == ["lm_head"]
+    assert "tied_embedding" in stats and stats["bits_per_weight"] <= 6.0
+    embed = m.model.get_input_embeddings()
+    assert embed.qweight is m.model.get_output_embeddings().qweight
+    assert _kld(m.model, windows, ref) < 0.5
+
+
 def test_mixed_refuses_a_format_that_fits_no_layer(tiny):
     with pytest.raises(ConfigError, match="none of the formats .* fits layer"):
         quantize_(tiny.model, MixedConfig(formats=["int4-g256"], sensitivity_samples=1),
@@ -139,3 +154,33 @@ def test_w8a8_requantizes_an_input_changed_in_place():
     first = q(x)
     x.mul_(3)
     torch.testing.assert_close(q(x), 3 * first, atol=1e-4, rtol=1e-4)
+
+
+def test_a_search_reuses_the_sensitivity_only_for_the_same_weights_and_text(tiny_dir, setting, monkeypatch):
+    from leanlm.core import memo
+    from leanlm.quantize import mixed
+
+    calib, _ = setting
+    calls = []
+    real = mixed.fisher_diagonal
+    monkeypatch.setattr(mixed, "fisher_diagonal", lambda *a: calls.append(1) or real(*a))
+
+    def run(budget, samples=calib, nudge=False):
+        m = load_model(tiny_dir, device="cpu").model
+        if nudge:  # one weight changed: another model, another sensitivity
+            with torch.no_grad():
+                m.model.norm.weight[0] += 1e-3
+        return quantize_(m, MixedConfig(bits_per_weight=budget, formats=["int4-g64", "int8"], sensitivity_samples=4,
+                                        batch_size=4), calibration=samples)
+
+    run(5.0)
+    run(5.0)
+    assert len(calls) == 2  # off unless a driver turns it on
+    with memo.keeping(1):
+        first, second = run(4.5), run(6.0)
+        assert len(calls) == 3 and first["layers"][0]["estimated_kld"] == second["layers"][0]["estimated_kld"]
+        run(6.0, nudge=True)
+        run(6.0, samples=calib.flip(0))
+        assert len(calls) == 5
+    assert memo._store == {}  # dropped when keeping ends
+    assert memo.fingerprint([torch.tensor(1.0, dtype=torch.bfloat16)]) != memo.fingerprint([torch.tensor(1.0)])

@@ -51,24 +51,45 @@ def params_of(space: SearchSpace, steps: list[dict], export: dict | None = None)
 
 def neighbors(space: SearchSpace, params: dict) -> list[tuple[dict, str, str]]:
     """Every candidate one move away from `params`, with the move in words: one searchable field set to
-    another value (a neighbouring grid point for ranges), then one stage given another type or none
-    (the new type at its defaults). Cheap moves first: a field keeps the recipe's costly steps."""
-    fields, stages = [], []
+    another value (a neighbouring grid point for ranges), then one stage given another type or none (the
+    new type at its defaults, fields it shares with the old one carried over). Cheap moves first: a field
+    keeps the recipe's costly steps; then another type in a stage the recipe uses; adding a stage last."""
+    fields, stages, added = [], [], []
     for name, value in params.items():
         if name.startswith("stage."):
             for other in space.choices(name.removeprefix("stage.")):
                 if other != value:
-                    stages.append(({**params, name: other}, f"{name.removeprefix('stage.')}: {value} -> {other}"))
+                    moved = {**params, name: other, **_carried(space, params, value, other)}
+                    # another technique in a stage the recipe uses before a stage it does not use yet
+                    (added if value == NONE else stages).append(
+                        (moved, f"{name.removeprefix('stage.')}: {value} -> {other}"))
             continue
         rng = space.export if name == "export.weight_type" else _range(space, name)
         for other in _alternatives(rng, value):
             fields.append(({**params, name: other}, f"{name}: {_show(value)} -> {_show(other)}"))
     out = []
-    for moved, words in fields + stages:
+    for moved, words in fields + stages + added:
         resolved = resolve(space, moved)
         if resolved is not None:
             out.append((resolved[0], canonical(resolved[1], resolved[2]), words))
     return out
+
+def _carried(space: SearchSpace, params: dict, old: str, new: str) -> dict:
+    """The fields a stage's new type shares with its old one, carried over where the new type's range holds
+    the value: rtn with its LM head quantized becomes mixed with its LM head quantized, not mixed at its
+    defaults, so a move changes one thing."""
+    if NONE in (old, new):
+        return {}
+    out = {}
+    for key, rng in space.option(step_type(new).config.stage, new).fields.items():
+        value = params.get(f"{old}.{key}")
+        if value is None:
+            continue
+        inside = value in [json.dumps(v) for v in rng.values] if isinstance(rng, Choice) else rng.contains(value)
+        if inside:
+            out[f"{new}.{key}"] = value
+    return out
+
 
 def _range(space: SearchSpace, name: str) -> Range:
     kind, key = name.split(".", 1)

@@ -9,18 +9,26 @@ The search's time is shared evenly: a move runs whenever the moves so far have t
 other trials (seeds, then the sampler's choices), so one slow seed (AWQ's scale search, say) buys as much
 time for cheap moves around the incumbent, and the search both refines what works and keeps covering
 every family.
+
+Besides the best results within the budget, the result that missed it by least while beating them on the
+objective is a starting point too (a mixed-precision candidate half a bit short, say), and the starting
+points take turns, so refining a near miss does not wait for every neighbour of the best.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
-from leanlm.auto.budget import OBJECTIVES
+from leanlm.auto.budget import OBJECTIVES, better
 from leanlm.auto.moves import neighbors, params_of, resolve
 from leanlm.auto.space import canonical
 
 INCUMBENTS = 3  # the best candidates whose neighbours are tried, best first
 TIE = 0.05  # objectives this close (relative) are the same to a quick in-process estimate
+# a near miss is over its bound by at most this many times the bound (KLD <= 0.55 for kld<=0.05): a miss
+# far beyond is no starting point; among those within, the smallest miss is taken
+NEAR = 10.0
 
 
 class Planner:
@@ -29,6 +37,7 @@ class Planner:
         self.seeds = deque(space.seeds())
         self.issued: set[str] = set()
         self._params: dict[int, dict | None] = {}
+        self._turn = 0  # which starting point's neighbours come first next time (they take turns)
 
     def next(self, results: list[dict], seen: dict) -> tuple[dict, str] | None:
         """(Optuna parameters, where they came from) for the next trial, or None: let the sampler propose."""
@@ -65,8 +74,24 @@ class Planner:
         tied.sort(key=lambda r: r.get("seconds") or 0.0)
         return (tied + [r for r in within if r not in tied])[:INCUMBENTS]
 
+    def near_miss(self, results: list[dict], best: dict | None) -> dict | None:
+        """The result closest to the budget among those that missed it but beat the best within it on the
+        objective: one move (more bits in the layers that matter, say) may bring it within, ahead of the best."""
+        missed = [r for r in results if r.get("status") == "ok" and r.get("objective") is not None
+                  and 0 < r.get("violation", math.inf) <= NEAR]
+        if best is not None:
+            missed = [r for r in missed if better(self.objective, r["objective"], best["objective"])]
+        return min(missed, key=lambda r: r["violation"], default=None)
+
     def _move(self, results: list[dict], seen: dict) -> tuple[dict, str] | None:
-        for best in self.incumbents(results):
+        starts = self.incumbents(results)
+        miss = self.near_miss(results, starts[0] if starts else None)
+        if miss is not None:
+            starts.insert(1, miss)
+        # the starting points take turns, so a near miss is refined while the best's neighbours are still many
+        turn = self._turn % max(1, len(starts))
+        self._turn += 1
+        for best in starts[turn:] + starts[:turn]:
             number = best["number"]
             if number not in self._params:  # a recipe the space cannot express has no neighbours here
                 self._params[number] = params_of(self.space, best["steps"], best.get("export") or {})
@@ -76,5 +101,6 @@ class Planner:
             for moved, key, words in neighbors(self.space, params):
                 if key not in seen and key not in self.issued:
                     self.issued.add(key)
-                    return moved, f"move from #{number} ({best['name']}): {words}"
+                    over = " (over budget)" if best.get("violation", 0) > 0 else ""
+                    return moved, f"move from #{number} ({best['name']}){over}: {words}"
         return None

@@ -103,10 +103,9 @@ class SearchSpace:
                     top = key.split(".")[0]
                     default = _default(defaults[top]) if "." not in key else None
                     params[f"{option.type}.{key}"] = _seed_value(rng, default)
-                flag = step_type(option.type).config.needs_calibration
-                cost = flag if isinstance(flag, bool) else True  # decided per instance: assume it calibrates
+                cost = seed_cost(step_type(option.type).config)
                 out.append((cost, {k: v for k, v in params.items() if v is not None}))
-        # the steps that need no calibration are the cheapest to try: first
+        # cheapest first (a stable sort: catalog order among equals)
         return [params for _, params in sorted(out, key=lambda item: item[0])]
 
     def describe(self) -> dict:
@@ -121,6 +120,14 @@ class SearchSpace:
         if self.export is not None:
             out["export"] = {"gguf weight_type": self.export.describe()}
         return out
+
+
+def seed_cost(config) -> int:
+    """The step type's declared search cost; undeclared, 1 if it calibrates (0 if not)."""
+    if config.search_cost is not None:
+        return config.search_cost
+    flag = config.needs_calibration
+    return int(flag) if isinstance(flag, bool) else 1  # decided per instance: assume it calibrates
 
 
 def _default(f) -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from leanlm.auto.budget import OBJECTIVES, Constraint, better, objective_value
+from leanlm.core import memo
 from leanlm.core.packed import module_bytes
 from leanlm.core.paths import dir_size
 from leanlm.core.step import StepContext, check_steps
@@ -47,6 +48,7 @@ QUICK_BENCH = BenchConfig(prompt_tokens=128, decode_prompt_tokens=32, new_tokens
 PAIRED_BENCH = BenchConfig(prompt_tokens=128, decode_prompt_tokens=32, new_tokens=24, batch=4, repeats=1, warmup=1)
 PAIRED_ROUNDS = 3
 PREFIX_MODELS = 2  # models kept after a shared prefix of steps (each as large as the original)
+MEMO_ENTRIES = 1  # a sensitivity measurement is as large as the original in float32
 
 
 @dataclass
@@ -110,6 +112,7 @@ class TrialRunner:
         self.tasks = load_tasks(job.tasks) if job.tasks else None
         self._calibration: torch.Tensor | None = None
         self._prefix: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        memo.keep(MEMO_ENTRIES)  # costly intermediate results steps may share between trials (core.memo)
 
     def calibration(self) -> torch.Tensor:
         if self._calibration is None:

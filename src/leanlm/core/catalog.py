@@ -35,6 +35,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "int8_weight_only": "leanlm.quantize.int8_linear",
     "int8_tied_embedding": "leanlm.quantize.int8_embedding",
     "int4_weight_only": "leanlm.quantize.int4_linear",
+    "int4_tied_embedding": "leanlm.quantize.int4_embedding",
     "w8a8_dynamic": "leanlm.quantize.w8a8_linear",
     "act_sparse": "leanlm.sparsify.act_sparse_linear",
     "norm_then_rotate": "leanlm.sparsify.rotated_norm",

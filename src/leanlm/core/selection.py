@@ -39,6 +39,9 @@ class ChecksLayers:
             layers = select_layers(model, self.targets, self.skip, verb=self.verb)
             check_group_size(layers, getattr(self, "group_size", None))
 
+    def input_multiple(self) -> int:
+        return getattr(self, "group_size", None) or 1
+
     def check_opaque(self, opaque: dict[str, str]) -> None:
         refuse_opaque(opaque, self.targets, self.skip, self.verb)
 

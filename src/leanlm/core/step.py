@@ -44,6 +44,10 @@ class StepConfig(Validated):
     stage: ClassVar[str | None] = None
     search: ClassVar[dict[str, Any]] = {}
     runtimes: ClassVar[tuple[str, ...]] = ("leanlm", "llama.cpp")
+    # what one search trial of the step costs, roughly, so a search tries the cheap ones first: 0 no
+    # calibration, 1 forward passes over the calibration data, 2 a solve per layer (GPTQ, SparseGPT,
+    # low-rank), 3 a search or training per block (AWQ's scale grid, healing); None: 1 if it calibrates
+    search_cost: ClassVar[int | None] = None
 
     def __post_init__(self) -> None:
         self.check_types()  # before the comparisons below, which a string would break
@@ -63,6 +67,14 @@ class StepConfig(Validated):
     def check(self, model: nn.Module | None) -> None:
         """Refuse now what the step would refuse after minutes of work. `model` is None when an earlier
         step reshapes it; then only what does not depend on the model is checked."""
+
+    def input_multiple(self) -> int:
+        """What every input dimension of the layers this step handles must be a multiple of (a group size)."""
+        return 1
+
+    def check_later(self, later: list[tuple[int, StepConfig]]) -> None:
+        """Refuse, before any work, a recipe whose later steps (index, config) cannot take the layers this
+        step will make; for a step that reshapes the model, whose later steps cannot see its result yet."""
 
     def opaque_modules(self, model: nn.Module) -> dict[str, str]:
         """The modules (name -> kind) this step will leave holding weights that no per-linear step reaches."""
@@ -89,6 +101,7 @@ def check_steps(model: nn.Module, steps: list[StepConfig]) -> None:
     for i, step in enumerate(steps):
         with naming_step(i, step):
             step.check(current)
+            step.check_later(list(enumerate(steps))[i + 1:])
             step.check_opaque(opaque)
             if current is not None:
                 opaque.update(step.opaque_modules(current))

@@ -40,6 +40,7 @@ class DistillConfig(StepConfig):
     """`teacher`: a model name/path; default: the model the recipe started from."""
     stage = "heal"
     search = {"loss": Choice("forward_kl", "jsd"), "train.max_minutes": Choice(2.0, 5.0, 10.0, 20.0)}
+    search_cost = 3
     teacher: str | None = None
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = 0.5

@@ -45,6 +45,7 @@ class FinetuneConfig(StepConfig):
     stage = "heal"
     search = {"rank": Choice(8, 16, 32), "train.max_minutes": Choice(2.0, 5.0, 10.0)}
     needs_calibration = True  # built lazily: only a LoRA merged into a quantized base (GPTQ requantize) uses it
+    search_cost = 3
     method: Literal["lora", "full"] = "lora"
     data: str | None = None
     too_long: Literal["truncate", "refuse"] = "truncate"

@@ -40,6 +40,7 @@ class LowRankConfig(ChecksLayers, StepConfig):
     stage = "lowrank"
     search = {"params_removed": Span(0.1, 0.4, step=0.05), "method": Choice("svd_llm")}
     needs_calibration = True
+    search_cost = 2
     runtimes = ("leanlm",)  # llama.cpp has no factorized linear (LowRankLinear.gguf_refusal)
     verb = "factorize"
     params_removed: float = 0.2  # share of the targeted linears' parameters removed
@@ -64,6 +65,18 @@ class LowRankConfig(ChecksLayers, StepConfig):
         bad = {k: v for k, v in self.ranks.items() if not isinstance(v, int) or v < 1}
         if bad:
             raise ConfigError(f"ranks must be positive integers (rank 0 would delete the layer's output); got {bad}")
+
+    def check_later(self, later: list[tuple[int, StepConfig]]) -> None:
+        # a factor pair's second linear reads the rank-wide inner dimension: a later step's groups must divide
+        # every rank this step can choose (a multiple of rank_multiple); hand-set ranks are checked too
+        for index, step in later:
+            need = step.input_multiple()
+            bad = [r for r in (self.rank_multiple, *self.ranks.values()) if r % need]
+            if bad:
+                raise ConfigError(f"steps[{index}] ({step.type}) needs input dimensions that are multiples of "
+                                  f"{need}, but the factors' inner dimension (the rank) can be {bad[0]}; set "
+                                  f"rank_multiple to a multiple of {need}, or use a group size that divides "
+                                  f"{self.rank_multiple}")
 
     def check(self, model: nn.Module | None) -> None:
         super().check(model)

@@ -28,6 +28,7 @@ class SparseGPTConfig(PruneConfig):
     stage = "weight_sparsity"
     search = {"sparsity": Span(0.1, 0.6, step=0.05)}
     needs_calibration = True
+    search_cost = 2
     damp: float = 0.01
     refit: bool = False  # after choosing the mask, solve each row's kept weights exactly (prune_ops.masked_refit)
     block_size: int = 128

@@ -35,6 +35,7 @@ class AWQConfig(ChecksLayers, StepConfig):
     stage = "quantize"
     search = {"bits": Choice(4), "group_size": Choice(32, 64, 128), "symmetric": Choice(True, False), "skip": Choice(["lm_head"], [])}
     needs_calibration = True
+    search_cost = 3
     bits: Literal[8, 4] = 4
     group_size: int | None = 64
     symmetric: bool = False

@@ -39,6 +39,7 @@ class GPTQConfig(ChecksLayers, StepConfig):
     search = {"bits": Choice(8, 4), "group_size": Choice(None, 32, 64, 128), "symmetric": Choice(True, False),
               "act_order": Choice(True, False), "skip": Choice(["lm_head"], [])}
     needs_calibration = True
+    search_cost = 2
     bits: Literal[8, 4] = 4
     group_size: int | None = 64
     symmetric: bool = False

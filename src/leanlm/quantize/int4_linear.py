@@ -14,23 +14,12 @@ from torch import nn
 
 from leanlm import kernels
 from leanlm.core.packed import QuantizedWeight, packed_tensor, register_module
-from leanlm.quantize.rtn_ops import dequantize
+from leanlm.quantize.rtn_ops import dequantize, pack_int4, unpack_int4
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 KERNEL_MAX_ROWS = 128  # above this, dequantize + float matmul is faster on CPU (measured on 576/1536-wide layers)
 HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 HAS_CUDA_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm")  # tinygemm, NVIDIA GPUs sm80+
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """[out, in] codes in 0..15 -> [out, in/2] bytes, even column in the low nibble."""
-    c = codes.to(torch.uint8)
-    return c[:, 0::2] | (c[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
 
 
 @register_module("int4_weight_only")
@@ -100,6 +89,12 @@ class Int4Linear(nn.Module):
             return kernels.on_rows(lambda r: torch.ops.aten._weight_int4pack_mm_for_cpu(r, tiles, self.group_size, sz),
                                    *shape, torch.bfloat16)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def embedding_view(self, padding_idx: int | None = None) -> nn.Module:
+        """An input embedding that reads this layer's codes, for a tied LM head (quantize/int4_embedding.py)."""
+        from leanlm.quantize.int4_embedding import TiedInt4Embedding
+
+        return TiedInt4Embedding.sharing(self, padding_idx)
 
     def quantized_codes(self) -> QuantizedWeight:
         """Codes 0..15 with their zero points (8 everywhere when symmetric)."""

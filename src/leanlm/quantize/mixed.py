@@ -8,7 +8,8 @@
    while the bits per weight over all quantized layers stay within `bits_per_weight`. Layers that
    read the same input (q/k/v, gate/up, found by tracing each block) get one format together, since
    serving runtimes fuse them into one matmul.
-4. The layers are quantized with GPTQ (or round-to-nearest) in the chosen formats.
+4. The layers are quantized with GPTQ (or round-to-nearest) in the chosen formats; with GPTQ, layers outside
+   the decoder blocks (an LM head) are rounded to nearest, since GPTQ calibrates on a block's inputs.
 The step's statistics list every layer's format, its estimated KLD at each format and its cost.
 """
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from leanlm.core import memo
 from leanlm.core.packed import module_bytes
 from leanlm.core.scale_pairs import BlockCall, shared_input_groups
 from leanlm.core.search import Choice, Span
@@ -43,8 +45,9 @@ from leanlm.quantize.sensitivity_ops import Format, allocate, fisher_error, pars
 @dataclass
 class MixedConfig(ChecksLayers, StepConfig):
     stage = "quantize"
-    search = {"bits_per_weight": Span(4.25, 6.0, step=0.25), "method": Choice("gptq", "rtn"), "skip": Choice(["lm_head"], [])}
+    search = {"bits_per_weight": Span(4.5, 7.5, step=0.5), "method": Choice("gptq", "rtn"), "skip": Choice(["lm_head"], [])}
     needs_calibration = True
+    search_cost = 2
     bits_per_weight: float = 4.5  # budget over the quantized layers, scales and zero points included
     formats: list[str] = field(default_factory=lambda: ["int4-g128", "int4-g64", "int4-g32", "int8"])
     method: Literal["gptq", "rtn"] = "gptq"
@@ -146,7 +149,12 @@ def unit_options(units: list[list[str]], options: dict) -> dict[str, dict[str, t
 def quantize_mixed(model: nn.Module, config: MixedConfig, calibration: torch.Tensor, device=None) -> dict:
     layers = select_layers(model, config.targets, config.skip)
     formats = {f.name: f for f in map(parse_format, config.formats)}
-    fisher = fisher_diagonal(model, layers, calibration[: config.sensitivity_samples])
+    samples = calibration[: config.sensitivity_samples]
+    # a search's trials differ in their bit budget, not in the model or the text: the sensitivity is reused
+    # when the driver keeps results (core.memo), keyed by every weight and the samples
+    weights = [part for item in model.state_dict().items() for part in item]
+    fisher = memo.cached("fisher", [*layers, samples, *weights],
+                         lambda: fisher_diagonal(model, layers, samples))
     options = layer_options(layers, fisher, list(formats.values()))
     del fisher
     params = sum(m.weight.numel() for m in layers.values())
@@ -154,17 +162,26 @@ def quantize_mixed(model: nn.Module, config: MixedConfig, calibration: torch.Ten
     unit_choice = allocate(unit_options(units, options), config.bits_per_weight * params)
     choice = {n: unit_choice[unit[0]] for unit in units for n in unit}
     plan = {n: (formats[f].bits, formats[f].group_size, formats[f].symmetric) for n, f in choice.items()}
+    rounded = plan
+    totals = new_totals()
     if config.method == "gptq":
+        # GPTQ calibrates a layer on its decoder block's inputs; a layer outside the blocks (a tied LM head in
+        # the selection, say) has none, so it is rounded to nearest in its chosen format, and the stats say so
+        prefixes = tuple(f"{n}." for n in find_structure(model).block_names())
+        rounded = {n: f for n, f in plan.items() if not n.startswith(prefixes)}
         gptq = GPTQConfig(damp=config.damp, act_order=config.act_order, batch_size=config.batch_size,
-                          calibration_dtype=config.calibration_dtype, targets=config.targets, skip=config.skip)
-        totals = quantize_gptq(model, gptq, calibration, device=device, plan=plan)
-    else:
-        totals = new_totals()
-        for name, (bits, group, sym) in plan.items():
-            with torch.no_grad():
-                codes, scale, zero = rtn_ops.rtn(layers[name].weight.data, bits, group, sym)
-            swap_in_packed(model, name, codes, scale, zero, bits, group, sym, totals)
-        finish_totals(totals)
+                          calibration_dtype=config.calibration_dtype, targets=config.targets,
+                          skip=[*config.skip, *rounded])
+        if len(rounded) < len(plan):
+            totals = quantize_gptq(model, gptq, calibration, device=device,
+                                   plan={n: f for n, f in plan.items() if n not in rounded})
+        if rounded:
+            totals["rounded_to_nearest"] = sorted(rounded)
+    for name, (bits, group, sym) in rounded.items():
+        with torch.no_grad():
+            codes, scale, zero = rtn_ops.rtn(layers[name].weight.data, bits, group, sym)
+        swap_in_packed(model, name, codes, scale, zero, bits, group, sym, totals)
+    finish_totals(totals)
     totals.update(_plan_stats(options, choice, layers))
     return totals
 

@@ -69,6 +69,17 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return (q * scale[..., None]).reshape(codes.shape)
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes in 0..15 -> [out, in/2] bytes, even column in the low nibble."""
+    c = codes.to(torch.uint8)
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
 def rtn(weight: torch.Tensor, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
         clip: torch.Tensor | float | None = None):
     """Round-to-nearest: returns (codes, scale, zero)."""

@@ -43,6 +43,7 @@ class MoefyConfig(StepConfig):
     search = {"experts": Choice(16, 32, 64), "shared": Choice(4, 8, 12), "top_k": Choice(2, 4, 8)}
     runtimes = ("leanlm",)  # llama.cpp has no dense equivalent of a MoE-fied FFN
     needs_calibration = True
+    search_cost = 2
     experts: int = 32
     shared: int = 12  # always-on experts, holding the channels that contribute most
     top_k: int = 4  # routed experts per token, besides the shared ones
