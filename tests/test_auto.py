@@ -125,6 +125,10 @@ def test_a_recipe_maps_onto_the_space_and_its_neighbours_are_one_move_away():
             k.startswith("stage.") or k.split(".")[0] in (params[stages[0]], moved[stages[0]]) for k in changed))
         assert key != canonical(steps, {})
     assert len({key for _, key, _ in moves}) == len(moves)
+    # a range moves a grid step, or halfway to an end: mixed precision from 4.5 bits gets to 6 in one move
+    mixed = params_of(space, [{"type": "mixed", "skip": []}])
+    words = [w for _, _, w in neighbors(space, mixed)]
+    assert words[:2] == ["mixed.bits_per_weight: 4.5 -> 5.0", "mixed.bits_per_weight: 4.5 -> 6.0"]
 
 
 def test_the_planner_alternates_moves_from_the_best_with_seeds():

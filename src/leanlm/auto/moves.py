@@ -150,8 +150,9 @@ class _Recorder:
 
 
 def _alternatives(rng: Range | None, value: Any) -> list[Any]:
-    """The values one move away: every other choice, or the neighbouring points of a range (its grid step,
-    else an eighth of its width)."""
+    """The values one move away: every other choice, or for a range its neighbouring points (its grid step,
+    else an eighth of its width), then the points halfway to either end: a candidate far from the budget
+    (mixed precision at 4.5 bits, two bits short of it) gets there in a move or two, not in eight steps."""
     if rng is None:
         return []
     if isinstance(rng, Choice):
@@ -159,10 +160,12 @@ def _alternatives(rng: Range | None, value: Any) -> list[Any]:
     delta = rng.step or (rng.high - rng.low) / 8
     if rng.integer:
         delta = max(1, int(round(delta)))
-    out = []
-    for moved in (value - delta, value + delta):
+    out: list[Any] = []
+    for moved in (value - delta, value + delta, (value + rng.low) / 2, (value + rng.high) / 2):
+        if rng.step:
+            moved = rng.low + round((moved - rng.low) / rng.step) * rng.step
         moved = int(round(moved)) if rng.integer else round(moved, 6)
-        if rng.low <= moved <= rng.high:
+        if rng.low <= moved <= rng.high and moved != value and moved not in out:
             out.append(moved)
     return out
 
