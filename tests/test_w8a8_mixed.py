@@ -176,11 +176,13 @@ def test_a_search_reuses_the_sensitivity_only_for_the_same_weights_and_text(tiny
     run(5.0)
     run(5.0)
     assert len(calls) == 2  # off unless a driver turns it on
-    with memo.keeping(1):
+    store = memo.Store(1)
+    with memo.using(store):
         first, second = run(4.5), run(6.0)
         assert len(calls) == 3 and first["layers"][0]["estimated_kld"] == second["layers"][0]["estimated_kld"]
         run(6.0, nudge=True)
         run(6.0, samples=calib.flip(0))
-        assert len(calls) == 5
-    assert memo._store == {}  # dropped when keeping ends
+        assert len(calls) == 5 and len(store.items) == 1
+    run(6.0, samples=calib.flip(0))  # outside the block nothing is read from the store
+    assert len(calls) == 6
     assert memo.fingerprint([torch.tensor(1.0, dtype=torch.bfloat16)]) != memo.fingerprint([torch.tensor(1.0)])

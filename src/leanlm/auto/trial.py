@@ -112,7 +112,7 @@ class TrialRunner:
         self.tasks = load_tasks(job.tasks) if job.tasks else None
         self._calibration: torch.Tensor | None = None
         self._prefix: OrderedDict[str, torch.nn.Module] = OrderedDict()
-        memo.keep(MEMO_ENTRIES)  # costly intermediate results steps may share between trials (core.memo)
+        self._memo = memo.Store(MEMO_ENTRIES)  # costly intermediate results steps share between trials
 
     def calibration(self) -> torch.Tensor:
         if self._calibration is None:
@@ -123,7 +123,8 @@ class TrialRunner:
     def run(self, cand: Candidate) -> dict:
         start = time.perf_counter()
         try:
-            out = self._run(cand)
+            with memo.using(self._memo):
+                out = self._run(cand)
         except LeanLMError as err:  # a candidate the step types refuse: infeasible, and says why
             out = {"status": "invalid", "error": str(err)}
         except Exception as err:  # noqa: BLE001 - one broken trial must not end a search; its error is kept

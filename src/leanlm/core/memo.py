@@ -3,7 +3,8 @@ that mixed precision measures, say, which a search computes again for every mixe
 model although only the bit budget changed.
 
 Off by default: a single `leanlm optimize` frees such a result when its step ends. A driver that runs many
-candidates on one model (`leanlm auto`'s trial worker) turns it on with `keeping(n)`. Entries are keyed by
+candidates on one model (`leanlm auto`'s trial runner) holds a `Store` and runs each candidate inside
+`using(store)`; the results go when the driver drops its store. Entries are keyed by
 content, never by object identity: the key includes a fingerprint of the weights and of the data the result
 was computed from, so a changed model (pruned, fine-tuned) or other calibration text never reads another's
 result.
@@ -19,27 +20,27 @@ from typing import Any
 
 import torch
 
-_store: OrderedDict[str, Any] = OrderedDict()
-_capacity = 0
+class Store:
+    """Up to `entries` results, least recently used out first."""
+
+    def __init__(self, entries: int):
+        self.entries = max(0, entries)
+        self.items: OrderedDict[str, Any] = OrderedDict()
 
 
-def keep(entries: int) -> None:
-    """From now on keep up to `entries` results (least recently used out first); 0 turns keeping off."""
-    global _capacity
-    _capacity = max(0, entries)
-    while len(_store) > _capacity:
-        _store.popitem(last=False)
+_current: Store | None = None
 
 
 @contextmanager
-def keeping(entries: int) -> Iterator[None]:
-    """`keep(entries)` inside the block, then back to what it was (dropping what no longer fits)."""
-    previous = _capacity
-    keep(entries)
+def using(store: Store) -> Iterator[Store]:
+    """Steps run inside the block keep their results in `store` (which outlives the block, so the next
+    block using it finds them); outside any block nothing is kept."""
+    global _current
+    previous, _current = _current, store
     try:
-        yield
+        yield store
     finally:
-        keep(previous)
+        _current = previous
 
 
 def fingerprint(parts: Iterable[Any]) -> str:
@@ -56,15 +57,16 @@ def fingerprint(parts: Iterable[Any]) -> str:
 
 
 def cached(kind: str, key_parts: Iterable[Any], compute: Callable[[], Any]) -> Any:
-    """`compute()`, or the result kept from an earlier call with the same kind and key, when keeping is on."""
-    if _capacity < 1:
+    """`compute()`, or the result kept from an earlier call with the same kind and key in the store in use."""
+    store = _current
+    if store is None or store.entries < 1:
         return compute()
     key = f"{kind}:{fingerprint(key_parts)}"
-    if key in _store:
-        _store.move_to_end(key)
-        return _store[key]
+    if key in store.items:
+        store.items.move_to_end(key)
+        return store.items[key]
     value = compute()
-    _store[key] = value
-    while len(_store) > _capacity:
-        _store.popitem(last=False)
+    store.items[key] = value
+    while len(store.items) > store.entries:
+        store.items.popitem(last=False)
     return value
