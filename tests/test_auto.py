@@ -174,6 +174,40 @@ def test_the_planner_alternates_moves_from_the_best_with_seeds():
     assert [r["number"] for r in ranked] == [7, 8, -1]
 
 
+def test_a_near_miss_moves_to_where_its_trend_meets_the_budget():
+    from leanlm.auto.planner import Planner, crossing
+
+    # the fifth session's size search: mixed precision with its head at 4.5 and 5.0 bits, KLD 0.219 and 0.128;
+    # the log-KLD line crosses 0.9 x 0.05 near 5.97 bits, so the next move is 6.0, not the 5.5 grid neighbour
+    grid = Span(4.5, 7.5, 0.5)
+    assert crossing(4.5, 0.219, 5.0, 0.128, 0.045, grid) == 6.0
+    assert crossing(5.0, 0.128, 4.5, 0.219, 0.045, grid) == 6.0  # the order of the points does not matter
+    # a loss that rises with the field (parameters removed) is met by going down, rounded down on the grid
+    assert crossing(0.2, 0.03, 0.35, 0.09, 0.045, Span(0.1, 0.4, 0.05)) == 0.25
+    assert crossing(4.5, 0.2, 5.0, 0.2, 0.045, grid) is None  # flat: no direction
+    assert crossing(4.5, 0.219, 5.0, 0.128, 1e-9, grid) == 7.5  # beyond the range: its end
+    space = build_space(families=["quantize"])
+    planner = Planner(space, "size", parse_budget("kld<=0.05"))
+    head = [s.to_dict() for s in load_recipe("int8-rtn-head").steps]
+
+    def mixed(number, bits, kld, size):
+        return {"number": number, "name": f"mixed {bits}", "status": "ok", "fidelity": 16, "objective": size,
+                "steps": [{"type": "mixed", "bits_per_weight": bits, "skip": []}], "export": {},
+                "quality": {"kld": kld}, "violation": kld / 0.05 - 1}
+
+    results = [{"number": -1, "name": "recipe int8-rtn-head", "status": "ok", "steps": head, "export": {},
+                "fidelity": 16, "violation": -0.9, "objective": 132.6, "quality": {"kld": 0.0044}},
+               mixed(0, 4.5, 0.219, 75.7), mixed(1, 5.0, 0.128, 83.7)]
+    origins = [planner.next(results, {})[1] for _ in range(2)]
+    from_miss = [o for o in origins if o.startswith("move from #1")]
+    assert from_miss == ["move from #1 (mixed 5.0) (over budget): mixed.bits_per_weight: 5.0 -> 6.0 (where kld is "
+                         "extrapolated to meet the budget, from #0 at 4.5)"], origins
+    # with one point measured there is no trend: the near miss's grid neighbours come first, as before
+    planner = Planner(space, "size", parse_budget("kld<=0.05"))
+    origins = [planner.next(results[:2], {})[1] for _ in range(2)]
+    assert any(o.startswith("move from #0") and o.endswith("4.5 -> 5.0") for o in origins), origins
+
+
 def test_narrowing_the_space_and_its_errors(tmp_path):
     space = build_space(families=["quantize"], fixes=["steps.quantize=rtn", "steps.rtn.bits=4"])
     assert space.forced["quantize"] == "rtn"

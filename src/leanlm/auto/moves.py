@@ -64,7 +64,7 @@ def neighbors(space: SearchSpace, params: dict) -> list[tuple[dict, str, str]]:
                     (added if value == NONE else stages).append(
                         (moved, f"{name.removeprefix('stage.')}: {value} -> {other}"))
             continue
-        rng = space.export if name == "export.weight_type" else _range(space, name)
+        rng = space.export if name == "export.weight_type" else field_range(space, name)
         for other in _alternatives(rng, value):
             fields.append(({**params, name: other}, f"{name}: {_show(value)} -> {_show(other)}"))
     out = []
@@ -91,7 +91,7 @@ def _carried(space: SearchSpace, params: dict, old: str, new: str) -> dict:
     return out
 
 
-def _range(space: SearchSpace, name: str) -> Range:
+def field_range(space: SearchSpace, name: str) -> Range:
     kind, key = name.split(".", 1)
     stage = step_type(kind).config.stage
     return space.option(stage, kind).fields[key]

@@ -183,7 +183,7 @@ def run_trials(executor, state: SearchState, space: SearchSpace, job: SearchJob,
     import optuna
 
     study = state.study(job, seed, space)
-    planner = Planner(space, job.objective)
+    planner = Planner(space, job.objective, job.budget)
     deadline = time.monotonic() + seconds - state.elapsed() - reserve
     started = time.monotonic()
     pending: dict = {}
