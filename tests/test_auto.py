@@ -197,7 +197,8 @@ def test_a_near_miss_moves_to_where_its_trend_meets_the_budget():
 
     results = [{"number": -1, "name": "recipe int8-rtn-head", "status": "ok", "steps": head, "export": {},
                 "fidelity": 16, "violation": -0.9, "objective": 132.6, "quality": {"kld": 0.0044}},
-               mixed(0, 4.5, 0.219, 75.7), mixed(1, 5.0, 0.128, 83.7)]
+               mixed(0, 4.5, 0.219, 75.7), mixed(1, 5.0, 0.128, 83.7),
+               {**mixed(2, 5.0, 0.3, 80.0), "steps": [{"type": "mixed", "bits_per_weight": 5.0}]}]  # differs in a choice
     origins = [planner.next(results, {})[1] for _ in range(2)]
     from_miss = [o for o in origins if o.startswith("move from #1")]
     assert from_miss == ["move from #1 (mixed 5.0) (over budget): mixed.bits_per_weight: 5.0 -> 6.0 (where kld is "

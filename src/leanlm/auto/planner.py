@@ -126,7 +126,8 @@ class Planner:
         for r in results:
             other = self._params_of(r) if r.get("status") == "ok" and r is not miss else None
             differ = [k for k in set(other or {}) | set(params) if (other or {}).get(k) != params.get(k)]
-            if other is None or len(differ) != 1 or _loss(worst, r) is None:
+            # a trend runs along a numeric field: a neighbour differing in a choice (the head's skip) has none
+            if other is None or len(differ) != 1 or _span(self.space, differ[0]) is None or _loss(worst, r) is None:
                 continue
             name = differ[0]
             near = partners.get(name)
@@ -135,8 +136,6 @@ class Planner:
         out = []
         for name, partner in partners.items():
             rng = _span(self.space, name)
-            if rng is None:
-                continue
             x0, x1 = self._params_of(partner)[name], params[name]
             value = crossing(x0, _loss(worst, partner), x1, loss, AIM * _bound_loss(worst), rng)
             if value is None:
