@@ -13,7 +13,8 @@ every family.
 Besides the best results within the budget, the result that missed it by least while beating them on the
 objective is a starting point too (a mixed-precision candidate half a bit short, say), and the starting
 points take turns, so refining a near miss does not wait for every neighbour of the best. Once a near miss
-and a neighbour differing in one numeric field are both measured, the next move from it goes where the line
+and a neighbour differing in one numeric field are both measured, the next trial (ahead of the turns and of the
+time sharing: it is the one move a measured trend says may win) goes from it where the line
 through their losses crosses the budget (log loss against the field: quantization noise falls about 4x per
 bit), so a walk from 4.5 bits toward a KLD budget skips the grid points the trend already rules out.
 """
@@ -46,6 +47,9 @@ class Planner:
 
     def next(self, results: list[dict], seen: dict) -> tuple[dict, str] | None:
         """(Optuna parameters, where they came from) for the next trial, or None: let the sampler propose."""
+        trend = self._trend_move(results, seen)
+        if trend is not None:  # the one move a measured trend says may meet the budget ahead of the best: no waiting
+            return trend
         searched = [r for r in results if r.get("number", -1) >= 0]
         on_moves = sum(r.get("seconds") or 0.0 for r in searched if str(r.get("origin", "")).startswith("move"))
         if on_moves <= sum(r.get("seconds") or 0.0 for r in searched) - on_moves:
@@ -100,12 +104,22 @@ class Planner:
             params = self._params_of(best)
             if params is None:
                 continue
-            ahead = self._extrapolated(best, results) if best is miss else []
-            for moved, key, words in ahead + neighbors(self.space, params):
+            for moved, key, words in neighbors(self.space, params):
                 if key not in seen and key not in self.issued:
                     self.issued.add(key)
                     over = " (over budget)" if best.get("violation", 0) > 0 else ""
                     return moved, f"move from #{best['number']} ({best['name']}){over}: {words}"
+        return None
+
+    def _trend_move(self, results: list[dict], seen: dict) -> tuple[dict, str] | None:
+        starts = self.incumbents(results)
+        miss = self.near_miss(results, starts[0] if starts else None)
+        if miss is None:
+            return None
+        for moved, key, words in self._extrapolated(miss, results):
+            if key not in seen and key not in self.issued:
+                self.issued.add(key)
+                return moved, f"move from #{miss['number']} ({miss['name']}) (over budget): {words}"
         return None
 
     def _params_of(self, result: dict) -> dict | None:
