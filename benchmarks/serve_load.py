@@ -113,6 +113,8 @@ def servers(paths: dict, peers: list[str]) -> list[tuple[str, list[str], str]]:
     rows = []
     for variant in ("float", "int8", "int4"):
         rows.append((f"leanlm serve ({variant})", lambda p, v=variant: leanlm_cmd(paths[v], p, "m"), "m"))
+    # what the mixed step buys: the same engine with a prefill pass and a decode pass per step
+    rows.append(("leanlm serve --step padded (float)", lambda p: leanlm_cmd(paths["float"], p, "m", ["--step", "padded"]), "m"))
     for variant in ("float", "int8"):  # what prepacked float32 linears buy (int8: its float LM head)
         rows.append((f"leanlm serve --prepack on ({variant})",
                      lambda p, v=variant: leanlm_cmd(paths[v], p, "m", ["--prepack", "on"]), "m"))

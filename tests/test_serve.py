@@ -166,22 +166,20 @@ def test_metrics_and_stats(server, client):
     assert stats["ready"] and stats["model"] == "tiny" and stats["generated_tokens"] > 0 and stats["slots"] == 4
 
 
-def test_engine_rows_stay_correct_when_sequences_leave_in_any_order(chat_model):
-    """In process: 9 greedy sequences through 3 rows, prefill in 5-token chunks, some cancelled midway;
-    every finished one equals generating it alone."""
-    from leanlm.models.load import load_model
+def _engine_matches_alone(loaded, prefill_chunk: int = 5, base: str = "item"):
+    """9 greedy sequences through 3 rows, prefill in `prefill_chunk`-token chunks, one cancelled midway;
+    every finished one equals generating it alone. Returns the closed engine."""
     from leanlm.serve.batch_engine import BatchEngine
     from leanlm.serve.sequence import SamplingParams, Sequence
 
-    loaded = load_model(str(chat_model), "cpu")
-    engine = BatchEngine(loaded, max_batch=3, max_queue=16, max_len=256, prefill_chunk=5)
+    engine = BatchEngine(loaded, max_batch=3, max_queue=16, max_len=256, prefill_chunk=prefill_chunk)
     tok = loaded.tokenizer
     done = threading.Semaphore(0)
 
     def sink(event):
         if event["type"] in ("done", "error"):
             done.release()
-    seqs = [Sequence(tok(f"item {i} " * (i + 1))["input_ids"], SamplingParams(max_tokens=4 + 3 * i, temperature=0),
+    seqs = [Sequence(tok(f"{base} {i} " * (i + 1))["input_ids"], SamplingParams(max_tokens=4 + 3 * i, temperature=0),
                      tok, set(), sink) for i in range(9)]
     engine.submit(seqs)
     engine.cancel([seqs[4]])
@@ -194,6 +192,54 @@ def test_engine_rows_stay_correct_when_sequences_leave_in_any_order(chat_model):
         alone = generate(loaded.model, torch.tensor([seq.prompt_ids]), 4 + 3 * i)[0].tolist()
         assert seq.out_ids == alone, f"sequence {i}"
     assert engine.cache.lengths == [0, 0, 0]
+    return engine
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed-step", "padded-steps"])
+def test_engine_rows_stay_correct_when_sequences_leave_in_any_order(chat_model, monkeypatch, mixed):
+    """Both step kinds: the mixed pass (decode rows + a prompt chunk at once) and the padded passes."""
+    from leanlm.models.load import load_model
+    from leanlm.serve.batch_engine import BatchEngine
+
+    if not mixed:
+        monkeypatch.setattr(BatchEngine, "_check_mixed", lambda self, layers: False)
+    assert _engine_matches_alone(load_model(str(chat_model), "cpu")).mixed is mixed
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed-step", "padded-steps"])
+def test_engine_rows_on_a_sliding_window_model(tokenizer, tmp_path, monkeypatch, mixed):
+    """A Gemma 3 layout (sliding-window layers of 8 tokens and a full one), prompts and answers longer
+    than the window: each row sees only its own last 8 keys on the sliding layers, in both step kinds."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from leanlm.models.load import load_model
+    from leanlm.serve.batch_engine import BatchEngine
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    Gemma3ForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    if not mixed:
+        monkeypatch.setattr(BatchEngine, "_check_mixed", lambda self, layers: False)
+    engine = _engine_matches_alone(load_model(tmp_path, "cpu"), prefill_chunk=6, base="the window slides")
+    assert engine.mixed is mixed and engine.window == 8
+
+
+def test_a_model_the_mixed_step_does_not_fit_is_served_with_padded_steps(chat_model, monkeypatch, caplog):
+    """An attention that does not keep rows apart fails the start-up check: a warning, then padded steps."""
+    import leanlm.serve.slot_attention as slots
+    from leanlm.models.load import load_model
+
+    def wrong(module, query, key, value, attention_mask, **kwargs):  # every token attends to row 0's first key
+        kwargs["slot_layout"].calls += 1
+        return value[:1, :, :1].repeat_interleave(query.shape[1] // key.shape[1], 1).transpose(1, 2).expand(
+            1, query.shape[2], query.shape[1], query.shape[3]), None
+    monkeypatch.setattr(slots, "slot_attention", wrong)
+    engine = _engine_matches_alone(load_model(str(chat_model), "cpu"))
+    assert not engine.mixed and "does not fit this model" in caplog.text
 
 
 def test_text_stream_holds_back_a_possible_stop_and_whole_characters():

@@ -60,6 +60,10 @@ def add_parser(sub) -> None:
                         "that quote their prompt) or draft:MODEL (a smaller model sharing the tokenizer, e.g. leanlm's "
                         "int8 of it); exact for greedy and sampled requests; measured against plain steps as it runs "
                         "and kept only while faster (default: off)")
+    p.add_argument("--step", default="mixed", choices=["mixed", "padded"],
+                   help="the engine's forward pass: mixed (every decoding row's next token and a prompt chunk in one "
+                        "pass, checked against the model at start) or padded (a prefill pass, then a decode pass; "
+                        "default: mixed, see docs/serve.md)")
     p.add_argument("--max-draft", type=positive_int, default=8, help="most tokens drafted per step (default: 8)")
 
 
@@ -72,6 +76,6 @@ def run(args) -> int:
                                                "api_keys", "max_batch", "max_queue", "max_len", "prefill_chunk",
                                                "max_n", "request_timeout", "max_body", "drain_timeout", "cache",
                                                "cache_store", "cache_dir", "cache_ttl", "cache_max_entries",
-                                               "prefix_cache_mb", "semantic_config", "prepack", "compress_context", "speculative", "max_draft")}
+                                               "prefix_cache_mb", "semantic_config", "prepack", "compress_context", "speculative", "max_draft", "step")}
     serve(args.model, served_name=args.served_model_name, **options)
     return 0

@@ -1,10 +1,15 @@
 """The leanlm backend: continuous batching over any model leanlm loads (float, packed int8/int4, W8A8,
 activation-sparse, MoE-fied), on one thread that owns the model.
 
-Each loop: admit waiting requests into free cache rows, run one prefill chunk of the request being
-prefilled (long prompts are cut into `prefill_chunk`-token pieces so they never stall the running batch
-for long), then one decode step for every running sequence together. A sequence joins the batch the step
-after its prefill and leaves it the step it ends, is cancelled or its client goes away.
+Each loop: admit a waiting request into a free cache row, then one forward pass (a mixed step, as vLLM
+and transformers' continuous batching run them) that holds the next token of every running sequence and
+one chunk of the prompt being prefilled (long prompts are cut into `prefill_chunk`-token pieces so they
+never stall the running batch for long): the weights are read once for both. A sequence joins the batch
+the step after its prompt's last chunk and leaves it the step it ends, is cancelled or its client goes away.
+
+The mixed step needs the model's attention to go through transformers' attention interface (slot_attention.py).
+The engine checks that at start against the model's own forward, and where it fails it says so and runs
+the padded steps instead: a prefill chunk, then a decode step, each its own pass.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from leanlm.serve.errors import APIError
 from leanlm.serve.kv_slots import SlotCache
 from leanlm.serve.prefix_cache import PrefixCache
 from leanlm.serve.sequence import Sequence, eos_ids_of
+from leanlm.serve.slot_attention import SlotLayout, register, slot_attention_on
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,8 @@ class BatchEngine:
 
     def __init__(self, loaded, max_batch: int = 16, max_queue: int = 64, max_len: int = 2048,
                  prefill_chunk: int = 256, on_step: Callable[[int], None] | None = None,
-                 prefix_cache: PrefixCache | None = None, speculative: str | None = None, max_draft: int = 8):
+                 prefix_cache: PrefixCache | None = None, speculative: str | None = None, max_draft: int = 8,
+                 mixed: bool = True):
         """`loaded`: a LoadedModel, or a function that loads one. Given a function, the model is loaded on the
         engine's own thread: torch then runs on that one thread only. Run from two threads (loaded on the
         main one, decoded on another), libgomp keeps two OpenMP teams on 2 cores and a decode step measured
@@ -41,6 +48,7 @@ class BatchEngine:
         self.on_step = on_step or (lambda batch: None)
         self.prefix = prefix_cache
         self._speculative, self._max_draft = speculative, max_draft
+        self.mixed = mixed  # kept only if the model passes the check at start (_check_mixed)
         self.spec = None  # serve.speculative.ServeSpeculation, built with the model on the engine's thread
         self.waiting: deque[Sequence] = deque()
         self.rows: list[Sequence] = []  # rows[:decoding] decode; rows[decoding:] (at most one) is being prefilled
@@ -80,6 +88,7 @@ class BatchEngine:
         self.dtype = self.cache.dtype
         self._kwarg = _cache_kwarg(self.model)
         self._gqa = self.cache.device.type == "cpu"
+        self.mixed = self.mixed and self._check_mixed(cfg.num_hidden_layers)
         if self._speculative:
             self.spec = _speculation(self._speculative, loaded, self._max_draft)
 
@@ -143,6 +152,9 @@ class BatchEngine:
                 self._admit()
             try:
                 self._drop_cancelled()
+                if self.mixed:
+                    self._step()
+                    continue
                 if len(self.rows) > self.decoding:
                     self._prefill_step()
                 if self.decoding:
@@ -201,7 +213,102 @@ class BatchEngine:
 
     def forward_all(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Row 0's logits after each of its tokens [tokens, vocab] (a speculative step's verification)."""
+        if self.mixed:
+            start = int(positions[0, 0])
+            layout = SlotLayout([], start, start + ids.shape[1], self.cache.device)
+            return self._forward_mixed(ids[0].tolist(), layout, list(range(ids.shape[1])))
         return self._forward(ids, positions, slice(0, 1), keep=0)[0]
+
+    def _forward_mixed(self, ids: list[int], layout: SlotLayout, keep: list[int]) -> torch.Tensor:
+        """Logits [len(keep), vocab] after the tokens at `keep` of one mixed pass."""
+        device = self.cache.device
+        self.cache.begin_mixed(layout)
+        try:
+            with torch.inference_mode(), slot_attention_on(self.model):
+                out = self.model(input_ids=torch.tensor([ids], device=device), position_ids=layout.positions(),
+                                 attention_mask=None, use_cache=True, slot_layout=layout,
+                                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+                                 **{self._kwarg: self.cache})
+        finally:
+            self.cache.finish()
+        return out.logits[0]
+
+    def _step(self) -> None:
+        """One mixed pass: the next token of each decoding row, and the next chunk of the prompt being prefilled."""
+        n = self.decoding
+        batch = self.rows[:n]
+        if n:
+            self.on_step(n)
+        alone = n == 1 and len(self.rows) == 1 and not self.waiting
+        if alone and self.spec is not None and self.spec.wanted():
+            if self.spec.step(self, batch[0]):
+                self._remove(0)
+            return
+        started = time.perf_counter()
+        ids = [seq.out_ids[-1] if seq.out_ids else seq.prompt_ids[-1] for seq in batch]
+        start = stop = 0
+        prompt: list[int] = []
+        if len(self.rows) > n:
+            prompt = self.rows[n].prompt_ids
+            start, stop = self._prefilled, min(len(prompt), self._prefilled + self.prefill_chunk)
+            ids += prompt[start:stop]
+        last = bool(prompt) and stop == len(prompt)  # the chunk ends the prompt: its last token's logits are wanted
+        layout = SlotLayout(list(self.cache.lengths[:n]), start, stop, self.cache.device)
+        logits = self._forward_mixed(ids, layout, list(range(n)) + ([len(ids) - 1] if last else []))
+        ended = [r for r, seq in enumerate(batch) if seq.next_token(logits[r])
+                 or self.cache.lengths[r] >= self.max_len and seq.finish("length", seq.text.flush())]
+        if alone and self.spec is not None:
+            self.spec.record_plain(time.perf_counter() - started, 1)
+        if prompt:
+            self._prefilled = stop
+            if last:
+                self._prompt_done(n, logits[n])
+        for r in reversed(ended):
+            self._remove(r)
+
+    def _prompt_done(self, r: int, logits: torch.Tensor) -> None:
+        """Row r's prompt is in the cache: keep its prefix, take its first token, and decode it from now on."""
+        seq = self.rows[r]
+        if self.prefix is not None:
+            self.prefix.store(seq.prompt_ids, self.cache, r)
+        if seq.next_token(logits):
+            self._remove(r)
+        else:
+            self.decoding += 1
+
+    def _check_mixed(self, layers: int) -> bool:
+        """Run two rows through mixed passes (a chunk from 0, then decode + a chunk from mid-prompt) and compare
+        with the model's own forward; a model whose attention bypasses the interface fails here, not in service."""
+        register()
+        vocab = self.model.get_input_embeddings().num_embeddings
+        ids = [(7 * i + 3) % vocab for i in range(8)]
+        dev = self.cache.device
+        try:
+            with torch.inference_mode():
+                want = self.model(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0].float()
+            first = SlotLayout([], 0, 5, dev)
+            got = [self._forward_mixed(ids[:5], first, [4])[0]]
+            second = SlotLayout([5], 0, 3, dev)
+            got.append(self._forward_mixed([ids[5]] + ids[:3], second, [0, 3])[0])
+            third = SlotLayout([6], 3, 6, dev)
+            out = self._forward_mixed([ids[6]] + ids[3:6], third, [0, 1, 2, 3])
+            got += [out[0], *out[1:]]
+            got = torch.stack(got).float()
+            expect = torch.stack([want[4], want[5], want[6], want[3], want[4], want[5]])
+            calls = first.calls, second.calls, third.calls
+            err = float((got - expect).abs().max() / expect.abs().max().clamp_min(1e-6))
+        except Exception as exc:  # noqa: BLE001 - the reason is logged, and the padded steps serve instead
+            calls, err, reason = None, None, f"{type(exc).__name__}: {exc}"
+        finally:
+            for r in range(self.max_batch):
+                self.cache.clear(r)
+        if err is not None and err <= 1e-2 and calls == (layers,) * 3:
+            return True
+        if err is not None:
+            reason = f"its logits differ from the model's own by {err:.2g} (relative), {calls} attention calls for {layers} layers"
+        log.warning("the mixed prefill+decode step does not fit this model (%s); serving with a prefill pass and a "
+                    "decode pass per step instead, which reads the weights twice", reason)
+        return False
 
     def _prefill_step(self) -> None:
         r = self.decoding

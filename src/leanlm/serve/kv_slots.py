@@ -30,6 +30,7 @@ class SlotCache:
         self._rows: slice | None = None
         self._positions: torch.Tensor | None = None
         self._span = 0
+        self._layout = None  # a slot_attention.SlotLayout during a mixed step
 
     @classmethod
     def for_model(cls, model, slots: int, max_len: int) -> SlotCache:
@@ -71,6 +72,11 @@ class SlotCache:
         self._span = int(positions.max()) + 1
         self.ensure(self._span)
 
+    def begin_mixed(self, layout) -> None:
+        """The next forward is a mixed step (slot_attention.SlotLayout): the decoding rows' tokens, then a chunk."""
+        self._layout, self._span = layout, layout.span
+        self.ensure(self._span)
+
     def mask(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
         """[rows, 1, tokens, span]: a query at position p sees keys at positions <= p of its own row (and,
         for a sliding-window layer, only the last `window` of them)."""
@@ -83,6 +89,13 @@ class SlotCache:
         return mask[:, None]
 
     def finish(self) -> None:
+        if self._layout is not None:
+            lay, self._layout = self._layout, None
+            for r, p in enumerate(lay.decode_positions):
+                self.lengths[r] = max(self.lengths[r], p + 1)
+            if lay.chunk:
+                self.lengths[lay.decode] = max(self.lengths[lay.decode], lay.stop)
+            return
         rows, positions = self._rows, self._positions
         for r, row_positions in zip(range(rows.start, rows.stop), positions):
             self.lengths[r] = max(self.lengths[r], int(row_positions.max()) + 1)
@@ -90,8 +103,10 @@ class SlotCache:
 
     # transformers' Cache protocol, as its attention layers and models call it
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        rows, positions = self._rows, self._positions
         k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
+        if self._layout is not None:
+            return self._update_mixed(key, value, k_store, v_store)
+        rows, positions = self._rows, self._positions
         if positions.shape[1] == 1:  # decode: each row writes one position of its own
             index = torch.arange(rows.start, rows.stop, device=self.device)
             k_store[index, :, positions[:, 0]] = key[:, :, 0].to(self.dtype)
@@ -101,6 +116,20 @@ class SlotCache:
             k_store[rows, :, start:stop] = key.to(self.dtype)
             v_store[rows, :, start:stop] = value.to(self.dtype)
         return k_store[rows, :, : self._span], v_store[rows, :, : self._span]
+
+    def _update_mixed(self, key, value, k_store, v_store):
+        """key, value [1, kv_heads, n + L, dim]: token r < n goes to row r at its position, the rest to row n."""
+        lay = self._layout
+        n = lay.decode
+        if n:
+            index = torch.arange(n, device=self.device)
+            at = torch.tensor(lay.decode_positions, device=self.device)
+            k_store[index, :, at] = key[0, :, :n].transpose(0, 1).to(self.dtype)
+            v_store[index, :, at] = value[0, :, :n].transpose(0, 1).to(self.dtype)
+        if lay.chunk:
+            k_store[n, :, lay.start:lay.stop] = key[0, :, n:].to(self.dtype)
+            v_store[n, :, lay.start:lay.stop] = value[0, :, n:].to(self.dtype)
+        return k_store[: lay.rows, :, : self._span], v_store[: lay.rows, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._span

@@ -104,6 +104,9 @@ class ServeConfig(Validated):
     # lookup[:N] or draft:MODEL: speculative steps while one sequence decodes alone, kept only while faster
     speculative: str | None = None
     max_draft: int = 8
+    # "mixed": decoding rows and a prompt chunk in one forward pass (checked against the model at start);
+    # "padded": a prefill pass and a decode pass per step (what a model the check refuses gets anyway)
+    step: Literal["mixed", "padded"] = "mixed"
 
     def validate(self) -> None:
         for name in ("max_batch", "max_queue", "max_len", "prefill_chunk", "max_n", "max_body", "prefix_cache_mb"):
@@ -119,6 +122,9 @@ class ServeConfig(Validated):
                               "llama.cpp serves a GGUF file: serve the model's directory with --backend leanlm")
         if self.speculative:
             self._check_speculative()
+        if self.step != "mixed" and (self.upstream or self.backend == "llama.cpp"):
+            raise ConfigError(f"--step {self.step} lays out leanlm's own engine's passes; "
+                              f"{'--upstream' if self.upstream else '--backend llama.cpp'} runs another engine")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
 
@@ -158,7 +164,7 @@ def build_engine(model: str, cfg: ServeConfig, metrics, prefix: bool):
     engine = BatchEngine(lambda: load_for_serving(model, cfg), max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_len=cfg.max_len,
                          prefill_chunk=cfg.prefill_chunk, on_step=metrics.step,
                          prefix_cache=PrefixCache(budget_bytes=cfg.prefix_cache_mb << 20) if prefix else None,
-                         speculative=cfg.speculative, max_draft=cfg.max_draft)
+                         speculative=cfg.speculative, max_draft=cfg.max_draft, mixed=cfg.step == "mixed")
     _check_kv_memory(engine)
     if engine.spec is not None:
         metrics.watch_speculation(engine.spec)
