@@ -283,3 +283,31 @@ def test_slot_cache_mask_and_moves():
     assert cache.lengths == [3, 0, 0] and float(cache.keys[0][0, 0, 2, 0]) == 1.0
     with pytest.raises(ValueError, match="exceed"):
         cache.ensure(17)
+
+
+def test_a_request_cancelled_while_waiting_leaves_the_engine_idle_and_quiet(chat_model, caplog):
+    """With one row busy, a waiting request is cancelled: the engine drops it, logs no failure, and serves
+    the next request; a step with no row at all runs nothing."""
+    from leanlm.models.load import load_model
+    from leanlm.serve.batch_engine import BatchEngine
+    from leanlm.serve.sequence import SamplingParams, Sequence
+
+    loaded = load_model(str(chat_model), "cpu")
+    engine = BatchEngine(loaded, max_batch=1, max_queue=4, max_len=128)
+    tok = loaded.tokenizer
+    events: dict[int, threading.Event] = {i: threading.Event() for i in range(3)}
+
+    def sink_for(i):
+        return lambda event: event["type"] in ("done", "error") and events[i].set()
+    seqs = [Sequence(tok("lists are")["input_ids"], SamplingParams(max_tokens=n, temperature=0), tok, set(), sink_for(i))
+            for i, n in enumerate((24, 4, 4))]
+    engine.submit(seqs[:2])
+    engine.cancel([seqs[1]])
+    assert events[0].wait(60) and events[1].wait(60)
+    engine.submit([seqs[2]])
+    assert events[2].wait(60)
+    engine.close()
+    assert seqs[1].finish_reason == "cancelled" and seqs[2].finish_reason in ("length", "stop")
+    assert "engine step failed" not in caplog.text
+    engine._step()  # what the loop runs when a burst of cancelled requests left no row: nothing, not a crash
+    assert engine.cache.lengths == [0]

@@ -235,6 +235,8 @@ class BatchEngine:
 
     def _step(self) -> None:
         """One mixed pass: the next token of each decoding row, and the next chunk of the prompt being prefilled."""
+        if not self.rows:  # every waiting request was cancelled before it got a row
+            return
         n = self.decoding
         batch = self.rows[:n]
         if n:
