@@ -311,3 +311,25 @@ def test_a_request_cancelled_while_waiting_leaves_the_engine_idle_and_quiet(chat
     assert "engine step failed" not in caplog.text
     engine._step()  # what the loop runs when a burst of cancelled requests left no row: nothing, not a crash
     assert engine.cache.lengths == [0]
+
+
+def test_an_attention_with_logit_soft_capping_is_refused_by_the_mixed_step(tokenizer, tmp_path, caplog):
+    """Gemma 2 caps attention logits; the slot attention has no cap, so the start-up check must refuse the
+    mixed step (and say why) rather than serve answers that differ from the model's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from leanlm.models.load import load_model
+    from leanlm.serve.batch_engine import BatchEngine
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                       attn_logit_softcapping=50.0, max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=0)
+    Gemma2ForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, "cpu")
+    loaded.model.config._attn_implementation = "eager"  # transformers' own path for soft-capping
+    engine = BatchEngine(loaded, max_batch=2, max_len=128)
+    engine.close()
+    assert not engine.mixed and "softcap" in caplog.text

@@ -242,12 +242,10 @@ class BatchEngine:
         if n:
             self.on_step(n)
         alone = n == 1 and len(self.rows) == 1 and not self.waiting
-        if alone and self.spec is not None and self.spec.wanted():
-            if self.spec.step(self, batch[0]):
-                self._remove(0)
+        if alone and self._speculated(batch[0]):
             return
         started = time.perf_counter()
-        ids = [seq.out_ids[-1] if seq.out_ids else seq.prompt_ids[-1] for seq in batch]
+        ids = self._last_tokens(batch)
         start = stop = 0
         prompt: list[int] = []
         if len(self.rows) > n:
@@ -257,16 +255,34 @@ class BatchEngine:
         last = bool(prompt) and stop == len(prompt)  # the chunk ends the prompt: its last token's logits are wanted
         layout = SlotLayout(list(self.cache.lengths[:n]), start, stop, self.cache.device)
         logits = self._forward_mixed(ids, layout, list(range(n)) + ([len(ids) - 1] if last else []))
-        ended = [r for r, seq in enumerate(batch) if seq.next_token(logits[r])
-                 or self.cache.lengths[r] >= self.max_len and seq.finish("length", seq.text.flush())]
-        if alone and self.spec is not None:
-            self.spec.record_plain(time.perf_counter() - started, 1)
+        ended = self._next_tokens(batch, logits, started if alone else None)
         if prompt:
             self._prefilled = stop
             if last:
                 self._prompt_done(n, logits[n])
         for r in reversed(ended):
             self._remove(r)
+
+    def _speculated(self, seq: Sequence) -> bool:
+        """A speculative step for the one sequence decoding alone, where speculation is on and paying."""
+        if self.spec is None or not self.spec.wanted():
+            return False
+        if self.spec.step(self, seq):
+            self._remove(0)
+        return True
+
+    @staticmethod
+    def _last_tokens(batch: list[Sequence]) -> list[int]:
+        return [seq.out_ids[-1] if seq.out_ids else seq.prompt_ids[-1] for seq in batch]
+
+    def _next_tokens(self, batch: list[Sequence], logits: torch.Tensor, started: float | None) -> list[int]:
+        """Each decoding row takes its token from logits[row]; the rows that ended. `started`: a plain step of a
+        sequence alone began then, and its time is what speculation is measured against."""
+        ended = [r for r, seq in enumerate(batch) if seq.next_token(logits[r])
+                 or self.cache.lengths[r] >= self.max_len and seq.finish("length", seq.text.flush())]
+        if started is not None and self.spec is not None:
+            self.spec.record_plain(time.perf_counter() - started, 1)
+        return ended
 
     def _prompt_done(self, r: int, logits: torch.Tensor) -> None:
         """Row r's prompt is in the cache: keep its prefix, take its first token, and decode it from now on."""
@@ -321,32 +337,20 @@ class BatchEngine:
         positions = torch.arange(self._prefilled, stop, device=self.cache.device)[None]
         logits = self._forward(ids, positions, slice(r, r + 1))
         self._prefilled = stop
-        if stop < len(prompt):
-            return
-        if self.prefix is not None:
-            self.prefix.store(prompt, self.cache, r)
-        if seq.next_token(logits[0]):
-            self._remove(r)
-        else:
-            self.decoding += 1
+        if stop == len(prompt):
+            self._prompt_done(r, logits[0])
 
     def _decode_step(self) -> None:
         batch = self.rows[: self.decoding]
         self.on_step(len(batch))
         alone = len(batch) == 1 and len(self.rows) == 1 and not self.waiting
-        if alone and self.spec is not None and self.spec.wanted():
-            if self.spec.step(self, batch[0]):
-                self._remove(0)
+        if alone and self._speculated(batch[0]):
             return
         started = time.perf_counter()
-        last = [seq.out_ids[-1] if seq.out_ids else seq.prompt_ids[-1] for seq in batch]
-        ids = torch.tensor(last, device=self.cache.device)[:, None]
+        ids = torch.tensor(self._last_tokens(batch), device=self.cache.device)[:, None]
         positions = torch.tensor(self.cache.lengths[: len(batch)], device=self.cache.device)[:, None]
         logits = self._forward(ids, positions, slice(0, len(batch)))
-        ended = [r for r, seq in enumerate(batch) if seq.next_token(logits[r])
-                 or self.cache.lengths[r] >= self.max_len and seq.finish("length", seq.text.flush())]
-        if alone and self.spec is not None:
-            self.spec.record_plain(time.perf_counter() - started, 1)
+        ended = self._next_tokens(batch, logits, started if alone else None)
         for r in reversed(ended):
             self._remove(r)
 
